@@ -1,0 +1,1 @@
+"""Expert-shard side of moeshard: model-agnostic expert storage, paging and compute."""

@@ -1,0 +1,94 @@
+"""Plain-data description of a routed expert: where its tensors live on disk.
+
+This is everything a worker needs to know about an expert. It is built by the
+coordinator's checkpoint reader and shipped to actors as msgpack-able dicts, so
+the worker side never learns which model family it is serving.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+from typing import Any
+
+# safetensors dtype string -> bytes per element. The reader only emits these.
+DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2}
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor inside a safetensors file, addressable by absolute byte offset.
+
+    `shape` is the tensor's own shape. For checkpoints that store all experts of
+    a layer in one fused 3-D tensor, `offset`/`nbytes` address just this expert's
+    slice, and `shape` is the slice's shape.
+    """
+
+    file: str        # absolute path of the .safetensors file
+    key: str         # tensor name inside that file (for error messages)
+    dtype: str       # safetensors dtype string: "F32", "BF16", "F16"
+    shape: tuple[int, ...]
+    offset: int      # absolute byte offset of the first element in `file`
+    nbytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["file"], d["key"], d["dtype"], tuple(d["shape"]), int(d["offset"]), int(d["nbytes"]))
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """A routed expert: out = down(act(gate(x)) * up(x)), weights in nn.Linear layout.
+
+    gate: [I, H], up: [I, H], down: [H, I].
+    """
+
+    layer: int
+    expert: int
+    gate: TensorSpec
+    up: TensorSpec
+    down: TensorSpec
+    activation: str = "silu"
+
+    @property
+    def key(self) -> ExpertKey:
+        return (self.layer, self.expert)
+
+    @property
+    def file_nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    def numel(self) -> int:
+        n = 0
+        for t in (self.gate, self.up, self.down):
+            m = 1
+            for s in t.shape:
+                m *= s
+            n += m
+        return n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "expert": self.expert,
+            "gate": self.gate.to_dict(),
+            "up": self.up.to_dict(),
+            "down": self.down.to_dict(),
+            "activation": self.activation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExpertSpec":
+        return cls(
+            int(d["layer"]),
+            int(d["expert"]),
+            TensorSpec.from_dict(d["gate"]),
+            TensorSpec.from_dict(d["up"]),
+            TensorSpec.from_dict(d["down"]),
+            d.get("activation", "silu"),
+        )
