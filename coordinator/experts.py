@@ -1,0 +1,101 @@
+"""The model's one door to routed experts: group by expert, run, combine.
+
+`ExpertBatch` is the single implementation of grouping and combining. Every backend
+(in-process `LocalExperts` here, `cluster.dispatch.RemoteExperts` over Ray) runs the
+same kernel on the same rows in the same order and combines with the same
+`index_add_`, which is what makes in-process, distributed and paged runs
+bit-identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from workers.shard import ExpertShard
+from workers.spec import ExpertSpec
+
+
+class RoutedExperts(Protocol):
+    """What a MoE block needs from wherever its experts live."""
+
+    def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights [T, k], ids [T, k] -> [T, H] = sum_k weights * expert(x)."""
+        ...
+
+    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+        """Hint that experts `ids` (any shape) of `layer` will be needed soon. Never waited on."""
+        ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ExpertBatch:
+    """One layer's routed work, rows grouped by expert in ascending expert order."""
+
+    token_idx: torch.Tensor   # [N] source row of each (token, slot) assignment
+    weights: torch.Tensor     # [N] routing weight of each assignment
+    experts: list[int]        # active expert ids, ascending
+    counts: list[int]         # rows per active expert, same order
+    num_tokens: int
+
+    @classmethod
+    def from_routing(cls, weights: torch.Tensor, ids: torch.Tensor) -> "ExpertBatch":
+        """Sort the [T, k] assignments by expert (stable, so ties keep token order)."""
+        T, k = ids.shape
+        flat = ids.reshape(-1)                                   # [T*k]
+        order = torch.argsort(flat, stable=True)                 # [N]
+        sorted_ids = flat[order]
+        experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        return cls(
+            token_idx=order // k,
+            weights=weights.reshape(-1)[order],
+            experts=experts.tolist(),
+            counts=counts.tolist(),
+            num_tokens=T,
+        )
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(expert, start, end) row ranges of each active expert."""
+        out, start = [], 0
+        for e, n in zip(self.experts, self.counts):
+            out.append((e, start, start + n))
+            start += n
+        return out
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of x in grouped order. x [T, H] -> [N, H]."""
+        return x.index_select(0, self.token_idx)
+
+    def combine(self, y: torch.Tensor) -> torch.Tensor:
+        """Weighted scatter-add of grouped expert outputs y [N, H] back to [T, H]."""
+        y = y * self.weights.to(y.dtype)[:, None]
+        out = torch.zeros(self.num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
+        return out.index_add_(0, self.token_idx, y)
+
+
+class LocalExperts:
+    """Every routed expert in this process, held by one in-process `ExpertShard`."""
+
+    def __init__(self, specs: Sequence[ExpertSpec], *, dtype: str, budget_bytes: int | None = None,
+                 min_resident: int = 1, policy: str = "lfu-decay"):
+        self.shard = ExpertShard([s.to_dict() for s in specs], budget_bytes=budget_bytes, dtype=dtype,
+                                 policy=policy, min_resident=min_resident)
+
+    def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        batch = ExpertBatch.from_routing(weights, ids)
+        y = self.shard.compute(layer, batch.gather(x), batch.experts, batch.counts)
+        return batch.combine(y)
+
+    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+        self.shard.prefetch(layer, torch.unique(ids).tolist())
+
+    def stats(self) -> dict:
+        return self.shard.report()
+
+    def close(self) -> None:
+        self.shard.close()
