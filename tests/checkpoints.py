@@ -1,0 +1,408 @@
+"""Tiny random Hugging Face MoE checkpoints, built at test time (no downloads).
+
+transformers is the reference implementation we must match; it is used only by
+the tests, never by moeshard itself.
+
+    path = make_checkpoint(tmp_dir, "mixtral", variant="tied", dtype=torch.bfloat16, shards=2)
+    ref = load_reference(path)                       # transformers model, eval, eager attention
+
+`VARIANTS[family]` lists the variant names of each family; `variant_config(family,
+variant)` returns the config kwargs a variant uses. Everything is deterministic
+in `seed`: the same (family, variant, seed, overrides) gives bit-identical
+weights whatever `dtype` / `shards` / save layout is asked for, so a sharded or
+bf16 checkpoint can be compared against the single-file fp32 one.
+
+Weights are re-initialised after `from_config` with stds large enough that the
+logits and the routing are far from degenerate (transformers' default 0.02 gives
+near-uniform routing and near-constant logits at these sizes): linear weights
+~N(0, 0.15), routers ~N(0, 0.3), embeddings ~N(0, 0.5), lm_head ~N(0, 0.3),
+norms 1 + N(0, 0.1), biases N(0, 0.1), DeepSeek `e_score_correction_bias`
+N(0, 0.1) (sigmoid scores spread over ~0.2..0.8, so the bias changes choices).
+
+Checkpoints are written by `save_pretrained`, which (in transformers 5.x) writes
+the classic per-expert layout (`...experts.{e}.w1.weight` for Mixtral,
+`...experts.{e}.gate_proj.weight` for the others) that real checkpoints use, and a
+5.x-style config.json (`rope_parameters`). `to_legacy_config(path)` rewrites a
+config.json the way real hub checkpoints look (`rope_theta`, `rope_scaling`,
+`torch_dtype`, Qwen3 `num_experts`); the "legacy" variant of every family does it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+# Special tokens, inside the vocab for every family.
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+VOCAB = 128
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    pad_token_id=PAD_ID,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    tie_word_embeddings=False,
+    attention_dropout=0.0,
+)
+
+# Base config per family (on top of _COMMON). Sizes differ between families on
+# purpose (hidden 32/48/64, 2-3 layers, 4-8 experts) so that no shape is hard-coded.
+_BASE: dict[str, dict[str, Any]] = {
+    "mixtral": dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        sliding_window=None, router_jitter_noise=0.0,
+    ),
+    "qwen2_moe": dict(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+        qkv_bias=True, decoder_sparse_step=1, mlp_only_layers=[],
+        use_sliding_window=False,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    ),
+    "qwen3_moe": dict(
+        # head_dim (16) != hidden_size / num_attention_heads (8), like real Qwen3.
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False,
+        use_sliding_window=False,
+        rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+    ),
+    "olmoe": dict(
+        hidden_size=48, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+        clip_qkv=None, attention_bias=False,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    ),
+    "deepseek_v3": dict(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        n_group=4, topk_group=2, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True,
+        q_lora_rank=24, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+        rope_interleave=True, attention_bias=False,
+        num_nextn_predict_layers=0,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    ),
+}
+
+# Variants: config overrides (applied on top of the base), plus two flags:
+#   "_legacy": rewrite config.json to hub style after saving (see to_legacy_config).
+_VARIANT_DEFS: dict[str, dict[str, dict[str, Any]]] = {
+    "mixtral": {
+        "base": {},
+        "e8_top3": dict(num_local_experts=8, num_experts_per_tok=3, num_hidden_layers=3),
+        "top1": dict(num_experts_per_tok=1),
+        "tied": dict(tie_word_embeddings=True),
+        "mha_head_dim": dict(  # MHA, explicit head_dim 16 (q_proj 32 -> 64), other rope theta
+            num_key_value_heads=4, head_dim=16,
+            rope_parameters={"rope_theta": 500.0, "rope_type": "default"},
+        ),
+        "legacy": {"_legacy": True},
+    },
+    "qwen2_moe": {
+        "base": {},
+        "norm_topk_e8_top3": dict(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True),
+        "no_qkv_bias": dict(qkv_bias=False),
+        "sparse_step2": dict(num_hidden_layers=4, decoder_sparse_step=2),  # MoE on layers 1, 3
+        "mlp_only": dict(num_hidden_layers=3, mlp_only_layers=[1]),         # layer 1 dense
+        "tied": dict(tie_word_embeddings=True),
+        "legacy": {"_legacy": True, "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}},
+    },
+    "qwen3_moe": {
+        "base": {},
+        "no_norm_topk_e8": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+        "top4_attn_bias": dict(num_experts_per_tok=4, attention_bias=True,
+                               rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
+        "sparse_step2": dict(num_hidden_layers=4, decoder_sparse_step=2),
+        "mlp_only": dict(num_hidden_layers=3, mlp_only_layers=[1]),
+        "tied": dict(tie_word_embeddings=True),
+        "legacy": {"_legacy": True},
+    },
+    "olmoe": {
+        "base": {},
+        "clip_qkv": dict(clip_qkv=0.5),
+        "e8_top4_norm": dict(num_experts=8, num_experts_per_tok=4, norm_topk_prob=True),
+        "gqa": dict(num_key_value_heads=2, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"}),
+        "tied": dict(tie_word_embeddings=True),
+        "legacy": {"_legacy": True, "clip_qkv": 1.0},
+    },
+    "deepseek_v3": {
+        "base": {},
+        "no_q_lora": dict(q_lora_rank=None),
+        "no_shared": dict(n_shared_experts=0),
+        "shared2": dict(n_shared_experts=2),
+        "dense0_nogroup": dict(first_k_dense_replace=0, n_group=1, topk_group=1, num_hidden_layers=2),
+        "top3_scale1_nonorm": dict(num_experts_per_tok=3, routed_scaling_factor=1.0, norm_topk_prob=False),
+        "tied": dict(tie_word_embeddings=True),
+        "legacy": {"_legacy": True},
+    },
+}
+
+VARIANTS: dict[str, list[str]] = {fam: list(v) for fam, v in _VARIANT_DEFS.items()}
+
+# (family, variant) pairs, handy for pytest.mark.parametrize(ids=...).
+ALL_VARIANTS: list[tuple[str, str]] = [(f, v) for f in FAMILIES for v in VARIANTS[f]]
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def _config_class(family: str):
+    import transformers as tf
+
+    return {
+        "mixtral": tf.MixtralConfig,
+        "qwen2_moe": tf.Qwen2MoeConfig,
+        "qwen3_moe": tf.Qwen3MoeConfig,
+        "olmoe": tf.OlmoeConfig,
+        "deepseek_v3": tf.DeepseekV3Config,
+    }[family]
+
+
+def variant_config(family: str, variant: str = "base", **overrides) -> dict[str, Any]:
+    """Config kwargs for (family, variant) with `overrides` applied last. Flags start with '_'."""
+    if family not in _BASE:
+        raise KeyError(f"unknown family {family!r}; known: {sorted(_BASE)}")
+    if variant not in _VARIANT_DEFS[family]:
+        raise KeyError(f"unknown variant {variant!r} for {family}; known: {VARIANTS[family]}")
+    kw = copy.deepcopy(_COMMON)
+    kw.update(copy.deepcopy(_BASE[family]))
+    kw.update(copy.deepcopy(_VARIANT_DEFS[family][variant]))
+    kw.update(copy.deepcopy(overrides))
+    return kw
+
+
+def make_config(family: str, variant: str = "base", **overrides):
+    """The transformers config object for (family, variant)."""
+    kw = {k: v for k, v in variant_config(family, variant, **overrides).items() if not k.startswith("_")}
+    return _config_class(family)(**kw)
+
+
+@torch.no_grad()
+def _reinit(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter (and the DeepSeek score bias) from a dedicated generator."""
+    g = torch.Generator().manual_seed(seed + 7919)
+
+    def normal_(t: torch.Tensor, mean: float, std: float) -> None:
+        if t.numel() == 0:
+            return
+        t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32) * std + mean)
+
+    for name, p in model.named_parameters():  # tied params are listed once
+        if p.ndim == 1:
+            if name.endswith("bias"):
+                normal_(p, 0.0, 0.1)
+            else:  # every 1-D weight in these models is an RMSNorm weight
+                normal_(p, 1.0, 0.1)
+        elif "embed_tokens" in name:
+            normal_(p, 0.0, 0.5)
+        elif name.startswith("lm_head"):
+            normal_(p, 0.0, 0.3)
+        elif name.endswith(".gate.weight") or name.endswith("shared_expert_gate.weight"):
+            normal_(p, 0.0, 0.3)  # routers: spread-out routing probabilities
+        else:
+            normal_(p, 0.0, 0.15)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            normal_(b, 0.0, 0.1)
+
+
+def _state_nbytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def make_checkpoint(
+    tmp_dir: str | os.PathLike,
+    family: str,
+    *,
+    variant: str = "base",
+    dtype: torch.dtype | str = torch.float32,
+    shards: int = 1,
+    tied: bool = False,
+    seed: int = 0,
+    legacy: bool | None = None,
+    **overrides,
+) -> Path:
+    """Build a tiny random HF checkpoint for `family`/`variant` in `tmp_dir` and return its path.
+
+    dtype: storage dtype of the saved tensors (fp32 / bf16 / fp16). DeepSeek's
+      `e_score_correction_bias` stays float32 whatever the dtype, as in real checkpoints.
+    shards: >1 writes a sharded checkpoint with model.safetensors.index.json (at least 2
+      files; save_pretrained packs greedily so the count may differ from `shards` by one).
+    tied: force tie_word_embeddings=True (no lm_head.weight in the files).
+    legacy: rewrite config.json in hub style (`rope_theta`, ...); default: the variant's flag.
+    overrides: config kwargs applied last (e.g. num_hidden_layers=4).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        dtype = _DTYPES[dtype]
+    kw = variant_config(family, variant, **overrides)
+    if tied:
+        kw["tie_word_embeddings"] = True
+    if legacy is None:
+        legacy = bool(kw.get("_legacy", False))
+    cfg = _config_class(family)(**{k: v for k, v in kw.items() if not k.startswith("_")})
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _reinit(model, seed)
+    model.eval()
+    if dtype != torch.float32:
+        model.to(dtype)
+        for mod in model.modules():
+            b = getattr(mod, "e_score_correction_bias", None)
+            if isinstance(b, torch.Tensor):
+                mod.e_score_correction_bias = b.float()  # real DeepSeek keeps this in fp32
+    model.config.dtype = dtype
+
+    # Greedy decoding must not stop at EOS in the reference: generation config without eos.
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+
+    out = Path(tmp_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_kw: dict[str, Any] = {}
+    if shards > 1:
+        save_kw["max_shard_size"] = _state_nbytes(model) // shards + 1
+    model.save_pretrained(out, **save_kw)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    if shards > 1 and (len(files) < 2 or not (out / "model.safetensors.index.json").exists()):
+        raise RuntimeError(f"expected a sharded checkpoint in {out}, got {files}")
+    if shards <= 1 and files != ["model.safetensors"]:
+        raise RuntimeError(f"expected a single model.safetensors in {out}, got {files}")
+    if legacy:
+        to_legacy_config(out)
+    return out
+
+
+def to_legacy_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Rewrite `path/config.json` the way real hub checkpoints spell it; returns the new dict.
+
+    - `rope_parameters: {rope_theta, rope_type: default}` -> `rope_theta` + `rope_scaling: null`
+    - `dtype` -> `torch_dtype`
+    - qwen3_moe: `num_local_experts` -> `num_experts`; deepseek_v3: `n_routed_experts` kept
+    - qwen2_moe: drop `layer_types` (old configs do not have it)
+    """
+    cfg_path = Path(path) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    rp = cfg.pop("rope_parameters", None)
+    if rp is not None:
+        rp = dict(rp)
+        cfg["rope_theta"] = rp.pop("rope_theta")
+        rtype = rp.pop("rope_type", "default")
+        if rtype == "default" and not rp:
+            cfg["rope_scaling"] = None
+        else:
+            cfg["rope_scaling"] = {"type": rtype, "rope_type": rtype, **rp}
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg.pop("dtype")
+    if cfg.get("model_type") == "qwen3_moe" and "num_local_experts" in cfg:
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+    if cfg.get("model_type") == "qwen2_moe":
+        cfg.pop("layer_types", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return cfg
+
+
+def edit_config(path: str | os.PathLike, **changes) -> dict[str, Any]:
+    """Set (or with value `...` delete) keys of `path/config.json`; returns the new dict."""
+    cfg_path = Path(path) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for k, v in changes.items():
+        if v is ...:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return cfg
+
+
+def load_reference(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """The transformers model for checkpoint `path`, in `dtype`, eval mode, eager attention.
+
+    Its generation_config has eos_token_id=None so greedy generation never stops early.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+def expert_tensor_names(family: str, layer: int, expert: int) -> list[str]:
+    """The three on-disk tensor names of one routed expert (gate, up, down)."""
+    if family == "mixtral":
+        p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+        return [f"{p}.w1.weight", f"{p}.w3.weight", f"{p}.w2.weight"]
+    p = f"model.layers.{layer}.mlp.experts.{expert}"
+    return [f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"]
+
+
+def moe_layers(family: str, variant: str = "base", **overrides) -> list[int]:
+    """Indices of the decoder layers that have routed experts."""
+    kw = variant_config(family, variant, **overrides)
+    n = kw["num_hidden_layers"]
+    if family in ("mixtral", "olmoe"):
+        return list(range(n))
+    if family == "deepseek_v3":
+        return list(range(kw["first_k_dense_replace"], n))
+    step, only = kw.get("decoder_sparse_step", 1), set(kw.get("mlp_only_layers", []))
+    return [i for i in range(n) if i not in only and (i + 1) % step == 0]
+
+
+def num_experts(family: str, variant: str = "base", **overrides) -> int:
+    kw = variant_config(family, variant, **overrides)
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if key in kw:
+            return kw[key]
+    raise KeyError("no expert count")
+
+
+def top_k(family: str, variant: str = "base", **overrides) -> int:
+    return variant_config(family, variant, **overrides)["num_experts_per_tok"]
+
+
+def make_prompts(batch_lengths=(7, 4, 1), seed: int = 1, vocab: int = VOCAB):
+    """LEFT-padded prompts: (ids LongTensor [B, T], attention_mask LongTensor [B, T]).
+
+    Tokens avoid the special ids (pad/bos/eos); each row starts with BOS.
+    """
+    g = torch.Generator().manual_seed(seed)
+    T = max(batch_lengths)
+    ids = torch.full((len(batch_lengths), T), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(batch_lengths), T), dtype=torch.long)
+    for i, n in enumerate(batch_lengths):
+        row = torch.randint(3, vocab, (n,), generator=g)
+        row[0] = BOS_ID
+        ids[i, T - n:] = row
+        mask[i, T - n:] = 1
+    return ids, mask
