@@ -9,7 +9,7 @@ bit-identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -20,8 +20,12 @@ from workers.spec import ExpertSpec
 class RoutedExperts(Protocol):
     """What a MoE block needs from wherever its experts live."""
 
-    def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H], weights [T, k], ids [T, k] -> [T, H] = sum_k weights * expert(x)."""
+    def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Any:
+        """Start layer `layer`'s routed work. x [T, H], weights [T, k], ids [T, k]."""
+        ...
+
+    def wait(self, pending: Any) -> torch.Tensor:
+        """Finish what `submit` started: [T, H] = sum over slots of weight * expert(x)."""
         ...
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
@@ -86,10 +90,13 @@ class LocalExperts:
         self.shard = ExpertShard([s.to_dict() for s in specs], budget_bytes=budget_bytes, dtype=dtype,
                                  policy=policy, min_resident=min_resident)
 
-    def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         batch = ExpertBatch.from_routing(weights, ids)
         y = self.shard.compute(layer, batch.gather(x), batch.experts, batch.counts)
         return batch.combine(y)
+
+    def wait(self, pending: torch.Tensor) -> torch.Tensor:
+        return pending
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         self.shard.prefetch(layer, torch.unique(ids).tolist())

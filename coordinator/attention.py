@@ -1,0 +1,140 @@
+"""Attention with its KV cache: grouped-query attention and DeepSeek's latent attention."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DeepseekV3Config, ModelConfig
+from .layers import RMSNorm, Rotary, apply_rope, apply_rope_interleaved
+
+
+class KVCache(nn.Module):
+    """Preallocated per-layer keys and values; `update` writes new slots and returns the filled prefix."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, k_dim: int, v_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, heads, max_len, k_dim, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(batch, heads, max_len, v_dim, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_pos [T] slots; k [B, h, T, Dk], v [B, h, T, Dv] -> caches up to the last written slot."""
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        end = int(input_pos[-1]) + 1
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward step shares."""
+
+    cos: torch.Tensor            # [B, 1, T, D_rope]
+    sin: torch.Tensor
+    input_pos: torch.Tensor      # [T] cache slots of the new tokens
+    key_valid: torch.Tensor      # [B, S] bool, False for padding
+    masks: dict                  # sliding window -> additive mask [B, 1, T, S], built once per step
+
+    def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        if window not in self.masks:
+            S = self.key_valid.shape[1]
+            q = self.input_pos[:, None]                                   # [T, 1]
+            s = torch.arange(S)[None, :]                                  # [1, S]
+            allowed = (s <= q)
+            if window is not None:
+                allowed = allowed & (q - s < window)
+            allowed = allowed[None] & self.key_valid[:, None, :]          # [B, T, S]
+            m = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+            self.masks[window] = m[:, None]                               # [B, 1, T, S]
+        return self.masks[window]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Mixtral, Qwen2/3-MoE, OLMoE) with the families' q/k norms and clipping."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
+        super().__init__()
+        H, D = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, D
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=cfg.attention_bias, dtype=dtype)
+        self.k_proj = nn.Linear(H, self.n_kv * D, bias=cfg.attention_bias, dtype=dtype)
+        self.v_proj = nn.Linear(H, self.n_kv * D, bias=cfg.attention_bias, dtype=dtype)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=cfg.o_bias, dtype=dtype)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(self.n_heads * D, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.n_kv * D, cfg.rms_norm_eps, dtype)
+        self.clip = cfg.clip_qkv
+        self.window = cfg.sliding_window[layer]
+        self.scale = D ** -0.5
+
+    def forward(self, x: torch.Tensor, a: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)            # [B, T, h*D]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                           # [B, h, T, D]
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
+        if cache is not None:
+            k, v = cache.update(a.input_pos, k, v)                            # [B, kv, S, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask(self.window, q.dtype), scale=self.scale,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
+        return KVCache(batch, self.n_kv, max_len, self.head_dim, self.head_dim, dtype)
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek-V3 multi-head latent attention. The cache holds expanded per-head keys and values."""
+
+    def __init__(self, cfg: DeepseekV3Config, layer: int, dtype: torch.dtype):
+        super().__init__()
+        H, nh = cfg.hidden_size, cfg.num_heads
+        self.n_heads, self.nope, self.rope, self.v_dim = nh, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank, self.q_rank = cfg.kv_lora_rank, cfg.q_lora_rank
+        qk = cfg.qk_head_dim
+        if self.q_rank is None:
+            self.q_proj = nn.Linear(H, nh * qk, bias=False, dtype=dtype)
+        else:
+            self.q_a_proj = nn.Linear(H, self.q_rank, bias=cfg.attention_bias, dtype=dtype)
+            self.q_a_layernorm = RMSNorm(self.q_rank, cfg.rms_norm_eps, dtype)
+            self.q_b_proj = nn.Linear(self.q_rank, nh * qk, bias=False, dtype=dtype)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_rank + self.rope, bias=cfg.attention_bias, dtype=dtype)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.rms_norm_eps, dtype)
+        self.kv_b_proj = nn.Linear(self.kv_rank, nh * (self.nope + self.v_dim), bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(nh * self.v_dim, H, bias=cfg.attention_bias, dtype=dtype)
+        self.rope_fn = apply_rope_interleaved if cfg.rope_interleave else apply_rope
+        self.scale = qk ** -0.5
+
+    def forward(self, x: torch.Tensor, a: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, -1).transpose(1, 2)                   # [B, h, T, qk]
+        q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
+        kv_latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        k_rot = k_rot.view(B, 1, T, self.rope)                               # one rotary key shared by all heads
+        q_rot, k_rot = self.rope_fn(q_rot, a.cos, a.sin), self.rope_fn(k_rot, a.cos, a.sin)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(B, T, self.n_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)                # [B, h, T, nope], [B, h, T, v]
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        k = torch.cat((k_nope, k_rot.expand(B, self.n_heads, T, self.rope)), dim=-1)
+        if cache is not None:
+            k, v = cache.update(a.input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask(None, q.dtype), scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
+        return KVCache(batch, self.n_heads, max_len, self.nope + self.rope, self.v_dim, dtype)

@@ -1,0 +1,115 @@
+"""The dense model: embeddings, attention, norms, routers, shared experts, LM head.
+
+Routed experts are not part of the module tree. Each MoE block routes, then hands
+`(x, weights, ids)` to a `RoutedExperts` backend given from outside, so the same
+model runs with experts in this process or spread over Ray actors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention, AttentionInputs, KVCache, LatentAttention
+from .config import ModelConfig
+from .experts import RoutedExperts
+from .layers import MLP, RMSNorm, Rotary
+from .routing import route_sigmoid_grouped, route_softmax
+
+
+class MoEBlock(nn.Module):
+    """Router + optional shared expert; the routed experts are reached through `experts`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, experts: RoutedExperts, dtype: torch.dtype):
+        super().__init__()
+        self.cfg, self.layer, self.experts = cfg, layer, experts
+        if cfg.router == "sigmoid_grouped":
+            # The reference keeps this router and its bias in float32 whatever the model dtype.
+            self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=torch.float32)
+            self.gate.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
+        else:
+            self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype)
+        if cfg.shared_expert_size:
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size, cfg.hidden_act, dtype)
+            if cfg.shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)
+
+    def route(self, x: torch.Tensor, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> weights [T, k+extra] (float32), ids [T, k+extra]."""
+        c = self.cfg
+        if c.router == "sigmoid_grouped":
+            logits = nn.functional.linear(x.float(), self.gate.weight)
+            return route_sigmoid_grouped(logits, self.gate.e_score_correction_bias, min(c.top_k + extra, c.num_experts),
+                                         c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+        return route_softmax(self.gate(x), min(c.top_k + extra, c.num_experts), c.norm_topk_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(B * T, H)                                   # [T', H]
+        weights, ids = self.route(flat)                              # [T', k]
+        pending = self.experts.submit(self.layer, flat, weights, ids)
+        # The shared expert runs while routed work is in flight elsewhere.
+        shared = None
+        if self.cfg.shared_expert_size:
+            shared = self.shared_expert(flat)
+            if self.cfg.shared_expert_gated:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+        out = self.experts.wait(pending)
+        if shared is not None:
+            out = out + shared
+        return out.view(B, T, H)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, experts: RoutedExperts, dtype: torch.dtype):
+        super().__init__()
+        attn = LatentAttention if cfg.attention == "mla" else Attention
+        self.self_attn = attn(cfg, layer, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.is_moe = cfg.moe_layers[layer]
+        self.mlp = (MoEBlock(cfg, layer, experts, dtype) if self.is_moe
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype))
+
+
+class MoETransformer(nn.Module):
+    """A decoder-only MoE language model of any supported family."""
+
+    def __init__(self, cfg: ModelConfig, experts: RoutedExperts, dtype: torch.dtype,
+                 prefetch_depth: int = 0, prefetch_extra: int = 0):
+        super().__init__()
+        self.cfg, self.dtype, self.experts = cfg, dtype, experts
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, l, experts, dtype) for l in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim, cfg.rope_theta)
+        self.prefetch_depth, self.prefetch_extra = prefetch_depth, prefetch_extra
+        self.moe_blocks = {l: layer.mlp for l, layer in enumerate(self.layers) if layer.is_moe}
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        return [layer.self_attn.new_cache(batch, max_len, self.dtype) for layer in self.layers]
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, input_pos: torch.Tensor,
+                key_valid: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """ids [B, T], positions [B, T] (RoPE), input_pos [T] (cache slots), key_valid [B, S] -> logits [B, T, V]."""
+        cos, sin = self.rotary(positions, self.dtype)
+        a = AttentionInputs(cos, sin, input_pos, key_valid, {})
+        h = self.embed_tokens(ids)                                           # [B, T, H]
+        for l, layer in enumerate(self.layers):
+            h = h + layer.self_attn(layer.input_layernorm(h), a, caches[l] if caches is not None else None)
+            x = layer.post_attention_layernorm(h)
+            if self.prefetch_depth:
+                self._hint_prefetch(l, x)
+            h = h + layer.mlp(x)
+        return self.lm_head(self.norm(h)).float()
+
+    def _hint_prefetch(self, layer: int, x: torch.Tensor) -> None:
+        """Apply the next layers' routers to this hidden state and tell the expert owners what is coming."""
+        flat = x.reshape(-1, x.shape[-1])
+        for nxt in range(layer + 1, min(layer + 1 + self.prefetch_depth, self.cfg.num_layers)):
+            block = self.moe_blocks.get(nxt)
+            if block is not None:
+                self.experts.prefetch(nxt, block.route(flat, self.prefetch_extra)[1])

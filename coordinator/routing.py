@@ -1,0 +1,42 @@
+"""Routing schemes as pure functions: router logits in, (weights, expert ids) out.
+
+Each follows its reference implementation step by step, including where it works in
+float32, because a different top-k choice is a different model.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral / Qwen-MoE / OLMoE: softmax over all experts (float32), top-k, optional renorm.
+
+    logits [T, E] -> weights [T, k] float32, ids [T, k] int64.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)              # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)            # [T, k]
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def route_sigmoid_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                          renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3: sigmoid scores; the correction bias picks experts but never weighs them.
+
+    Experts are chosen only from the `topk_group` groups whose two best biased scores sum
+    highest. logits [T, E] float32, bias [E] -> weights [T, k] float32, ids [T, k].
+    """
+    T, E = logits.shape
+    scores = logits.float().sigmoid()                          # [T, E]
+    choice = scores + bias                                     # [T, E]
+    group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)   # [T, G]
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]           # [T, g]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+    expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E).bool()
+    choice = choice.masked_fill(~expert_mask, float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]                            # [T, k]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
