@@ -1,0 +1,124 @@
+"""Unit tests for the pure placement planner (no Ray, no files)."""
+from __future__ import annotations
+
+import pytest
+
+from cluster.errors import ClusterError
+from cluster.placement import Plan, expert_nbytes, plan_placement
+from workers.spec import ExpertSpec, TensorSpec
+
+
+def _spec(layer: int, expert: int, hidden: int = 8, inter: int = 16) -> ExpertSpec:
+    def t(name: str, shape: tuple[int, ...]) -> TensorSpec:
+        return TensorSpec("/nowhere.safetensors", f"l{layer}.e{expert}.{name}", "F32", shape, 0, 4 * shape[0] * shape[1])
+    return ExpertSpec(layer, expert, t("gate", (inter, hidden)), t("up", (inter, hidden)), t("down", (hidden, inter)))
+
+
+def _specs(layers: int, experts: int, **kw) -> list[ExpertSpec]:
+    return [_spec(l, e, **kw) for l in range(layers) for e in range(experts)]
+
+
+def _check_partition(plan: Plan, specs: list[ExpertSpec]) -> None:
+    seen = [k for w in plan.workers for k in w.experts]
+    assert sorted(seen) == sorted(s.key for s in specs)
+    assert len(seen) == len(set(seen))
+    for w in plan.workers:
+        assert w.experts == sorted(w.experts)
+        assert w.resident_bytes + w.paged_bytes == w.expert_bytes
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4, 5])
+def test_every_layer_spreads_over_all_actors_and_bytes_balance(workers):
+    specs = _specs(4, 8)
+    plan = plan_placement(specs, workers, dtype_bytes=4, worker_memory=None, min_resident=1)
+    _check_partition(plan, specs)
+    per = expert_nbytes(specs[0], 4)
+    for layer in range(4):
+        counts = [len(w.experts_of_layer(layer)) for w in plan.workers]
+        assert max(counts) - min(counts) <= 1, counts
+        assert min(counts) >= 1
+    sizes = [w.expert_bytes for w in plan.workers]
+    assert max(sizes) - min(sizes) <= per  # within one expert overall (extra experts rotate)
+    assert all(w.paged_bytes == 0 for w in plan.workers)
+
+
+def test_uneven_layer_rotates_extra_expert():
+    # 3 experts per layer on 2 actors: the extra expert must not always land on actor 0.
+    specs = _specs(4, 3)
+    plan = plan_placement(specs, 2, dtype_bytes=4, worker_memory=None, min_resident=1)
+    assert [len(w.experts) for w in plan.workers] == [6, 6]
+
+
+def test_mixed_sizes_balance_bytes():
+    specs = [_spec(0, e, inter=16 * (e + 1)) for e in range(6)] + [_spec(1, e, inter=16) for e in range(6)]
+    plan = plan_placement(specs, 3, dtype_bytes=2, worker_memory=None, min_resident=1)
+    _check_partition(plan, specs)
+    sizes = [w.expert_bytes for w in plan.workers]
+    assert max(sizes) - min(sizes) <= max(expert_nbytes(s, 2) for s in specs)
+
+
+def test_load_balances_expected_load_per_layer():
+    specs = _specs(1, 8)
+    load = {(0, 0): 100.0, (0, 1): 90.0, (0, 2): 1.0, (0, 3): 1.0, (0, 4): 1.0, (0, 5): 1.0}
+    plan = plan_placement(specs, 2, dtype_bytes=4, worker_memory=None, min_resident=1, load=load)
+    _check_partition(plan, specs)
+    owners = plan.owners()
+    assert owners[(0, 0)] != owners[(0, 1)]       # the two hot experts are split
+    assert sorted(w.load for w in plan.workers) == [93.0, 101.0]  # best possible under the 4-per-actor cap
+    assert [len(w.experts) for w in plan.workers] == [4, 4]
+
+
+def test_memory_split_resident_and_paged():
+    specs = _specs(2, 4)
+    per = expert_nbytes(specs[0], 4)
+    plan = plan_placement(specs, 2, dtype_bytes=4, worker_memory=3 * per, min_resident=2)
+    for w in plan.workers:
+        assert w.expert_bytes == 4 * per
+        assert w.resident_bytes == 3 * per
+        assert w.paged_bytes == per
+    assert plan.worker_memory == 3 * per
+    assert any("paged" in line for line in plan.table())
+
+
+def test_refuses_plan_that_cannot_fit_and_states_minimum():
+    specs = _specs(2, 4)
+    per = expert_nbytes(specs[0], 4)
+    with pytest.raises(ClusterError) as err:
+        plan_placement(specs, 2, dtype_bytes=4, worker_memory=2 * per - 1, min_resident=2)
+    assert f"({2 * per} bytes)" in str(err.value)
+    assert "minimum" in str(err.value)
+    plan_placement(specs, 2, dtype_bytes=4, worker_memory=2 * per, min_resident=2)  # exactly enough
+
+
+def test_resources_and_actor_shape_pass_through():
+    specs = _specs(1, 4)
+    res = [{"host_1": 0.01}, {"host_2": 0.01}]
+    plan = plan_placement(specs, 2, dtype_bytes=4, worker_memory=None, min_resident=1,
+                          num_cpus=2, num_gpus=0.5, resources=res)
+    assert [w.resources for w in plan.workers] == res
+    assert all(w.num_cpus == 2 and w.num_gpus == 0.5 for w in plan.workers)
+    with pytest.raises(ClusterError, match="one dict per actor"):
+        plan_placement(specs, 2, dtype_bytes=4, worker_memory=None, min_resident=1, resources=res[:1])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_workers=0), "at least 1"),
+    (dict(num_workers=9), "only 8 routed experts"),
+    (dict(num_workers=2, min_resident=0), "min_resident"),
+    (dict(num_workers=2, load={(0, 0): -1.0}), "non-negative"),
+])
+def test_rejects_bad_arguments(kwargs, match):
+    args = dict(dtype_bytes=4, worker_memory=None, min_resident=1)
+    args.update(kwargs)
+    n = args.pop("num_workers")
+    with pytest.raises(ClusterError, match=match):
+        plan_placement(_specs(2, 4), n, **args)
+
+
+def test_plan_is_deterministic_and_frozen():
+    specs = _specs(3, 6)
+    a = plan_placement(specs, 4, dtype_bytes=4, worker_memory=None, min_resident=1)
+    b = plan_placement(list(reversed(specs)), 4, dtype_bytes=4, worker_memory=None, min_resident=1)
+    assert a == b
+    with pytest.raises(Exception):
+        a.workers[0].index = 3  # type: ignore[misc]
