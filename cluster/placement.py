@@ -79,9 +79,16 @@ class Plan:
         return lines
 
 
+_SLOT_ALIGN = 64  # workers.store lays each tensor of a slot out on a 64-byte boundary
+
+
 def expert_nbytes(spec: ExpertSpec, dtype_bytes: int) -> int:
-    """Bytes one expert takes in memory once converted to the compute dtype."""
-    return spec.numel() * dtype_bytes
+    """Bytes one expert takes in an actor's memory in the compute dtype (as `workers.store` lays it out)."""
+    total = 0
+    for t in (spec.gate, spec.up, spec.down):
+        n = dtype_bytes * math.prod(t.shape)
+        total += (n + _SLOT_ALIGN - 1) // _SLOT_ALIGN * _SLOT_ALIGN
+    return total
 
 
 def plan_placement(specs: Sequence[ExpertSpec], num_workers: int, *, dtype_bytes: int,
@@ -91,8 +98,9 @@ def plan_placement(specs: Sequence[ExpertSpec], num_workers: int, *, dtype_bytes
     """Assign every expert in `specs` to one of `num_workers` actors.
 
     `worker_memory` (bytes, None = unlimited) is each actor's budget for expert
-    weights; an actor whose experts exceed it pages the rest from disk, but it must
-    hold at least `min_resident` of its largest experts, else ClusterError.
+    weights. The actor's store keeps whole experts in equal slots sized for its
+    largest expert, so it holds floor(worker_memory / largest) experts resident and
+    pages the rest from disk; it must hold at least `min_resident`, else ClusterError.
     `load` maps (layer, expert) to expected load (missing keys count as 0).
     `resources[i]` is given to actor i as Ray custom resources (e.g.
     `{"host_1": 0.01}` pins it to the node that advertises `host_1`).
@@ -156,7 +164,9 @@ def plan_placement(specs: Sequence[ExpertSpec], num_workers: int, *, dtype_bytes
     workers = []
     for i in range(num_workers):
         nbytes = total_bytes[i]
-        resident = nbytes if worker_memory is None else min(nbytes, worker_memory)
+        slot = max(sizes[k] for k in owned[i])  # the store keeps whole experts in equal slots
+        slots = len(owned[i]) if worker_memory is None else min(len(owned[i]), worker_memory // slot)
+        resident = min(nbytes, slots * slot)
         workers.append(WorkerPlan(
             index=i, experts=sorted(owned[i]), expert_bytes=nbytes, resident_bytes=resident,
             paged_bytes=nbytes - resident, num_cpus=num_cpus, num_gpus=num_gpus,

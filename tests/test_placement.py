@@ -122,3 +122,21 @@ def test_plan_is_deterministic_and_frozen():
     assert a == b
     with pytest.raises(Exception):
         a.workers[0].index = 3  # type: ignore[misc]
+
+
+def test_planner_minimum_matches_the_store():
+    """The budget the planner calls minimal is exactly what ExpertStore accepts (64-byte slot layout included)."""
+    import torch
+    from workers.errors import BudgetError
+    from workers.store import ExpertStore
+
+    specs = _specs(1, 4, hidden=5, inter=3)  # 60-byte tensors, padded to 64 in a slot
+    per = expert_nbytes(specs[0], 4)
+    assert per == 3 * 64
+    plan = plan_placement(specs, 2, dtype_bytes=4, worker_memory=2 * per, min_resident=2)
+    mine = [s for s in specs if s.key in plan.workers[0].experts]
+    ExpertStore(mine, 2 * per, torch.float32, min_resident=2).close()
+    with pytest.raises(BudgetError):
+        ExpertStore(mine, 2 * per - 1, torch.float32, min_resident=2)
+    with pytest.raises(ClusterError):
+        plan_placement(specs, 2, dtype_bytes=4, worker_memory=2 * per - 1, min_resident=2)
