@@ -37,7 +37,8 @@ class AttentionInputs:
     key_valid: torch.Tensor      # [B, S] bool, False for padding
     masks: dict                  # sliding window -> additive mask [B, 1, T, S], built once per step
 
-    def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    def mask(self, window: int | None, dtype: torch.dtype, kv_len: int) -> torch.Tensor:
+        """Additive mask [B, 1, T, kv_len]: causal by cache slot, padding, optional sliding window."""
         if window not in self.masks:
             S = self.key_valid.shape[1]
             q = self.input_pos[:, None]                                   # [T, 1]
@@ -48,7 +49,7 @@ class AttentionInputs:
             allowed = allowed[None] & self.key_valid[:, None, :]          # [B, T, S]
             m = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
             self.masks[window] = m[:, None]                               # [B, 1, T, S]
-        return self.masks[window]
+        return self.masks[window][..., :kv_len]
 
 
 class Attention(nn.Module):
@@ -89,7 +90,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
         if cache is not None:
             k, v = cache.update(a.input_pos, k, v)                            # [B, kv, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask(self.window, q.dtype), scale=self.scale,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask(self.window, q.dtype, k.shape[2]), scale=self.scale,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -133,7 +134,7 @@ class LatentAttention(nn.Module):
         k = torch.cat((k_nope, k_rot.expand(B, self.n_heads, T, self.rope)), dim=-1)
         if cache is not None:
             k, v = cache.update(a.input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask(None, q.dtype), scale=self.scale)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask(None, q.dtype, k.shape[2]), scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
