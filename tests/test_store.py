@@ -1,0 +1,411 @@
+"""ExpertStore against real safetensors files: loading, budgets, eviction policies, prefetch, errors."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from workers.errors import BudgetError, ExpertLoadError
+from workers.spec import ExpertSpec, TensorSpec
+from workers.store import ExpertStore
+
+H = 16
+
+
+def _intermediate(e: int) -> int:
+    return 8 + 4 * (e % 3)  # experts of different sizes, so slots hold smaller experts too
+
+
+def make_expert_file(path: Path, layers: list[int], experts: list[int], dtype=torch.float32, seed: int = 0,
+                     intermediate=_intermediate) -> tuple[list[ExpertSpec], dict[str, torch.Tensor]]:
+    """Write one safetensors file holding gate/up/down of each (layer, expert); return specs and tensors."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in layers:
+        for e in experts:
+            i = intermediate(e)
+            for name, shape in (("gate", (i, H)), ("up", (i, H)), ("down", (H, i))):
+                tensors[f"model.layers.{layer}.experts.{e}.{name}.weight"] = (
+                    torch.randn(shape, generator=g) * 0.2).to(dtype)
+    save_file(tensors, str(path))
+    return specs_from_safetensors(path), tensors
+
+
+def specs_from_safetensors(path: Path) -> list[ExpertSpec]:
+    """Read the safetensors header ourselves (8-byte LE length + JSON) and build absolute-offset specs."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+
+    def tspec(name: str) -> TensorSpec:
+        h = header[name]
+        a, b = h["data_offsets"]
+        return TensorSpec(str(path), name, h["dtype"], tuple(h["shape"]), base + a, b - a)
+
+    keys = sorted({tuple(int(p) for p in k.split(".")[2:5:2]) for k in header if k != "__metadata__"})
+    pre = "model.layers.{}.experts.{}.{}.weight"
+    return [ExpertSpec(l, e, tspec(pre.format(l, e, "gate")), tspec(pre.format(l, e, "up")),
+                       tspec(pre.format(l, e, "down"))) for l, e in keys]
+
+
+def file_weights(tensors: dict[str, torch.Tensor], key: tuple[int, int]) -> list[torch.Tensor]:
+    return [tensors[f"model.layers.{key[0]}.experts.{key[1]}.{n}.weight"] for n in ("gate", "up", "down")]
+
+
+def wait_for(cond, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.002)
+
+
+def prefetch_idle(store: ExpertStore) -> bool:
+    s = store.stats()
+    return s["prefetch_issued"] + s["prefetch_dropped"] == s["prefetch_hints"] and \
+        s["loads"] + s["load_errors"] >= s["prefetch_issued"] and not store._queued
+
+
+@pytest.fixture
+def experts(tmp_path):
+    return make_expert_file(tmp_path / "e.safetensors", [0, 1], list(range(6)))
+
+
+def _store(specs, slots=None, **kw) -> ExpertStore:
+    """A store holding `slots` experts (None = unlimited)."""
+    probe = ExpertStore(specs, dtype=kw.get("dtype", torch.float32))
+    budget = None if slots is None else slots * probe.slot_bytes
+    probe.close()
+    return ExpertStore(specs, budget, **kw)
+
+
+def test_get_loads_exact_weights_and_counts(experts):
+    specs, tensors = experts
+    store = ExpertStore(specs)
+    try:
+        for s in specs:
+            w = store.get(s.key)
+            for got, want in zip((w.gate, w.up, w.down), file_weights(tensors, s.key)):
+                assert torch.equal(got, want)
+        store.get((0, 1))
+        st = store.stats()
+        assert (st["hits"], st["misses"], st["loads"], st["evictions"]) == (1, 12, 12, 0)
+        assert st["bytes_read"] == sum(s.file_nbytes for s in specs)
+        assert st["per_layer"] == {0: {"hits": 1, "misses": 6}, 1: {"hits": 0, "misses": 6}}
+        assert store.loaded_tensor_keys() == sorted(tensors)
+    finally:
+        store.close()
+
+
+def test_slots_allocated_lazily(experts):
+    store = _store(experts[0], slots=4)
+    try:
+        assert store.stats()["slots_allocated"] == 0
+        store.get((0, 0))
+        assert store.stats()["slots_allocated"] == 1
+    finally:
+        store.close()
+
+
+def test_budget_too_small_names_the_minimum(experts):
+    specs = experts[0]
+    probe = ExpertStore(specs)
+    slot = probe.slot_bytes
+    probe.close()
+    with pytest.raises(BudgetError) as e:
+        ExpertStore(specs, budget_bytes=2 * slot - 1, min_resident=2)
+    msg = str(e.value)
+    assert str(2 * slot) in msg and "MB" in msg and "budget" in msg
+
+
+def test_pinned_count_toward_the_minimum(experts):
+    specs = experts[0]
+    probe = ExpertStore(specs)
+    slot = probe.slot_bytes
+    probe.close()
+    with pytest.raises(BudgetError, match=str(3 * slot)):
+        ExpertStore(specs, budget_bytes=2 * slot, pinned=[(0, 0), (0, 1)])
+
+
+def _run(store, keys):
+    for k in keys:
+        store.get(k)
+
+
+def test_lru_evicts_least_recently_used(experts):
+    store = _store(experts[0], slots=3, policy="lru")
+    try:
+        _run(store, [(0, 0), (0, 1), (0, 2), (0, 0), (0, 3)])
+        assert sorted(store.resident_keys()) == [(0, 0), (0, 2), (0, 3)]  # (0,1) was least recent
+        _run(store, [(0, 4)])
+        assert sorted(store.resident_keys()) == [(0, 0), (0, 3), (0, 4)]
+        assert store.stats()["evictions"] == 2
+    finally:
+        store.close()
+
+
+def test_lfu_evicts_least_frequently_used(experts):
+    store = _store(experts[0], slots=3, policy="lfu")
+    try:
+        _run(store, [(0, 0)] * 3 + [(0, 1)] + [(0, 2)] * 2 + [(0, 3)])
+        assert sorted(store.resident_keys()) == [(0, 0), (0, 2), (0, 3)]
+        _run(store, [(0, 3)] * 3 + [(0, 4)])  # (0,2) is now the least frequent
+        assert sorted(store.resident_keys()) == [(0, 0), (0, 3), (0, 4)]
+    finally:
+        store.close()
+
+
+def test_lfu_ties_break_by_recency(experts):
+    store = _store(experts[0], slots=2, policy="lfu")
+    try:
+        _run(store, [(0, 0), (0, 1), (0, 2)])
+        assert sorted(store.resident_keys()) == [(0, 1), (0, 2)]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("policy,evicted", [("lfu", (0, 1)), ("lfu-decay", (0, 0))])
+def test_lfu_decay_forgets_old_popularity(experts, policy, evicted):
+    store = _store(experts[0], slots=3, policy=policy, half_life=1.0)
+    try:
+        _run(store, [(0, 0)] * 5 + [(0, 1), (0, 2)] * 2 + [(0, 2), (0, 3)])
+        assert evicted not in store.resident_keys()
+    finally:
+        store.close()
+
+
+def test_pinned_never_evicted(experts):
+    specs = experts[0]
+    store = _store(specs, slots=2, pinned=[(1, 5)])
+    try:
+        store.get((1, 5))
+        for _ in range(3):
+            _run(store, [s.key for s in specs if s.key != (1, 5)])
+            store.prefetch([s.key for s in specs])
+            wait_for(lambda: prefetch_idle(store))
+            assert (1, 5) in store.resident_keys()
+    finally:
+        store.close()
+
+
+def test_resident_bytes_never_exceed_budget(experts):
+    specs = experts[0]
+    slot = max(s.numel() * 4 for s in specs)
+    for frac in (0.1, 0.25, 0.5):
+        budget = max(int(frac * sum(s.numel() * 4 for s in specs)), slot)  # at least one expert
+        store = ExpertStore(specs, budget)
+        try:
+            g = torch.Generator().manual_seed(1)
+            for _ in range(60):
+                k = specs[int(torch.randint(len(specs), (1,), generator=g))].key
+                store.prefetch([specs[int(torch.randint(len(specs), (1,), generator=g))].key])
+                store.get(k)
+                assert store.resident_bytes() <= budget
+            wait_for(lambda: prefetch_idle(store))
+            assert store.resident_bytes() <= budget
+            assert store.stats()["slots_allocated"] * store.slot_bytes <= budget
+        finally:
+            store.close()
+
+
+def test_prefetch_loads_in_background_then_hits(experts):
+    specs, tensors = experts
+    store = _store(specs, slots=4)
+    try:
+        store.prefetch([(1, 2), (1, 3)])
+        wait_for(lambda: {(1, 2), (1, 3)} <= set(store.resident_keys()))
+        w = store.get((1, 2))
+        assert torch.equal(w.down, file_weights(tensors, (1, 2))[2])
+        st = store.stats()
+        assert (st["hits"], st["misses"], st["prefetch_issued"], st["prefetch_used"]) == (1, 0, 2, 1)
+        assert st["bytes_prefetched"] == specs[8].file_nbytes + specs[9].file_nbytes
+    finally:
+        store.close()
+
+
+def test_prefetch_never_evicts_needed_keys(experts):
+    store = _store(experts[0], slots=2)
+    try:
+        _run(store, [(0, 0), (0, 1)])
+        with store.needed([(0, 0), (0, 1)]):
+            store.prefetch([(0, 2)])
+            wait_for(lambda: prefetch_idle(store))
+            assert sorted(store.resident_keys()) == [(0, 0), (0, 1)]
+            assert store.stats()["prefetch_dropped"] == 1
+        store.prefetch([(0, 2)])  # nothing is needed now: the hint may evict
+        wait_for(lambda: (0, 2) in store.resident_keys())
+    finally:
+        store.close()
+
+
+def test_unused_prefetch_counts_as_wasted(experts):
+    store = _store(experts[0], slots=2, policy="lru")
+    try:
+        store.prefetch([(0, 4)])
+        wait_for(lambda: (0, 4) in store.resident_keys())
+        _run(store, [(0, 0), (0, 1)])
+        assert (0, 4) not in store.resident_keys()
+        st = store.stats()
+        assert (st["prefetch_wasted"], st["prefetch_used"]) == (1, 0)
+    finally:
+        store.close()
+
+
+def test_get_waits_for_in_flight_prefetch(experts):
+    specs, tensors = experts
+    store = _store(specs, slots=3)
+    started = threading.Event()
+    real = store._read_tensor
+
+    def slow(*a):
+        started.set()
+        time.sleep(0.2)
+        real(*a)
+
+    store._read_tensor = slow
+    try:
+        store.prefetch([(0, 3)])
+        assert started.wait(5)
+        w = store.get((0, 3))  # must wait for the prefetch, not read a half-filled slot
+        assert torch.equal(w.gate, file_weights(tensors, (0, 3))[0])
+        st = store.stats()
+        assert (st["loads"], st["hits"], st["misses"]) == (1, 1, 0)
+        assert st["stall_seconds"] > 0.1
+    finally:
+        store.close()
+
+
+def test_reads_are_dropped_from_page_cache(experts, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: calls.append((off, n, adv)))
+    store = ExpertStore(experts[0])
+    try:
+        s = store.get((0, 0)) and experts[0][0]
+        assert [(c[0], c[1]) for c in calls] == [(t.offset, t.nbytes) for t in (s.gate, s.up, s.down)]
+        assert all(c[2] == os.POSIX_FADV_DONTNEED for c in calls)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("file_dtype,compute", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_dtype_conversion(tmp_path, file_dtype, compute):
+    specs, tensors = make_expert_file(tmp_path / "x.safetensors", [0], [0, 1, 2], dtype=file_dtype)
+    store = _store(specs, slots=1, dtype=compute)
+    try:
+        for s in specs:
+            w = store.get(s.key)
+            for got, want in zip((w.gate, w.up, w.down), file_weights(tensors, s.key)):
+                assert got.dtype == compute and torch.equal(got, want.to(compute))
+    finally:
+        store.close()
+
+
+def test_odd_sizes_keep_views_aligned_and_exact(tmp_path):
+    specs, tensors = make_expert_file(tmp_path / "odd.safetensors", [0], [0, 1, 2], dtype=torch.float16,
+                                      intermediate=lambda e: 3 + 2 * e)  # 3*16*2 = 96 bytes: not 64-aligned
+    store = _store(specs, slots=2, dtype=torch.float16)
+    try:
+        for _ in range(2):
+            for s in specs:
+                w = store.get(s.key)
+                for got, want in zip((w.gate, w.up, w.down), file_weights(tensors, s.key)):
+                    assert torch.equal(got, want) and got.data_ptr() % 64 == 0
+        assert store.resident_bytes() == sum(s.numel() * 2 for s in specs[1:])
+    finally:
+        store.close()
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(experts):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="cuda"):
+        ExpertStore(experts[0], device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_slots_via_pinned_staging(experts):
+    specs, tensors = experts
+    store = _store(specs, slots=2, device="cuda")
+    try:
+        for s in specs[:4]:
+            w = store.get(s.key)
+            assert w.gate.is_cuda and torch.equal(w.down.cpu(), file_weights(tensors, s.key)[2])
+    finally:
+        store.close()
+
+
+def test_missing_file_names_it_and_store_keeps_serving(tmp_path, experts):
+    good = experts[0]
+    gone, _ = make_expert_file(tmp_path / "gone.safetensors", [7], [0])
+    os.remove(gone[0].gate.file)
+    store = ExpertStore(good + gone, budget_bytes=2 * ExpertStore(good).slot_bytes)
+    try:
+        with pytest.raises(ExpertLoadError) as e:
+            store.get((7, 0))
+        assert "gone.safetensors" in str(e.value) and "experts.0.gate" in str(e.value) and "(7, 0)" in str(e.value)
+        store.prefetch([(7, 0)])  # a failing hint must not kill the prefetch thread
+        wait_for(lambda: prefetch_idle(store))
+        store.prefetch([(0, 1)])
+        wait_for(lambda: (0, 1) in store.resident_keys())
+        _run(store, [s.key for s in good])
+        assert store.resident_bytes() <= store.budget_bytes
+        assert (7, 0) not in store.resident_keys()
+    finally:
+        store.close()
+
+
+def test_truncated_file_names_it_and_store_keeps_serving(tmp_path, experts):
+    good = experts[0]
+    cut, _ = make_expert_file(tmp_path / "cut.safetensors", [7], [0, 1])
+    last = max(cut, key=lambda s: s.down.offset)
+    os.truncate(last.down.file, last.down.offset + 10)
+    store = ExpertStore(good + cut)
+    try:
+        with pytest.raises(ExpertLoadError, match=r"(?s)cut\.safetensors.*truncated"):
+            store.get(last.key)
+        other = next(s for s in cut if s.key != last.key)
+        assert store.get(other.key) is not None and store.get((0, 0)) is not None
+        with pytest.raises(ExpertLoadError):  # still failing, still reported, never cached
+            store.get(last.key)
+        assert last.key not in store.resident_keys()
+    finally:
+        store.close()
+
+
+def test_invalid_specs_and_keys(experts):
+    specs = experts[0]
+    with pytest.raises(ValueError, match="policy"):
+        ExpertStore(specs, policy="fifo")
+    with pytest.raises(ValueError, match="not owned"):
+        ExpertStore(specs, pinned=[(9, 9)])
+    bad = ExpertSpec(3, 0, specs[0].gate, specs[0].up, specs[0].gate)
+    with pytest.raises(ValueError, match="shapes"):
+        ExpertStore([bad])
+    flat = TensorSpec(specs[0].gate.file, "x", "F32", (4, 4, 4), 0, 256)
+    with pytest.raises(ValueError, match="shapes"):
+        ExpertStore([ExpertSpec(3, 0, flat, flat, flat)])
+    with pytest.raises(ValueError, match="listed twice"):
+        ExpertStore(specs[:1] * 2)
+    store = ExpertStore(specs)
+    try:
+        with pytest.raises(ValueError, match=r"\(5, 5\)"):
+            store.get((5, 5))
+    finally:
+        store.close()
+
+
+def test_close_stops_threads(experts):
+    store = ExpertStore(experts[0])
+    store.get((0, 0))
+    store.close()
+    store.close()
+    assert not any(t.is_alive() for t in store._threads)
+    assert store._fds == {}

@@ -1,0 +1,143 @@
+"""ExpertShard: owns a set of routed experts and computes a layer's work for them.
+
+A plain class: `cluster/` wraps it with `ray.remote`, the coordinator uses it
+in-process. Experts are processed one at a time (get, then compute its segment)
+while the layer's later experts load in the background, so a budget smaller than
+a layer's working set still works, and every budget gives bit-identical results.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import wire
+from .errors import WireError
+from .kernels import forward_into
+from .spec import ExpertKey, ExpertSpec
+from .store import ExpertStore
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _int_list(name: str, v: Any) -> list[int]:
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise ValueError(f"{name} must be a list of ints, got {v!r}")
+    return list(v)
+
+
+class ExpertShard:
+    """A shard of routed experts with its own memory budget, paging and compute."""
+
+    def __init__(self, specs: list[dict], budget_bytes: int | None = None, dtype: str = "float32",
+                 device: str | None = None, policy: str = "lfu-decay", min_resident: int = 1,
+                 num_threads: int | None = None, pinned: Iterable[tuple[int, int]] = ()):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        self.dtype = DTYPES[dtype]
+        self.specs = [ExpertSpec.from_dict(d) for d in specs]
+        self._hidden = {s.key: s.gate.shape[1] for s in self.specs}
+        self.budget_bytes = budget_bytes
+        self.store = ExpertStore(self.specs, budget_bytes, self.dtype, device, policy,
+                                 pinned=[tuple(p) for p in pinned], min_resident=min_resident)
+        self.device = self.store.device
+        self._calls = self._rows = 0
+        self._compute_s = 0.0
+
+    def compute(self, layer: int, rows: Tensor, experts: Sequence[int], counts: Sequence[int]) -> Tensor:
+        """Unweighted expert outputs for rows [N, H] grouped by expert: counts[i] rows for experts[i].
+
+        Returns [N, H] on CPU. Raises ValueError for unowned experts or inconsistent inputs.
+        """
+        experts, counts = _int_list("experts", experts), _int_list("counts", counts)
+        if len(experts) != len(counts):
+            raise ValueError(f"{len(experts)} experts but {len(counts)} counts")
+        if any(c < 0 for c in counts):
+            raise ValueError(f"counts must be non-negative, got {counts}")
+        if not isinstance(rows, Tensor) or rows.dim() != 2:
+            raise ValueError(f"rows must be a 2-D tensor [N, H], got {getattr(rows, 'shape', type(rows))}")
+        if sum(counts) != rows.shape[0]:
+            raise ValueError(f"counts sum to {sum(counts)} but rows has {rows.shape[0]} rows")
+        if rows.dtype != self.dtype:
+            raise ValueError(f"rows are {rows.dtype} but this shard computes in {self.dtype}")
+        keys: list[ExpertKey] = [(int(layer), e) for e in experts]
+        for k in keys:
+            if k not in self._hidden:
+                raise ValueError(f"expert {k} (layer, expert) is not owned by this shard")
+            if self._hidden[k] != rows.shape[1]:
+                raise ValueError(f"rows have hidden size {rows.shape[1]} but expert {k} expects {self._hidden[k]}")
+
+        t0 = time.perf_counter()
+        x = rows.to(self.device)                   # [N, H]
+        out = torch.empty_like(x)                  # [N, H]
+        active = [(k, s, c) for k, s, c in zip(keys, _starts(counts), counts) if c]
+        self.store.begin_layer(k for k, _, _ in active)
+        try:
+            for i, (k, s, c) in enumerate(active):
+                w = self.store.get(k)
+                # hint after get() so a load for later experts never competes with this one's slot
+                self.store.prefetch(k2 for k2, _, _ in active[i + 1:])
+                forward_into(out[s:s + c], w, x[s:s + c])
+                self.store.done(k)
+        finally:
+            self.store.end_layer()
+        out = out.cpu()
+        self._calls += 1
+        self._rows += rows.shape[0]
+        self._compute_s += time.perf_counter() - t0
+        return out
+
+    def run_layer(self, msg: bytes) -> bytes:
+        """Wire form of compute: {"op": "run_layer", layer, experts, counts} + "rows" -> {compute_s, stall_s} + "out"."""
+        header, tensors = wire.decode(msg)
+        if header.get("op") != "run_layer":
+            raise WireError(f"expected op 'run_layer', got {header.get('op')!r}")
+        layer = header.get("layer")
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise WireError(f"layer must be an int, got {layer!r}")
+        if "rows" not in tensors:
+            raise WireError(f"run_layer message has no 'rows' tensor (has {sorted(tensors)})")
+        t0, stall0 = time.perf_counter(), self.store.stats()["stall_seconds"]
+        out = self.compute(layer, tensors["rows"], header.get("experts"), header.get("counts"))
+        reply = {"compute_s": time.perf_counter() - t0, "stall_s": self.store.stats()["stall_seconds"] - stall0}
+        return wire.encode(reply, {"out": out})
+
+    def prefetch(self, layer: int, experts: Iterable[int]) -> None:
+        """Background-load these experts of `layer` if owned and they fit; never blocks."""
+        self.store.prefetch(k for k in ((int(layer), int(e)) for e in experts) if k in self._hidden)
+
+    def report(self) -> dict:
+        """Owned experts, tensors ever loaded, bytes resident, call counters and cache stats."""
+        return {
+            "owned": [list(s.key) for s in self.specs],
+            "loaded_tensors": self.store.loaded_tensor_keys(),
+            "bytes_resident": self.store.resident_bytes(),
+            "budget_bytes": self.budget_bytes,
+            "calls": self._calls,
+            "rows": self._rows,
+            "compute_s": self._compute_s,
+            **self.store.stats(),
+        }
+
+    def ping(self) -> bool:
+        """Liveness check."""
+        return True
+
+    def close(self) -> None:
+        """Stop background loading and release files and memory."""
+        self.store.close()
+
+
+def _starts(counts: Sequence[int]) -> list[int]:
+    out, s = [], 0
+    for c in counts:
+        out.append(s)
+        s += c
+    return out
