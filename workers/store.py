@@ -39,7 +39,7 @@ class ExpertInfo:
     spec: ExpertSpec
     layout: list[tuple[int, int, tuple[int, ...]]]  # (byte offset in slot, nbytes, shape) per gate/up/down
     nbytes: int                                       # data bytes in the compute dtype
-    span: int                                         # slot bytes the layout needs (with alignment gaps)
+    span: int                                         # slot bytes: each tensor padded to _ALIGN
     slot: int | None = None                           # set while loading or resident
     weights: ExpertWeights | None = None              # set once the slot holds complete data
     freq: float = 0.0                                 # access count (decayed for lfu-decay)
@@ -127,8 +127,8 @@ class ExpertStore:
                 raise ValueError(f"expert {s.key} tensor {t.key}: nbytes {t.nbytes} != {t.shape} x {t.dtype}")
             layout.append((off, numel * self.dtype.itemsize, tuple(t.shape)))
             off = (off + layout[-1][1] + _ALIGN - 1) // _ALIGN * _ALIGN
-        span = layout[-1][0] + layout[-1][1]
-        return ExpertInfo(s, layout, nbytes=sum(nb for _, nb, _ in layout), span=span)
+        # span = every tensor padded to 64 bytes (cluster/placement.py sizes experts the same way)
+        return ExpertInfo(s, layout, nbytes=sum(nb for _, nb, _ in layout), span=off)
 
     # ---- public API -------------------------------------------------------------------------
 
