@@ -148,7 +148,7 @@ class Coordinator:
         c = dict(self._counters)
         if c["generate_seconds"]:
             c["tokens_per_second"] = c["generated_tokens"] / c["generate_seconds"]
-        return {"coordinator": c, "experts": self.experts.stats()}
+        return {"coordinator": c, "prefetch": self.model.prefetch.stats(), "experts": self.experts.stats()}
 
     def close(self) -> None:
         """Release the expert backend (actors it created, threads, files). Idempotent."""

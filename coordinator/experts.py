@@ -106,3 +106,34 @@ class LocalExperts:
 
     def close(self) -> None:
         self.shard.close()
+
+
+class PrefetchTracker:
+    """Precision and recall of router-driven predictions, per layer, measured where both are known.
+
+    A prediction for layer l (from earlier layers' hidden states) is scored against the
+    experts layer l's router then actually picks.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[int, set[int]] = {}
+        self._per_layer: dict[int, list[int]] = {}    # layer -> [predicted, needed, correct]
+
+    def predicted(self, layer: int, ids: torch.Tensor) -> None:
+        self._pending.setdefault(layer, set()).update(torch.unique(ids).tolist())
+
+    def observed(self, layer: int, ids: torch.Tensor) -> None:
+        guess = self._pending.pop(layer, None)
+        if guess is None:
+            return
+        needed = set(torch.unique(ids).tolist())
+        c = self._per_layer.setdefault(layer, [0, 0, 0])
+        c[0] += len(guess)
+        c[1] += len(needed)
+        c[2] += len(guess & needed)
+
+    def stats(self) -> dict:
+        def ratios(p: int, n: int, ok: int) -> dict:
+            return {"precision": ok / p if p else None, "recall": ok / n if n else None}
+        total = [sum(c[i] for c in self._per_layer.values()) for i in range(3)]
+        return {**ratios(*total), "per_layer": {l: ratios(*c) for l, c in sorted(self._per_layer.items())}}

@@ -11,7 +11,7 @@ from torch import nn
 
 from .attention import Attention, AttentionInputs, KVCache, LatentAttention
 from .config import ModelConfig
-from .experts import RoutedExperts
+from .experts import PrefetchTracker, RoutedExperts
 from .layers import MLP, RMSNorm, Rotary
 from .routing import route_sigmoid_grouped, route_softmax
 
@@ -19,9 +19,10 @@ from .routing import route_sigmoid_grouped, route_softmax
 class MoEBlock(nn.Module):
     """Router + optional shared expert; the routed experts are reached through `experts`."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, experts: RoutedExperts, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, experts: RoutedExperts, dtype: torch.dtype,
+                 tracker: PrefetchTracker):
         super().__init__()
-        self.cfg, self.layer, self.experts = cfg, layer, experts
+        self.cfg, self.layer, self.experts, self.tracker = cfg, layer, experts, tracker
         if cfg.router == "sigmoid_grouped":
             # The reference keeps this router and its bias in float32 whatever the model dtype.
             self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=torch.float32)
@@ -46,6 +47,7 @@ class MoEBlock(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(B * T, H)                                   # [T', H]
         weights, ids = self.route(flat)                              # [T', k]
+        self.tracker.observed(self.layer, ids)
         pending = self.experts.submit(self.layer, flat, weights, ids)
         # The shared expert runs while routed work is in flight elsewhere.
         shared = None
@@ -60,14 +62,15 @@ class MoEBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, experts: RoutedExperts, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, experts: RoutedExperts, dtype: torch.dtype,
+                 tracker: PrefetchTracker):
         super().__init__()
         attn = LatentAttention if cfg.attention == "mla" else Attention
         self.self_attn = attn(cfg, layer, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.is_moe = cfg.moe_layers[layer]
-        self.mlp = (MoEBlock(cfg, layer, experts, dtype) if self.is_moe
+        self.mlp = (MoEBlock(cfg, layer, experts, dtype, tracker) if self.is_moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype))
 
 
@@ -79,7 +82,8 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg, self.dtype, self.experts = cfg, dtype, experts
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, l, experts, dtype) for l in range(cfg.num_layers))
+        self.prefetch = PrefetchTracker()
+        self.layers = nn.ModuleList(DecoderLayer(cfg, l, experts, dtype, self.prefetch) for l in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         if cfg.tie_word_embeddings:
@@ -112,4 +116,6 @@ class MoETransformer(nn.Module):
         for nxt in range(layer + 1, min(layer + 1 + self.prefetch_depth, self.cfg.num_layers)):
             block = self.moe_blocks.get(nxt)
             if block is not None:
-                self.experts.prefetch(nxt, block.route(flat, self.prefetch_extra)[1])
+                ids = block.route(flat, self.prefetch_extra)[1]
+                self.prefetch.predicted(nxt, ids)
+                self.experts.prefetch(nxt, ids)

@@ -1,0 +1,110 @@
+"""Paged experts give exactly the unpaged result, the budget is honoured, prefetch predicts.
+
+In-process (num_workers=0): the coordinator's own ExpertShard pages under `worker_memory`.
+The distributed variant of the same checks lives in test_distributed_paging.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import FAMILIES, PAD_ID, make_prompts
+from coordinator import Coordinator
+from coordinator.checkpoint import Checkpoint
+from workers.errors import BudgetError
+
+# Enough experts that 10% of them still holds one token's top-k.
+MANY_EXPERTS = {
+    "mixtral": dict(num_local_experts=16),
+    "qwen2_moe": dict(num_experts=16),
+    "qwen3_moe": dict(num_experts=16),
+    "olmoe": dict(num_experts=16),
+    "deepseek_v3": dict(n_routed_experts=16),
+}
+
+
+def expert_bytes(path, itemsize: int = 4) -> int:
+    return sum(s.numel() * itemsize for s in Checkpoint.open(path).expert_specs())
+
+
+def run(path, **kw):
+    ids, mask = make_prompts()
+    with Coordinator.from_pretrained(path, **kw) as c:
+        logits = c.forward(ids)
+        tokens = c.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=PAD_ID)
+        return logits, tokens, c.stats()["experts"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_paged_equals_unpaged(family, checkpoint):
+    path = checkpoint(family, **MANY_EXPERTS[family])
+    ref_logits, ref_tokens, ref_stats = run(path)
+    assert ref_stats["evictions"] == 0
+    total = expert_bytes(path)
+    for frac in (0.10, 0.25, 0.50):
+        budget = int(frac * total)
+        logits, tokens, stats = run(path, worker_memory=budget)
+        assert torch.equal(logits, ref_logits), f"{family} at {frac:.0%}: logits differ"
+        assert torch.equal(tokens, ref_tokens), f"{family} at {frac:.0%}: tokens differ"
+        assert stats["bytes_resident"] <= budget
+        assert stats["evictions"] > 0, "a budget below the expert bytes must evict"
+
+
+def test_budget_too_small_is_refused_with_the_minimum(checkpoint):
+    path = checkpoint("mixtral")
+    with pytest.raises(BudgetError, match=r"minimum is \d+ bytes"):
+        Coordinator.from_pretrained(path, worker_memory=1000)
+
+
+def test_budget_accepts_human_sizes(checkpoint):
+    path = checkpoint("mixtral")
+    with Coordinator.from_pretrained(path, worker_memory="1GB") as c:
+        c.forward(torch.tensor([[5, 6, 7]]))
+        assert c.stats()["experts"]["budget_bytes"] == 10**9
+
+
+def predictable_checkpoint(path):
+    """Make every layer route like layer 0 and keep the residual stream nearly unchanged,
+    so layer l+1's router applied to layer l's hidden state predicts layer l+1 exactly."""
+    from safetensors.torch import load_file, save_file
+    f = path / "model.safetensors"
+    t = load_file(f)
+    gate0 = t["model.layers.0.block_sparse_moe.gate.weight"].clone()
+    for name in list(t):
+        if name.endswith("block_sparse_moe.gate.weight"):
+            t[name] = gate0.clone()
+        elif name.endswith(("o_proj.weight", ".w2.weight")):
+            t[name] = t[name] * 1e-3
+        elif name.endswith("post_attention_layernorm.weight"):
+            t[name] = torch.ones_like(t[name])
+    save_file(t, f, metadata={"format": "pt"})
+    return path
+
+
+def test_prefetch_predicts_next_layer_and_cuts_misses(fresh_checkpoint):
+    path = predictable_checkpoint(fresh_checkpoint("mixtral", num_hidden_layers=4, num_local_experts=16))
+    budget = int(0.5 * expert_bytes(path))
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    def decode(depth):
+        with Coordinator.from_pretrained(path, worker_memory=budget, prefetch_depth=depth) as c:
+            out = c.generate(ids, max_new_tokens=24)
+            stats = c.stats()
+            return out, {**stats["experts"], **stats["prefetch"]}
+
+    out_off, off = decode(0)
+    out_on, on = decode(1)
+    assert torch.equal(out_on, out_off), "prefetch must never change results"
+    assert on["recall"] >= 0.9, on
+    assert off["recall"] is None  # nothing predicted, nothing scored
+    assert on["misses"] < off["misses"], (on["misses"], off["misses"])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_prefetch_on_random_routing_keeps_results(family, checkpoint):
+    path = checkpoint(family, **MANY_EXPERTS[family])
+    budget = int(0.25 * expert_bytes(path))
+    _, ref, _ = run(path)
+    _, tokens, stats = run(path, worker_memory=budget, prefetch_depth=2, prefetch_extra=2)
+    assert torch.equal(tokens, ref)
+    assert stats["prefetch_issued"] > 0
