@@ -148,7 +148,11 @@ class Coordinator:
         c = dict(self._counters)
         if c["generate_seconds"]:
             c["tokens_per_second"] = c["generated_tokens"] / c["generate_seconds"]
-        return {"coordinator": c, "prefetch": self.model.prefetch.stats(), "experts": self.experts.stats()}
+        return {"coordinator": c, "prefetch": self.model.routing.prefetch_stats(), "experts": self.experts.stats()}
+
+    def expert_activations(self) -> dict[int, list[int]]:
+        """How often each routed expert was picked so far: {layer: [count per expert]}."""
+        return {l: c.tolist() for l, c in sorted(self.model.routing.activations.items())}
 
     def close(self) -> None:
         """Release the expert backend (actors it created, threads, files). Idempotent."""

@@ -108,32 +108,33 @@ class LocalExperts:
         self.shard.close()
 
 
-class PrefetchTracker:
-    """Precision and recall of router-driven predictions, per layer, measured where both are known.
-
-    A prediction for layer l (from earlier layers' hidden states) is scored against the
-    experts layer l's router then actually picks.
-    """
+class RoutingStats:
+    """What the routers did: expert activation counts per layer, and how well the next-layer
+    predictions used for prefetch matched the experts each layer then picked."""
 
     def __init__(self) -> None:
         self._pending: dict[int, set[int]] = {}
-        self._per_layer: dict[int, list[int]] = {}    # layer -> [predicted, needed, correct]
+        self._scores: dict[int, list[int]] = {}        # layer -> [predicted, needed, correct]
+        self.activations: dict[int, torch.Tensor] = {}  # layer -> [E] times each expert was picked
 
     def predicted(self, layer: int, ids: torch.Tensor) -> None:
         self._pending.setdefault(layer, set()).update(torch.unique(ids).tolist())
 
-    def observed(self, layer: int, ids: torch.Tensor) -> None:
+    def observed(self, layer: int, ids: torch.Tensor, num_experts: int) -> None:
+        counts = torch.bincount(ids.reshape(-1), minlength=num_experts)
+        self.activations[layer] = self.activations.get(layer, 0) + counts
         guess = self._pending.pop(layer, None)
         if guess is None:
             return
-        needed = set(torch.unique(ids).tolist())
-        c = self._per_layer.setdefault(layer, [0, 0, 0])
+        needed = set(torch.nonzero(counts).flatten().tolist())
+        c = self._scores.setdefault(layer, [0, 0, 0])
         c[0] += len(guess)
         c[1] += len(needed)
         c[2] += len(guess & needed)
 
-    def stats(self) -> dict:
+    def prefetch_stats(self) -> dict:
+        """Precision and recall of predictions, overall and per layer (None where nothing was predicted)."""
         def ratios(p: int, n: int, ok: int) -> dict:
             return {"precision": ok / p if p else None, "recall": ok / n if n else None}
-        total = [sum(c[i] for c in self._per_layer.values()) for i in range(3)]
-        return {**ratios(*total), "per_layer": {l: ratios(*c) for l, c in sorted(self._per_layer.items())}}
+        total = [sum(c[i] for c in self._scores.values()) for i in range(3)]
+        return {**ratios(*total), "per_layer": {l: ratios(*c) for l, c in sorted(self._scores.items())}}

@@ -11,7 +11,7 @@ from torch import nn
 
 from .attention import Attention, AttentionInputs, KVCache, LatentAttention
 from .config import ModelConfig
-from .experts import PrefetchTracker, RoutedExperts
+from .experts import RoutingStats, RoutedExperts
 from .layers import MLP, RMSNorm, Rotary
 from .routing import route_sigmoid_grouped, route_softmax
 
@@ -20,9 +20,9 @@ class MoEBlock(nn.Module):
     """Router + optional shared expert; the routed experts are reached through `experts`."""
 
     def __init__(self, cfg: ModelConfig, layer: int, experts: RoutedExperts, dtype: torch.dtype,
-                 tracker: PrefetchTracker):
+                 routing: RoutingStats):
         super().__init__()
-        self.cfg, self.layer, self.experts, self.tracker = cfg, layer, experts, tracker
+        self.cfg, self.layer, self.experts, self.routing = cfg, layer, experts, routing
         if cfg.router == "sigmoid_grouped":
             # The reference keeps this router and its bias in float32 whatever the model dtype.
             self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=torch.float32)
@@ -47,7 +47,7 @@ class MoEBlock(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(B * T, H)                                   # [T', H]
         weights, ids = self.route(flat)                              # [T', k]
-        self.tracker.observed(self.layer, ids)
+        self.routing.observed(self.layer, ids, self.cfg.num_experts)
         pending = self.experts.submit(self.layer, flat, weights, ids)
         # The shared expert runs while routed work is in flight elsewhere.
         shared = None
@@ -63,14 +63,14 @@ class MoEBlock(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, experts: RoutedExperts, dtype: torch.dtype,
-                 tracker: PrefetchTracker):
+                 routing: RoutingStats):
         super().__init__()
         attn = LatentAttention if cfg.attention == "mla" else Attention
         self.self_attn = attn(cfg, layer, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.is_moe = cfg.moe_layers[layer]
-        self.mlp = (MoEBlock(cfg, layer, experts, dtype, tracker) if self.is_moe
+        self.mlp = (MoEBlock(cfg, layer, experts, dtype, routing) if self.is_moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype))
 
 
@@ -82,8 +82,8 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg, self.dtype, self.experts = cfg, dtype, experts
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.prefetch = PrefetchTracker()
-        self.layers = nn.ModuleList(DecoderLayer(cfg, l, experts, dtype, self.prefetch) for l in range(cfg.num_layers))
+        self.routing = RoutingStats()
+        self.layers = nn.ModuleList(DecoderLayer(cfg, l, experts, dtype, self.routing) for l in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         if cfg.tie_word_embeddings:
@@ -117,5 +117,5 @@ class MoETransformer(nn.Module):
             block = self.moe_blocks.get(nxt)
             if block is not None:
                 ids = block.route(flat, self.prefetch_extra)[1]
-                self.prefetch.predicted(nxt, ids)
+                self.routing.predicted(nxt, ids)
                 self.experts.prefetch(nxt, ids)
