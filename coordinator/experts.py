@@ -102,10 +102,25 @@ class LocalExperts:
         self.shard.prefetch(layer, torch.unique(ids).tolist())
 
     def stats(self) -> dict:
-        return self.shard.report()
+        report = self.shard.report()
+        actor = {"index": 0, "ip": "local", "experts": len(report["owned"]),
+                 **{k: v for k, v in report.items() if k != "owned"}}
+        return backend_stats("local", [actor], budget_bytes=self.shard.budget_bytes)
 
     def close(self) -> None:
         self.shard.close()
+
+
+# Counters every actor reports that add up across actors.
+SUMMED = ("calls", "rows", "compute_s", "bytes_resident", "hits", "misses", "loads", "bytes_read",
+          "bytes_prefetched", "prefetch_issued", "prefetch_used", "prefetch_wasted", "evictions", "stall_seconds")
+
+
+def backend_stats(backend: str, actors: list[dict], **extra: Any) -> dict:
+    """The one shape of `RoutedExperts.stats()`: totals over actors, then each actor's own figures."""
+    totals = {k: sum(a.get(k) or 0 for a in actors) for k in SUMMED}
+    return {"backend": backend, "num_workers": len(actors) if backend != "local" else 0, **totals, **extra,
+            "actors": actors}
 
 
 class RoutingStats:
