@@ -1,0 +1,268 @@
+"""RemoteExperts over a real local Ray with real actor processes.
+
+One Ray instance is shared by the whole module (starting Ray takes seconds); the
+first test runs before it and checks the start-your-own-Ray lifecycle.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from cluster.dispatch import RemoteExperts, _Call  # noqa: E402
+from cluster.errors import ClusterError, ExpertTimeout, ShardUnavailable  # noqa: E402
+from coordinator.checkpoint import Checkpoint  # noqa: E402
+from coordinator.experts import LocalExperts  # noqa: E402
+from workers import wire  # noqa: E402
+from workers.errors import WireError  # noqa: E402
+
+FAMILY, VARIANT = "mixtral", "e8_top3"   # 3 MoE layers x 8 experts, top-3, hidden 32
+
+
+@pytest.fixture(scope="module")
+def specs(checkpoint):
+    return Checkpoint.open(checkpoint(FAMILY, VARIANT)).expert_specs()
+
+
+@pytest.fixture(scope="module")
+def local(specs):
+    le = LocalExperts(specs, dtype="float32")
+    yield le
+    le.close()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    started = not ray.is_initialized()
+    if started:
+        # 3 actors of the `remote` fixture stay up while the other tests start 2 more.
+        ray.init(address="local", num_cpus=6, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"{n}workers")
+def remote(request, ray_session, specs):
+    re = RemoteExperts(specs, num_workers=request.param, dtype="float32", call_timeout_s=60)
+    yield re
+    re.close()
+
+
+def routing(T: int, k: int, E: int, seed: int, experts: list[int] | None = None):
+    """Random x [T, H], weights [T, k], distinct ids [T, k] drawn from `experts` (default all)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(experts if experts is not None else list(range(E)))
+    ids = torch.stack([pool[torch.randperm(len(pool), generator=g)[:k]] for _ in range(T)])
+    weights = torch.rand(T, k, generator=g).softmax(-1)
+    return ids, weights, g
+
+
+def layers_of(specs) -> list[int]:
+    return sorted({s.layer for s in specs})
+
+
+@pytest.mark.slow
+def test_starts_and_stops_its_own_ray(specs, local):
+    """Without a Ray connection, RemoteExperts starts a local Ray and shuts it down on close."""
+    if ray.is_initialized():
+        pytest.skip("Ray already initialised by an earlier module")
+    t0 = time.perf_counter()
+    re = RemoteExperts(specs, num_workers=2, dtype="float32")
+    started = time.perf_counter() - t0
+    try:
+        assert ray.is_initialized()
+        ids, w, g = routing(5, 3, 8, seed=11)
+        x = torch.randn(5, 32, generator=g)
+        assert torch.allclose(re.forward(0, x, w, ids), local.submit(0, x, w, ids), atol=1e-5, rtol=0)
+    finally:
+        re.close()
+    assert not ray.is_initialized()
+    print(f"local Ray start + 2 actors ready: {started:.1f}s")
+
+
+def test_parity_with_local_experts(remote, local, specs):
+    """Random routing over every MoE layer, several batch sizes: same result as in-process."""
+    worst = 0.0
+    for layer in layers_of(specs):
+        for T, seed in ((1, 0), (7, 1), (33, 2)):
+            ids, w, g = routing(T, 3, 8, seed=seed + 10 * layer)
+            x = torch.randn(T, 32, generator=g)
+            ours, ref = remote.forward(layer, x, w, ids), local.wait(local.submit(layer, x, w, ids))
+            assert ours.shape == ref.shape and ours.dtype == ref.dtype
+            worst = max(worst, (ours - ref).abs().max().item())
+    assert worst <= 1e-5, f"max abs diff {worst:.3g}"
+
+
+def test_submit_wait_overlap_and_empty_batch(remote, local):
+    ids, w, g = routing(6, 3, 8, seed=5)
+    x = torch.randn(6, 32, generator=g)
+    p0 = remote.submit(0, x, w, ids)
+    p1 = remote.submit(1, x, w, ids)       # two layers in flight at once
+    torch.testing.assert_close(remote.wait(p1), local.submit(1, x, w, ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(remote.wait(p0), local.submit(0, x, w, ids), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="already waited"):
+        remote.wait(p0)
+    empty = remote.forward(0, torch.zeros(0, 32), torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long))
+    assert empty.shape == (0, 32)
+
+
+def test_each_actor_holds_only_its_own_experts(remote, specs):
+    # Touch every expert of every layer so each actor loads all it owns.
+    for layer in layers_of(specs):
+        ids = torch.arange(24).remainder(8).view(8, 3)
+        remote.forward(layer, torch.randn(8, 32), torch.full((8, 3), 1 / 3), ids)
+    by_key = {s.key: s for s in specs}
+    reports = remote.reports()
+    assert len(reports) == len(remote.plan.workers)
+    for w, rep in zip(remote.plan.workers, reports):
+        mine = {t.key for k in w.experts for t in (by_key[k].gate, by_key[k].up, by_key[k].down)}
+        assert sorted(map(tuple, rep["owned"])) == w.experts
+        assert set(rep["loaded_tensors"]) == mine, f"actor {w.index} loaded tensors it does not own"
+    owned = [tuple(k) for rep in reports for k in rep["owned"]]
+    assert sorted(owned) == sorted(by_key)        # a partition: every expert exactly once
+
+
+def test_one_call_per_active_actor_and_none_for_idle(remote, specs):
+    layer = layers_of(specs)[1]
+    plan = remote.plan
+    before = [r["calls"] for r in remote.reports()]
+    # Route only to actor 0's experts of this layer: the others must get no call at all.
+    mine = plan.workers[0].experts_of_layer(layer)
+    ids, w, g = routing(9, min(3, len(mine)), 8, seed=3, experts=mine)
+    remote.forward(layer, torch.randn(9, 32, generator=g), w, ids)
+    mid = [r["calls"] for r in remote.reports()]
+    assert [m - b for m, b in zip(mid, before)] == [1] + [0] * (len(plan.workers) - 1)
+    # Route to every expert: every actor gets exactly one call for the layer.
+    ids, w, g = routing(16, 3, 8, seed=4)
+    ids[:3] = torch.arange(9).remainder(8).view(3, 3)   # make sure all 8 experts are active
+    remote.forward(layer, torch.randn(16, 32, generator=g), w, ids)
+    after = [r["calls"] for r in remote.reports()]
+    assert [a - m for a, m in zip(after, mid)] == [1] * len(plan.workers)
+    stats = remote.stats()
+    assert stats["layers"][layer]["max_calls_per_actor"] == 1
+    assert all(a["calls_per_layer"].get(layer, 0) >= 1 for a in stats["actors"])
+    for a in stats["actors"]:
+        assert a["node_id"] and a["ip"] and a["experts"] == len(plan.workers[a["index"]].experts)
+        assert a["bytes_resident"] > 0 and a["rows"] > 0 and a["compute_s"] > 0 and a["transit_s"] >= 0
+    lat = stats["layers"][layer]
+    assert 0 < lat["latency_p50_s"] <= lat["latency_max_s"] and lat["latency_mean_s"] > 0
+
+
+def test_malformed_bytes_give_clear_error_and_actor_keeps_serving(remote, local):
+    actor = remote.actors[0]
+    for bad, match in ((b"garbage", "truncated|msgpack"), (wire.encode({"op": "nope"}), "expected op")):
+        call = _Call(0, actor.run_layer.remote(bad), torch.arange(0), time.perf_counter())
+        with pytest.raises(WireError, match=match) as err:
+            remote._reply(call, 0, 32)
+        assert "actor 0" in str(err.value) and "layer 0" in str(err.value)
+    # A well-formed message the shard rejects (expert it does not own) -> moeshard error with the remote text.
+    foreign = 99
+    msg = wire.encode({"op": "run_layer", "layer": 0, "experts": [foreign], "counts": [1]}, {"rows": torch.zeros(1, 32)})
+    call = _Call(0, actor.run_layer.remote(msg), torch.arange(1), time.perf_counter())
+    with pytest.raises(ClusterError, match="not owned"):
+        remote._reply(call, 0, 32)
+    ids, w, g = routing(4, 3, 8, seed=9)
+    x = torch.randn(4, 32, generator=g)
+    torch.testing.assert_close(remote.forward(0, x, w, ids), local.submit(0, x, w, ids), atol=1e-5, rtol=0)
+
+
+def test_bad_routing_is_refused_before_sending(remote):
+    with pytest.raises(ValueError, match="does not exist"):
+        remote.forward(0, torch.randn(2, 32), torch.ones(2, 1), torch.tensor([[8], [0]]))
+    with pytest.raises(ValueError, match="no routed experts"):
+        remote.forward(77, torch.randn(2, 32), torch.ones(2, 1), torch.tensor([[1], [0]]))
+    with pytest.raises(ValueError, match="compute in"):
+        remote.forward(0, torch.randn(2, 32, dtype=torch.float64), torch.ones(2, 1), torch.tensor([[1], [0]]))
+
+
+def test_timeout_names_actor_and_layer(remote):
+    ids, w, g = routing(4, 3, 8, seed=1)
+    saved, remote.call_timeout_s = remote.call_timeout_s, 0.0
+    try:
+        with pytest.raises(ExpertTimeout, match=r"actor \d+ \(node .* layer 2"):
+            remote.forward(2, torch.randn(4, 32, generator=g), w, ids)
+    finally:
+        remote.call_timeout_s = saved
+    remote.forward(2, torch.randn(4, 32), w, ids)  # the late replies do not disturb later calls
+
+
+def test_prefetch_is_one_way(remote):
+    sent = remote.stats()["prefetch_hints"]
+    t0 = time.perf_counter()
+    remote.prefetch(1, torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 99]]))   # 99: unknown, ignored
+    assert time.perf_counter() - t0 < 0.5
+    assert remote.stats()["prefetch_hints"] - sent == len(remote.plan.workers)  # one hint per owning actor
+
+
+def test_paged_actors_prefetch_and_match_local(ray_session, specs, local):
+    """Actors with a budget of 4 experts each (of 12 owned): prefetch loads ahead, results unchanged."""
+    from cluster.placement import expert_nbytes
+
+    budget = 4 * expert_nbytes(specs[0], 4)
+    with RemoteExperts(specs, num_workers=2, dtype="float32", worker_memory=budget, min_resident=3) as re:
+        assert all(w.paged_bytes == 2 * budget for w in re.plan.workers)
+        re.prefetch(2, torch.arange(8))
+        reports = re.reports()                      # runs after the hints on each actor
+        assert [r["prefetch_hints"] for r in reports] == [4, 4]
+        for layer in (2, 0, 1, 2):
+            ids, w, g = routing(12, 3, 8, seed=layer)
+            x = torch.randn(12, 32, generator=g)
+            assert torch.equal(re.forward(layer, x, w, ids), local.submit(layer, x, w, ids))
+        for r in re.reports():
+            assert r["bytes_resident"] <= budget and r["evictions"] > 0
+
+
+def test_bfloat16_parity(ray_session, specs):
+    le = LocalExperts(specs, dtype="bfloat16")
+    try:
+        with RemoteExperts(specs, num_workers=2, dtype="bfloat16") as re:
+            ids, w, g = routing(10, 3, 8, seed=21)
+            x = torch.randn(10, 32, generator=g).bfloat16()
+            ours, ref = re.forward(1, x, w, ids), le.submit(1, x, w, ids)
+            assert ours.dtype == torch.bfloat16
+            torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+    finally:
+        le.close()
+
+
+def test_dead_actor_and_close(ray_session, specs):
+    re = RemoteExperts(specs, num_workers=2, dtype="float32", call_timeout_s=30)
+    actors = re.actors
+    try:
+        ray.kill(actors[1], no_restart=True)
+        ids = torch.arange(24).remainder(8).view(8, 3)     # touches both actors
+        with pytest.raises(ShardUnavailable, match=r"actor 1 \(node .*layer 0"):
+            re.forward(0, torch.randn(8, 32), torch.full((8, 3), 1 / 3), ids)
+    finally:
+        re.close()
+    re.close()  # idempotent
+    assert ray.is_initialized(), "close() must not shut down a Ray it did not start"
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actors[0].ping.remote(), timeout=30)
+    with pytest.raises(ClusterError, match="closed"):
+        re.forward(0, torch.randn(1, 32), torch.ones(1, 1), torch.tensor([[0]]))
+
+
+def test_unreachable_address_fails_fast(ray_session, specs):
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
+        RemoteExperts(specs, num_workers=1, dtype="float32", ray_address="127.0.0.1:1")
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(ClusterError, match="host:port"):
+        RemoteExperts(specs, num_workers=1, dtype="float32", ray_address="no-port-here")
+
+
+def test_unsatisfiable_resources_refused_up_front(ray_session, specs):
+    with pytest.raises(ClusterError, match="host_9: need 0.01, cluster has 0"):
+        RemoteExperts(specs, num_workers=2, dtype="float32", resources=[{}, {"host_9": 0.01}])
+    with pytest.raises(ClusterError, match="GPU"):
+        RemoteExperts(specs, num_workers=1, dtype="float32", num_gpus_per_worker=1)
+
+
+def test_plan_that_cannot_fit_is_refused_before_ray(specs):
+    with pytest.raises(ClusterError, match="minimum per-actor memory"):
+        RemoteExperts(specs, num_workers=2, dtype="float32", worker_memory=100, min_resident=3)
