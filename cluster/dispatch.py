@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from coordinator.experts import ExpertBatch
+from coordinator.experts import ExpertBatch, backend_stats
 from workers import wire
 from workers.errors import MoeshardError
 from workers.shard import DTYPES, ExpertShard
@@ -407,9 +407,11 @@ class RemoteExperts:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Per actor: where it runs, what it owns and holds, calls, rows, compute vs transit time,
-        calls per layer; per layer: dispatch latency (mean/p50/max) and the most calls any
-        actor got in one dispatch (1 by construction)."""
+        """`coordinator.experts.backend_stats` shape: totals over actors, then per actor where it runs,
+        what it owns and holds (its `report()` counters: cache hits, reads, prefetch...), and the
+        dispatch-side figures: calls, rows, actor compute seconds vs transit seconds (round trip
+        minus compute), calls per layer. `layers` gives each layer's dispatch latency (mean/p50/max)
+        and the most calls any actor got in one dispatch (1 by construction)."""
         try:
             reports = self.reports() if not self._closed else [{} for _ in self._actors]
         except ClusterError as e:
@@ -418,13 +420,12 @@ class RemoteExperts:
         actors = []
         for i, (w, st, rep) in enumerate(zip(self.plan.workers, self._stats, reports)):
             n = self._nodes[i]
+            rep = {k: v for k, v in rep.items() if k not in ("owned", "loaded_tensors", "per_layer")}
             actors.append({
-                "index": i, "node_id": n["node_id"], "ip": n["ip"], "pid": n["pid"], "device": n["device"],
-                "experts": len(w.experts), "expert_bytes": w.expert_bytes,
-                "bytes_resident": rep.get("bytes_resident"), "calls": st.calls, "rows": st.rows,
+                **rep, "index": i, "node_id": n["node_id"], "ip": n["ip"], "pid": n["pid"], "device": n["device"],
+                "experts": len(w.experts), "expert_bytes": w.expert_bytes, "calls": st.calls, "rows": st.rows,
                 "compute_s": st.compute_s, "stall_s": st.stall_s, "transit_s": st.transit_s,
                 "calls_per_layer": dict(st.calls_per_layer),
-                "cache": {k: rep[k] for k in ("hits", "misses", "evictions") if k in rep},
             })
         layers = {}
         for layer, lat in sorted(self._latency.items()):
@@ -432,8 +433,9 @@ class RemoteExperts:
             layers[layer] = {"dispatches": int(count), "latency_mean_s": total / count,
                              "latency_p50_s": statistics.median(lat), "latency_max_s": worst,
                              "max_calls_per_actor": self._max_calls_per_actor[layer]}
-        return {"backend": "ray", "num_workers": len(self._actors), "prefetch_hints": self._prefetch_hints,
-                "actors": actors, "layers": layers}
+        return backend_stats("ray", actors, budget_bytes=self.plan.worker_memory,
+                             transit_s=sum(st.transit_s for st in self._stats),
+                             prefetch_hints=self._prefetch_hints, layers=layers)
 
 
 def _root_message(e: BaseException) -> str:

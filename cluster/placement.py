@@ -71,11 +71,13 @@ class Plan:
         lines = [f"{len(self.workers)} actor(s), memory budget per actor: {budget}, "
                  f"routed experts total: {format_bytes(self.total_bytes)}",
                  f"{'actor':>5} {'experts':>8} {'bytes':>10} {'resident':>10} {'paged':>10} "
-                 f"{'cpus':>5} {'gpus':>5}  resources"]
+                 f"{'cpus':>5} {'gpus':>5}  {'per layer':<12} resources"]
+        layers = sorted({l for w in self.workers for (l, _) in w.experts})
         for w in self.workers:
+            per_layer = "/".join(str(len(w.experts_of_layer(l))) for l in layers)
             lines.append(f"{w.index:>5} {len(w.experts):>8} {format_bytes(w.expert_bytes):>10} "
                          f"{format_bytes(w.resident_bytes):>10} {format_bytes(w.paged_bytes):>10} "
-                         f"{w.num_cpus:>5g} {w.num_gpus:>5g}  {w.resources or '-'}")
+                         f"{w.num_cpus:>5g} {w.num_gpus:>5g}  {per_layer:<12} {w.resources or '-'}")
         return lines
 
 

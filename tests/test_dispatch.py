@@ -143,6 +143,7 @@ def test_one_call_per_active_actor_and_none_for_idle(remote, specs):
     after = [r["calls"] for r in remote.reports()]
     assert [a - m for a, m in zip(after, mid)] == [1] * len(plan.workers)
     stats = remote.stats()
+    assert stats["backend"] == "ray" and stats["calls"] == sum(a["calls"] for a in stats["actors"])
     assert stats["layers"][layer]["max_calls_per_actor"] == 1
     assert all(a["calls_per_layer"].get(layer, 0) >= 1 for a in stats["actors"])
     for a in stats["actors"]:

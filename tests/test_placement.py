@@ -140,3 +140,50 @@ def test_planner_minimum_matches_the_store():
         ExpertStore(mine, 2 * per - 1, torch.float32, min_resident=2)
     with pytest.raises(ClusterError):
         plan_placement(specs, 2, dtype_bytes=4, worker_memory=2 * per - 1, min_resident=2)
+
+
+# ---- `moeshard plan` (pure: no Ray) ------------------------------------------------------------
+
+def test_cli_plan_prints_per_actor_split(checkpoint, capsys):
+    from cluster.cli import main
+
+    path = checkpoint("mixtral", "e8_top3")
+    assert main(["plan", str(path), "--workers", "3", "--worker-memory", "60KB"]) == 0
+    out = capsys.readouterr().out
+    assert "24 routed experts" in out and "top-3" in out
+    rows = [l.split() for l in out.splitlines() if l.startswith("    ")]
+    assert [r[0] for r in rows] == ["0", "1", "2"] and all(r[1] == "8" for r in rows)
+    # 8 experts per layer over 3 actors: 3/3/2 in some rotation, every actor in every layer
+    per_layer = [next(c for c in r if c.count("/") == 2) for r in rows]
+    assert sorted(sum(map(int, p.split("/"))) for p in per_layer) == [8, 8, 8]
+    assert all(set(p.split("/")) <= {"2", "3"} for p in per_layer)
+    assert "55.3 KB" in out  # resident: 3 slots of 18.4 KB fit in 60 KB; the rest is paged
+
+
+def test_cli_plan_refuses_with_minimum_and_exit_2(checkpoint, capsys):
+    from cluster.cli import main
+
+    path = checkpoint("mixtral", "e8_top3")
+    assert main(["plan", str(path), "--workers", "2", "--worker-memory", "10KB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "minimum per-actor memory is" in err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from cluster.cli import main
+
+    assert main(["plan", str(tmp_path / "missing"), "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("moeshard: error:") and err.count("\n") == 1
+    assert main(["bench"]) == 2
+    assert "benchmark" in capsys.readouterr().err
+
+
+def test_cli_help_documents_every_flag(capsys):
+    from cluster.cli import build_parser
+
+    parser = build_parser()
+    for cmd in ("plan", "generate"):
+        sub = parser._subparsers._group_actions[0].choices[cmd]
+        for action in sub._actions:
+            assert action.help, f"{cmd} {action.option_strings or action.dest} has no help"

@@ -1,0 +1,248 @@
+"""The `moeshard` command line: plan a placement, generate text, run the multi-host harness.
+
+Errors are one line on stderr and exit status 1 (2 for a plan that cannot fit and
+for commands this build does not have); `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+EXIT_ERROR, EXIT_REFUSED = 1, 2
+
+
+class Refused(Exception):
+    """The request is understood but cannot be honoured (exit status 2)."""
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+def _add_placement_args(p: argparse.ArgumentParser, *, workers_default: int | None) -> None:
+    p.add_argument("checkpoint", help="directory of a Hugging Face MoE checkpoint (config.json + *.safetensors)")
+    if workers_default is None:
+        p.add_argument("--workers", type=int, required=True, metavar="N",
+                       help="number of expert-shard actors to spread the routed experts over")
+    else:
+        p.add_argument("--workers", type=int, default=workers_default, metavar="N",
+                       help="number of Ray expert-shard actors; 0 (default) keeps every expert in this process")
+    p.add_argument("--worker-memory", default=None, metavar="SIZE",
+                   help="memory budget for routed-expert weights per actor, e.g. 2GB, 512MiB or bytes; experts "
+                        "beyond it are paged from the checkpoint files (default: no limit, all resident)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                   help="compute dtype; expert sizes are counted in it (default: float32)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
+                   help="Ray CPUs each actor asks for; also its torch thread count (default: 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="Ray GPUs each actor asks for; >0 runs its experts on CUDA (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of `moeshard` (every flag documented in --help)."""
+    parser = argparse.ArgumentParser(
+        prog="moeshard",
+        description="Run Mixture-of-Experts language models with the routed experts sharded over Ray actors "
+                    "and paged from disk.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks and debug logging instead of one-line errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plan = sub.add_parser("plan", help="show which actor would own which experts, and how much memory each needs",
+                          description="Print the placement of a checkpoint's routed experts over N actors: experts, "
+                                      "bytes, and the resident vs paged split per actor. Exits 2 if the plan cannot "
+                                      "fit the memory budget, saying the minimum. Needs no Ray.")
+    _add_placement_args(plan, workers_default=None)
+    plan.add_argument("--min-resident", type=int, default=None, metavar="K",
+                      help="experts each actor must be able to hold at once (default: the model's top-k)")
+    plan.set_defaults(func=cmd_plan)
+
+    gen = sub.add_parser("generate", help="generate tokens from a prompt, streaming them, then print run stats",
+                         description="Load the checkpoint (dense part here, routed experts in this process or on "
+                                     "--workers Ray actors), generate, stream the new tokens to stdout, then print "
+                                     "the per-actor stats table.")
+    _add_placement_args(gen, workers_default=0)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--ids", action="append", metavar="I,J,K",
+                        help="prompt as comma-separated token ids; repeat for a batch (left-padded)")
+    prompt.add_argument("--prompt", metavar="TEXT", help="prompt text (needs tokenizer.json in the checkpoint)")
+    gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default: 32)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                     help="join this Ray cluster (default: RAY_ADDRESS, else start a local Ray when --workers > 0)")
+    gen.add_argument("--call-timeout", type=float, default=60.0, metavar="S",
+                     help="seconds to wait for an actor's reply before failing (default: 60)")
+    gen.add_argument("--policy", choices=("lfu-decay", "lfu", "lru"), default="lfu-decay",
+                     help="which resident expert to evict when paging (default: lfu-decay)")
+    gen.add_argument("--no-stats", action="store_true", help="do not print the stats table after generating")
+    gen.add_argument("--heatmap", metavar="PNG", default=None,
+                     help="also write a PNG heatmap of expert activations per layer (needs matplotlib)")
+    gen.set_defaults(func=cmd_generate)
+
+    har = sub.add_parser("harness", help="start/stop a local multi-host test cluster (up, down, list)",
+                         description="Multi-host Ray cluster on one machine, for testing distribution.")
+    try:
+        from cluster.harness.cli import add_harness_arguments
+    except ImportError as e:  # the harness is optional
+        har.set_defaults(func=lambda args: _missing("harness", e))
+    else:
+        add_harness_arguments(har)
+        har.set_defaults(func=cmd_harness)
+
+    bench = sub.add_parser("bench", help="(not in this build) throughput/latency benchmarks",
+                           description="Not in this build: the benchmark suite comes with the benchmarking issue.")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def _missing(what: str, err: Exception) -> int:
+    raise Refused(f"`moeshard {what}` is not available in this installation ({err})")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the placement; refuse (exit 2) when it cannot fit."""
+    from cluster.errors import ClusterError
+    from cluster.placement import plan_placement
+    from coordinator.checkpoint import Checkpoint
+    from workers.units import parse_bytes
+
+    ckpt = Checkpoint.open(args.checkpoint)
+    specs = ckpt.expert_specs()
+    cfg = ckpt.config
+    min_resident = args.min_resident if args.min_resident is not None else cfg.top_k
+    try:
+        plan = plan_placement(specs, args.workers, dtype_bytes=DTYPE_BYTES[args.dtype],
+                              worker_memory=parse_bytes(args.worker_memory), min_resident=min_resident,
+                              num_cpus=args.cpus_per_worker, num_gpus=args.gpus_per_worker)
+    except ClusterError as e:
+        raise Refused(f"cannot place {len(specs)} experts on {args.workers} actor(s): {e}") from e
+    layers = sorted({s.layer for s in specs})
+    print(f"{ckpt.path}: {len(specs)} routed experts ({cfg.num_experts} per layer x {len(layers)} MoE layers, "
+          f"top-{cfg.top_k}), dtype {args.dtype}, min_resident {min_resident}")
+    for line in plan.table():
+        print(line)
+    return 0
+
+
+def _parse_ids(values: Sequence[str], pad_id: int):
+    """Comma-separated id lists -> left-padded ids [B, T] and attention mask [B, T]."""
+    import torch
+
+    rows = []
+    for v in values:
+        try:
+            rows.append([int(t) for t in v.replace(" ", "").split(",") if t != ""])
+        except ValueError:
+            raise ValueError(f"--ids {v!r}: expected comma-separated integers like 1,2,3") from None
+        if not rows[-1]:
+            raise ValueError("--ids needs at least one token id")
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate with `Coordinator`, streaming tokens to stdout, then print the stats table."""
+    from coordinator import Coordinator
+
+    backend: dict = {}
+    if args.workers > 0:
+        backend = dict(num_cpus_per_worker=args.cpus_per_worker, num_gpus_per_worker=args.gpus_per_worker,
+                       call_timeout_s=args.call_timeout)
+    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    with Coordinator.from_pretrained(args.checkpoint, num_workers=args.workers, worker_memory=args.worker_memory,
+                                     dtype=args.dtype, ray_address=args.ray_address, policy=args.policy,
+                                     **backend) as coord:
+        if args.prompt is not None:
+            coord.generate_text(args.prompt, max_new_tokens=args.max_new_tokens,
+                                on_text=lambda s: print(s, end="", flush=True), **sampling)
+            print()
+        else:
+            pad = coord.config.pad_token_id if getattr(coord.config, "pad_token_id", None) is not None else 0
+            ids, mask = _parse_ids(args.ids, pad)
+            single = ids.shape[0] == 1
+            stream = (lambda step: print(int(step[0]), end=" ", flush=True)) if single else None
+            out = coord.generate(ids, max_new_tokens=args.max_new_tokens, attention_mask=mask,
+                                 pad_token_id=pad, on_token=stream, **sampling)
+            if single:
+                print()
+            else:
+                for row in out[:, ids.shape[1]:].tolist():
+                    print(" ".join(map(str, row)))
+        if not args.no_stats:
+            _print_stats(coord.stats())
+        if args.heatmap:
+            from cluster.report import write_heatmap
+            if (path := write_heatmap(coord.expert_activations(), args.heatmap)) is not None:
+                print(f"heatmap written to {path}")
+    return 0
+
+
+def _print_stats(stats: dict) -> None:
+    from cluster.report import stats_report, table
+
+    print()
+    print(stats_report(stats))
+    layers = stats["experts"].get("layers")
+    if layers:
+        print()
+        print(table(["layer", "dispatches", "mean ms", "p50 ms", "max ms", "calls/actor"],
+                    [[l, d["dispatches"], 1e3 * d["latency_mean_s"], 1e3 * d["latency_p50_s"],
+                      1e3 * d["latency_max_s"], d["max_calls_per_actor"]] for l, d in layers.items()]))
+
+
+def cmd_harness(args: argparse.Namespace) -> int:
+    from cluster.harness.cli import run_harness_command
+
+    return run_harness_command(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    raise Refused("`moeshard bench` is not in this build: the benchmark suite arrives with the benchmarking issue")
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except Refused as e:
+        if args.debug:
+            raise
+        print(f"moeshard: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("moeshard: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line; --debug for the traceback
+        if args.debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if len(msg) > 600:
+            msg = msg[:600] + "... (--debug for the full message)"
+        print(f"moeshard: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
