@@ -21,8 +21,14 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from cluster.errors import ClusterError
+from workers.errors import BudgetError
 from workers.spec import ExpertKey, ExpertSpec
 from workers.units import format_bytes
+
+
+class PlacementBudgetError(ClusterError, BudgetError):
+    """The per-actor memory cannot hold the minimum working set. A ClusterError (the plan is
+    refused) and a BudgetError (the same refusal an in-process store gives for its budget)."""
 
 
 @dataclass(frozen=True)
@@ -158,10 +164,10 @@ def plan_placement(specs: Sequence[ExpertSpec], num_workers: int, *, dtype_bytes
     largest = max(sizes.values())
     needs = [min(min_resident, len(owned[i])) * max(sizes[k] for k in owned[i]) for i in range(num_workers)]
     if worker_memory is not None and worker_memory < max(needs):
-        raise ClusterError(
-            f"worker memory {format_bytes(worker_memory)} cannot hold min_resident={min_resident} of the "
-            f"largest experts ({format_bytes(largest)} each); the minimum per-actor memory is "
-            f"{format_bytes(max(needs))} ({max(needs)} bytes)")
+        raise PlacementBudgetError(
+            f"worker memory {format_bytes(worker_memory)} per actor cannot hold min_resident={min_resident} of "
+            f"the largest experts ({format_bytes(largest)} each); the minimum is {max(needs)} bytes "
+            f"({format_bytes(max(needs))}) per actor. Raise the worker memory or lower min_resident.")
 
     workers = []
     for i in range(num_workers):

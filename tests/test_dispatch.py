@@ -265,5 +265,5 @@ def test_unsatisfiable_resources_refused_up_front(ray_session, specs):
 
 
 def test_plan_that_cannot_fit_is_refused_before_ray(specs):
-    with pytest.raises(ClusterError, match="minimum per-actor memory"):
+    with pytest.raises(ClusterError, match=r"the minimum is \d+ bytes"):
         RemoteExperts(specs, num_workers=2, dtype="float32", worker_memory=100, min_resident=3)
