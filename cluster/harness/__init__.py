@@ -1,0 +1,25 @@
+"""Multi-node test harness: Ray "hosts" in network namespaces + cgroups on one machine.
+
+See :mod:`cluster.harness.cluster` for the layout and how auth works.
+"""
+from .cluster import (
+    HarnessError,
+    HarnessUnsupported,
+    Host,
+    LocalCluster,
+    down_all,
+    leftovers,
+    list_clusters,
+    parse_size,
+)
+
+__all__ = [
+    "HarnessError",
+    "HarnessUnsupported",
+    "Host",
+    "LocalCluster",
+    "down_all",
+    "leftovers",
+    "list_clusters",
+    "parse_size",
+]
