@@ -115,6 +115,7 @@ _VARIANT_DEFS: dict[str, dict[str, dict[str, Any]]] = {
             rope_parameters={"rope_theta": 500.0, "rope_type": "default"},
         ),
         "legacy": {"_legacy": True},
+        "sliding": dict(sliding_window=5),
     },
     "qwen2_moe": {
         "base": {},
@@ -124,6 +125,7 @@ _VARIANT_DEFS: dict[str, dict[str, dict[str, Any]]] = {
         "mlp_only": dict(num_hidden_layers=3, mlp_only_layers=[1]),         # layer 1 dense
         "tied": dict(tie_word_embeddings=True),
         "legacy": {"_legacy": True, "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}},
+        "sliding": dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=2),
     },
     "qwen3_moe": {
         "base": {},
