@@ -298,7 +298,7 @@ class RemoteExperts:
             experts, counts, spans = per.setdefault(a, ([], [], []))
             experts.append(e)
             counts.append(t - s)
-            spans.append(torch.arange(s, t))
+            spans.append(torch.arange(s, t, device=batch.token_idx.device))
         calls = []
         for a in sorted(per):
             experts, counts, spans = per[a]
