@@ -1,0 +1,526 @@
+"""A benchmark child process: loads one system, runs timed commands, answers in JSON.
+
+Started by `bench.common.Child`; reads one JSON command per line on stdin and writes
+one reply per command on stdout after the `@@BENCH ` marker. Commands:
+
+- load {system: moeshard|transformers|accelerate, path, ...options} (replaces what was loaded)
+- decode {batch, prompt_len, new_tokens, seed, sample}  -> tok/s over the decode steps only
+- prefill {batch, length, seed}                          -> tok/s of one prompt pass
+- stats, memory, breakdown_reset, dispatch_bench, ray_init, quit
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MARK = "@@BENCH "
+_THREADS = int(os.environ.get("MOESHARD_BENCH_THREADS", "0") or 0)
+if _THREADS:
+    torch.set_num_threads(_THREADS)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+
+def reply(obj: dict) -> None:
+    sys.stdout.write(MARK + json.dumps(obj, default=_default) + "\n")
+    sys.stdout.flush()
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)
+
+
+# ---- per-layer time breakdown of moeshard ------------------------------------------------------
+
+class Breakdown:
+    """Wall time of attention, routing, dispatch, expert compute and I/O stall, summed over a run.
+
+    Installed by wrapping the model's attention modules, the routers and the experts backend.
+    For remote experts, a layer's expert compute is the slowest actor's compute (the critical
+    path), its I/O stall that actor's stall, and dispatch the rest of the submit..wait time.
+    """
+
+    KEYS = ("attention", "routing", "dispatch", "expert_compute", "io_stall")
+
+    def __init__(self, coord: Any):
+        self.t = dict.fromkeys(self.KEYS, 0.0)
+        self.layers = 0
+        self._calls: list[tuple[float, float]] = []
+        model, experts = coord.model, coord.experts
+        for layer in model.layers:
+            self._wrap(layer.self_attn, "forward", "attention")
+            if getattr(layer, "is_moe", False):
+                self._wrap(layer.mlp, "route", "routing")
+        self._wrap_experts(experts)
+
+    def _wrap(self, obj: Any, attr: str, key: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.t[key] += time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+
+    def _wrap_experts(self, experts: Any) -> None:
+        submit, wait = experts.submit, experts.wait
+        shard = getattr(experts, "shard", None)
+        if shard is not None:       # LocalExperts: compute happens inside submit
+            compute = shard.compute
+
+            def timed_compute(*a, **kw):
+                s0, t0 = shard.store._stall, time.perf_counter()
+                try:
+                    return compute(*a, **kw)
+                finally:
+                    dt, st = time.perf_counter() - t0, shard.store._stall - s0
+                    self._calls.append((dt, st))
+
+            shard.compute = timed_compute
+        else:                       # RemoteExperts: the actors' reply headers carry compute/stall
+            rep = experts._reply
+
+            def timed_reply(*a, **kw):
+                header, out = rep(*a, **kw)
+                self._calls.append((float(header.get("compute_s", 0.0)), float(header.get("stall_s", 0.0))))
+                return header, out
+
+            experts._reply = timed_reply
+
+        state: dict[str, float] = {}
+
+        def timed_submit(*a, **kw):
+            self._calls.clear()
+            state["t0"] = time.perf_counter()
+            return submit(*a, **kw)
+
+        def timed_wait(p):
+            try:
+                return wait(p)
+            finally:
+                wall = time.perf_counter() - state.pop("t0", time.perf_counter())
+                comp, stall = max(self._calls, default=(0.0, 0.0))
+                comp = min(comp, wall)
+                stall = min(stall, comp)
+                self.t["expert_compute"] += comp - stall
+                self.t["io_stall"] += stall
+                self.t["dispatch"] += wall - comp
+                self.layers += 1
+
+        experts.submit, experts.wait = timed_submit, timed_wait
+
+    def reset(self) -> None:
+        self.t = dict.fromkeys(self.KEYS, 0.0)
+        self.layers = 0
+
+    def snapshot(self) -> dict:
+        return {"seconds": dict(self.t), "moe_layer_calls": self.layers}
+
+
+# ---- the loaded system --------------------------------------------------------------------------
+
+class State:
+    system: str | None = None
+    obj: Any = None           # Coordinator or transformers model
+    breakdown: Breakdown | None = None
+    opts: dict = {}
+    vocab: int = 0
+
+
+S = State()
+
+
+def _rss_tree(pid: int | None = None) -> dict:
+    import psutil
+
+    p = psutil.Process(pid or os.getpid())
+    out = {"pid": p.pid, "rss": p.memory_info().rss}
+    try:
+        full = p.memory_full_info()
+        out["uss"], out["pss"] = full.uss, getattr(full, "pss", None)
+    except Exception:
+        pass
+    try:
+        with open(f"/proc/{p.pid}/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon", "RssFile", "RssShmem", "VmHWM")):
+                    k, v = line.split(":")
+                    out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def op_ray_init(num_cpus: int = 2, object_store_memory: int | None = None, address: str | None = None,
+                init_kwargs: dict | None = None, env: dict | None = None, **_: Any) -> dict:
+    import logging
+
+    import ray
+
+    os.environ.update(env or {})
+    if ray.is_initialized():
+        ray.shutdown()
+    if init_kwargs:
+        ray.init(**init_kwargs, logging_level=logging.WARNING)
+    else:
+        kw: dict[str, Any] = dict(address=address or "local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False,
+                                  logging_level=logging.WARNING)
+        if object_store_memory:
+            kw["object_store_memory"] = int(object_store_memory)
+        ray.init(**kw)
+    return {"resources": ray.cluster_resources()}
+
+
+def _close() -> None:
+    if S.obj is not None:
+        if S.system == "moeshard":
+            S.obj.close()
+        S.obj = None
+        S.breakdown = None
+        gc.collect()
+
+
+def op_load(system: str, path: str, **o: Any) -> dict:
+    _close()
+    t0 = time.perf_counter()
+    S.system, S.opts = system, {**o, "path": path}
+    if o.get("threads"):
+        torch.set_num_threads(int(o["threads"]))
+    if system == "moeshard":
+        from coordinator import Coordinator
+
+        kw = dict(num_workers=o.get("num_workers", 0), worker_memory=o.get("worker_memory"),
+                  prefetch_depth=o.get("prefetch_depth", 1), prefetch_extra=o.get("prefetch_extra", 0),
+                  policy=o.get("policy", "lfu-decay"), dtype=o.get("dtype", "float32"))
+        for k in ("num_cpus_per_worker", "resources", "call_timeout_s"):
+            if o.get(k) is not None:
+                kw[k] = o[k]
+        if o.get("num_workers", 0) and o.get("ray"):
+            op_ray_init(**o["ray"])
+        S.obj = Coordinator.from_pretrained(path, **kw)
+        S.vocab = S.obj.config.vocab_size
+        if o.get("instrument", True):
+            S.breakdown = Breakdown(S.obj)
+        if o.get("pin_all"):
+            _warm_all(S.obj)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kw = dict(dtype=getattr(torch, o.get("dtype", "float32")))
+        if system == "accelerate":
+            kw.update(device_map="auto", max_memory={"cpu": int(o["max_memory"])},
+                      offload_folder=o["offload_folder"])
+        S.obj = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+        S.vocab = S.obj.config.vocab_size
+        dm = getattr(S.obj, "hf_device_map", None)
+        if dm:
+            placed: dict[str, int] = {}
+            for mod, dev in dm.items():
+                placed[str(dev)] = placed.get(str(dev), 0) + 1
+            gc.collect()
+            return {"load_s": time.perf_counter() - t0, "memory": _rss_tree(), "device_map_counts": placed,
+                    "device_map": {k: str(v) for k, v in list(dm.items())[:200]}}
+    gc.collect()
+    return {"load_s": time.perf_counter() - t0, "memory": _rss_tree()}
+
+
+def _warm_all(coord: Any) -> None:
+    """Touch every routed expert once (a prefill that routes to all of them), so in-memory runs are warm."""
+    cfg = coord.config
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, cfg.vocab_size, (1, 8 * cfg.num_experts), generator=g)
+    coord.generate(ids, max_new_tokens=1)
+
+
+def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, S.vocab, (batch, length), generator=g)
+
+
+class _Stamp:
+    """transformers streamer: records when each generated token arrives (first put() is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._first = True
+
+    def put(self, value: Any) -> None:
+        if self._first:
+            self._first = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _generate(ids: torch.Tensor, new_tokens: int, sample: bool, seed: int, prompt_ids: list[int] | None = None
+              ) -> tuple[list[float], torch.Tensor]:
+    """Run generation; return token arrival times and the output."""
+    if S.system == "moeshard":
+        times: list[float] = []
+        out = S.obj.generate(ids, max_new_tokens=new_tokens, do_sample=sample, temperature=1.0, seed=seed,
+                             on_token=lambda _t: times.append(time.perf_counter()))
+        return times, out
+    st = _Stamp()
+    torch.manual_seed(seed)
+    kw: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                              streamer=st, attention_mask=torch.ones_like(ids))
+    if sample:
+        kw.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    else:
+        kw.update(do_sample=False)
+    with torch.inference_mode():
+        out = S.obj.generate(ids, **kw)
+    return st.times, out
+
+
+def _expert_counters() -> dict:
+    """moeshard cache counters summed over expert holders (hits, misses, bytes read, stall)."""
+    if S.system != "moeshard":
+        return {}
+    st = S.obj.experts.stats()
+    keys = ("hits", "misses", "bytes_read", "bytes_prefetched", "prefetch_issued", "prefetch_used",
+            "prefetch_wasted", "prefetch_dropped", "evictions", "stall_seconds", "loads")
+    if hasattr(S.obj.experts, "reports"):   # RemoteExperts: fetch raw reports
+        reps = S.obj.experts.reports()
+        return {k: sum(r.get(k, 0) for r in reps) for k in keys}
+    return {k: st.get(k, 0) for k in keys}
+
+
+def _diff(a: dict, b: dict) -> dict:
+    return {k: b[k] - a.get(k, 0) for k in b}
+
+
+def _prompt(batch: int, prompt_len: int, seed: int, text: str | None) -> torch.Tensor:
+    """Random token ids, or `text` through the checkpoint's tokenizer (cut/repeated to prompt_len)."""
+    if text is None:
+        return _ids(batch, prompt_len, seed)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(S.opts["path"]) / "tokenizer.json"))
+    ids = tok.encode(text).ids
+    ids = (ids * (prompt_len // max(1, len(ids)) + 1))[:prompt_len]
+    return torch.tensor([ids] * batch)
+
+
+def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: int = 0, sample: bool = True,
+              text: str | None = None, **_: Any) -> dict:
+    ids = _prompt(batch, prompt_len, seed, text)
+    c0 = _expert_counters()
+    p0 = S.obj.stats()["prefetch"] if S.system == "moeshard" else None
+    if S.breakdown:
+        S.breakdown.reset()
+    t0 = time.perf_counter()
+    times, out = _generate(ids, new_tokens, sample, seed)
+    total = time.perf_counter() - t0
+    if len(times) < 2:
+        raise RuntimeError(f"only {len(times)} tokens arrived")
+    decode_s = times[-1] - times[0]
+    steps = len(times) - 1
+    res = {"tok_s": batch * steps / decode_s, "decode_s": decode_s, "steps": steps, "batch": batch,
+           "total_s": total, "prefill_s": times[0] - t0,
+           "step_s": [b - a for a, b in zip(times, times[1:])]}
+    if S.system == "moeshard":
+        res["experts"] = _diff(c0, _expert_counters())
+        # the breakdown covers prefill too; scale it to decode steps using the per-call ratio
+        if S.breakdown:
+            res["breakdown"] = S.breakdown.snapshot()
+        res["prefetch_total"] = S.obj.stats()["prefetch"]
+        res["prefetch_before"] = p0
+        res["distinct_tokens"] = int(torch.unique(out[:, prompt_len:]).numel())
+    return res
+
+
+def op_prefill(batch: int = 1, length: int = 512, seed: int = 0, **_: Any) -> dict:
+    ids = _ids(batch, length, seed)
+    c0 = _expert_counters()
+    t0 = time.perf_counter()
+    _generate(ids, 1, False, seed)
+    dt = time.perf_counter() - t0
+    res = {"tok_s": batch * length / dt, "seconds": dt, "tokens": batch * length}
+    if S.system == "moeshard":
+        res["experts"] = _diff(c0, _expert_counters())
+    return res
+
+
+def op_breakdown_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 8, seed: int = 0,
+                        sample: bool = True, **_: Any) -> dict:
+    """Per-layer breakdown of decode steps only: prefill with 1 token, reset, then decode."""
+    ids = _ids(batch, prompt_len, seed)
+    if S.system != "moeshard" or S.breakdown is None:
+        raise RuntimeError("breakdown needs a moeshard system loaded with instrument=True")
+    marks: list[float] = []
+    snap: dict = {}
+
+    def on_token(_t: torch.Tensor) -> None:
+        marks.append(time.perf_counter())
+        if len(marks) == 1:
+            S.breakdown.reset()   # from here on only decode steps count
+
+    S.obj.generate(ids, max_new_tokens=new_tokens, do_sample=sample, temperature=1.0, seed=seed, on_token=on_token)
+    snap = S.breakdown.snapshot()
+    steps = len(marks) - 1
+    wall = marks[-1] - marks[0]
+    # the last on_token fires before the loop ends: the breakdown timed `steps` forwards exactly
+    return {"steps": steps, "wall_s": wall, "per_step_s": {k: v / steps for k, v in snap["seconds"].items()},
+            "step_s": wall / steps, "moe_layer_calls": snap["moe_layer_calls"],
+            "num_layers": S.obj.config.num_layers}
+
+
+def op_stats(**_: Any) -> dict:
+    if S.system != "moeshard":
+        return {}
+    st = S.obj.stats()
+    st["counters"] = _expert_counters()
+    return st
+
+
+def op_memory(**_: Any) -> dict:
+    out = {"self": _rss_tree()}
+    import psutil
+
+    kids = []
+    for c in psutil.Process().children(recursive=True):
+        try:
+            kids.append({"name": c.name(), **_rss_tree(c.pid)})
+        except Exception:
+            pass
+    out["children"] = kids
+    if S.system == "moeshard" and hasattr(S.obj.experts, "_nodes"):
+        actors = []
+        for n, rep in zip(S.obj.experts._nodes, S.obj.experts.reports()):
+            try:
+                actors.append({**_rss_tree(n["pid"]), "bytes_resident": rep.get("bytes_resident"),
+                               "budget_bytes": rep.get("budget_bytes"), "slots": rep.get("slots"),
+                               "slot_bytes": rep.get("slot_bytes"), "slots_allocated": rep.get("slots_allocated")})
+            except Exception as e:  # actor on another host/namespace: pid not visible
+                actors.append({"pid": n["pid"], "error": str(e), "bytes_resident": rep.get("bytes_resident")})
+        out["actors"] = actors
+    elif S.system == "moeshard":
+        rep = S.obj.experts.stats()
+        out["local_store"] = {k: rep.get(k) for k in ("bytes_resident", "budget_bytes", "slots", "slot_bytes",
+                                                       "slots_allocated")}
+    return out
+
+
+def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int = 4, **_: Any) -> dict:
+    """Per-layer round trip with 2 actors and trivial expert work, plus peers (see scenario 4).
+
+    Peers, interleaved in blocks (A B C D A B C D ...): moeshard's RemoteExperts with rows
+    for both actors and for one; LocalExperts (no dispatch); a plain Ray call that echoes
+    the same wire message on two actors; and the same echo as a Ray Compiled Graph.
+    """
+    import ray
+
+    from cluster.dispatch import RemoteExperts
+    from coordinator.checkpoint import Checkpoint
+    from coordinator.experts import LocalExperts
+    from workers import wire
+
+    specs = Checkpoint.open(path).expert_specs()
+    H = specs[0].gate.shape[1]
+    layer = specs[0].layer
+    remote = RemoteExperts(specs, num_workers=2, dtype="float32", num_cpus_per_worker=1)
+    local = LocalExperts(specs, dtype="float32")
+    owners = remote.plan.owners()
+    mine = {a: [e for (l, e), o in sorted(owners.items()) if l == layer and o == a] for a in (0, 1)}
+    x = torch.randn(1, H)
+    w = torch.tensor([[0.6, 0.4]])
+    ids_two = torch.tensor([[mine[0][0], mine[1][0]]])
+    ids_one = torch.tensor([[mine[0][0], mine[0][1]]])
+    msg = wire.encode({"op": "run_layer", "layer": layer, "experts": [mine[0][0]], "counts": [1]}, {"rows": x})
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def run(self, m: bytes) -> bytes:
+            return m
+
+    echoes = [Echo.remote(), Echo.remote()]
+    ray.get([e.run.remote(msg) for e in echoes])
+    peers = {
+        "moeshard_remote_2actors": lambda: remote.wait(remote.submit(layer, x, w, ids_two)),
+        "moeshard_remote_1actor": lambda: remote.wait(remote.submit(layer, x, w, ids_one)),
+        "moeshard_local": lambda: local.wait(local.submit(layer, x, w, ids_two)),
+        "ray_call_2actors_echo": lambda: ray.get([echoes[0].run.remote(msg), echoes[1].run.remote(msg)]),
+    }
+    cg, cg_error = None, None
+    try:
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as inp:
+            dag = MultiOutputNode([echoes[0].run.bind(inp), echoes[1].run.bind(inp)])
+        cg = dag.experimental_compile()
+        ray.get(cg.execute(msg))
+        peers["ray_compiled_graph_2actors_echo"] = lambda: ray.get(cg.execute(msg))
+    except Exception as e:  # unsupported here: report why
+        cg_error = f"{type(e).__name__}: {e}"[:500]
+    res: dict[str, list[float]] = {n: [] for n in peers}
+    per_block = max(1, iters // blocks)
+    for _ in range(blocks):
+        for name, fn in peers.items():
+            for _ in range(max(1, warmup // blocks)):
+                fn()
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                fn()
+                res[name].append(time.perf_counter() - t0)
+    if cg is not None:
+        try:
+            cg.teardown()
+        except Exception:
+            pass
+    for e in echoes:
+        ray.kill(e)
+    remote.close()
+    local.close()
+    return {"latencies_s": res, "hidden": H, "experts": {"two": ids_two.tolist(), "one": ids_one.tolist()},
+            "compiled_graph_error": cg_error}
+
+
+OPS = {"load": op_load, "decode": op_decode, "prefill": op_prefill, "stats": op_stats, "memory": op_memory,
+       "breakdown_decode": op_breakdown_decode, "dispatch_bench": op_dispatch_bench, "ray_init": op_ray_init}
+
+
+def main() -> int:
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        cmd = json.loads(line)
+        op = cmd.pop("op")
+        if op == "quit":
+            break
+        try:
+            reply(OPS[op](**cmd))
+        except BaseException as e:  # report, keep serving
+            reply({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+    try:
+        _close()
+    except Exception:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

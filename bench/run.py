@@ -1,0 +1,159 @@
+"""`moeshard bench` / `python -m bench.run`: run benchmark scenarios, save and render results.
+
+    python -m bench.run --scenario 1            # one scenario
+    python -m bench.run --scenario all --quick  # everything, fewer tokens and rounds
+    python -m bench.run --scenario 4 --tiny     # the tiny checkpoint (smoke test of the bench code)
+
+Scenarios: 1 in memory, 2 out of core in a 3 GB cgroup, 3 out of core on two harness hosts,
+4 dispatch overhead, 5 cache and prefetch, 6 memory. Scenarios 2 and 3 need root (memory
+cgroups, drop_caches, network namespaces); without it they report "unavailable".
+
+Results: bench/results/<date>-<machine>.json (merged scenario by scenario), a markdown
+table next to it (.md) and PNG plots (<stem>-tok_s_vs_budget.png, <stem>-breakdown.png).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import make_checkpoint as mk
+from . import results as R
+from .common import RESULTS_DIR, env_info, machine_name
+from .plots import write_plots
+from .scenarios import SCENARIOS, STEPS, Ctx, Params, run_scenario
+
+
+def _size(v: str) -> int:
+    from workers.units import parse_bytes
+    return int(parse_bytes(v))
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `bench` subcommand's options (the CLI wires this in; `python -m bench.run` uses it too)."""
+    parser.add_argument("--scenario", "-s", default="all",
+                        help="scenario number 1-6, a comma list (1,4), or 'all' (default)")
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds (each scenario a few minutes)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="use the tiny checkpoint: a smoke test of the bench code, figures meaningless")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="benchmark this checkpoint instead of the generated mix8x32 (written on demand into "
+                             f"{mk.CACHE_DIR})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every system (default: all cores of this machine)")
+    parser.add_argument("--workers", default="0,2", help="scenario 1: moeshard worker counts (default 0,2)")
+    parser.add_argument("--ooc-workers", default="2,0", help="scenario 2: moeshard worker counts (default 2,0)")
+    parser.add_argument("--ooc-memory", type=_size, default=3 * 10**9,
+                        help="scenario 2: memory cgroup limit per system (default 3GB)")
+    parser.add_argument("--host-memory", type=_size, default=3 * 10**9,
+                        help="scenario 3: memory per harness host (default 3GB)")
+    parser.add_argument("--out", type=Path, default=None, help=f"results directory (default {RESULTS_DIR})")
+    parser.add_argument("--machine", default=None, help="machine name in the results file name (default hostname)")
+    parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _scenarios(spec: str) -> list[int]:
+    if spec in ("all", "*"):
+        return sorted(SCENARIOS)
+    out = []
+    for part in str(spec).split(","):
+        n = int(part)
+        if n not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {n}; choose from {sorted(SCENARIOS)} or 'all'")
+        out.append(n)
+    return out
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in str(s).split(",") if x.strip() != "")
+
+
+def run_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Run the scenarios `args` asks for; 0 if all ran (targets may still be missed), 1 on errors."""
+    if args.machine:
+        os.environ["MOESHARD_BENCH_MACHINE"] = args.machine
+    chosen = _scenarios(args.scenario)
+    if args.checkpoint is not None:
+        ckpt = args.checkpoint
+        if not (ckpt / mk.MANIFEST).is_file():
+            print(f"{ckpt} has no {mk.MANIFEST}: the bench needs a checkpoint written by bench.make_checkpoint",
+                  file=sys.stderr)
+            return 2
+    else:
+        preset = "tiny" if args.tiny else "mix8x32"
+        if not mk.is_complete(mk.CACHE_DIR / preset, preset):
+            print(f"writing the {preset} checkpoint into {mk.CACHE_DIR / preset} (once)", file=sys.stderr)
+        ckpt = mk.make_checkpoint(None, preset, progress=not args.no_progress)
+    threads = args.threads or os.cpu_count() or 1
+    out_dir = Path(args.out or RESULTS_DIR)
+    env = env_info()
+    path = R.results_path(out_dir, machine=args.machine)
+    doc = R.load(path)
+    prog = "moeshard" if Path(sys.argv[0]).name == "moeshard" and argv is None else "python -m bench.run"
+    command = prog + " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if os.geteuid() != 0:
+        print("note: not root: scenarios 2 and 3 (memory cgroups, drop_caches, namespaces) will be unavailable",
+              file=sys.stderr)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(STEPS[n] for n in chosen), desc="bench", unit="step", file=sys.stderr,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+
+    def progress(msg: str) -> None:
+        if bar is not None:
+            if bar.n < bar.total:
+                bar.update(1)
+            bar.set_postfix_str(msg[:70])
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    rc = 0
+    for n in chosen:
+        ctx = Ctx(ckpt=ckpt, params=Params.for_mode(args.quick, args.tiny), threads=threads, quick=args.quick,
+                  tiny=args.tiny, workers=_ints(args.workers), ooc_memory=args.ooc_memory,
+                  ooc_workers=_ints(args.ooc_workers), host_memory=args.host_memory, doc=doc, progress=progress,
+                  log_dir=out_dir / ".logs")
+        progress(f"scenario {n}: {SCENARIOS[n][0]}")
+        res = run_scenario(n, ctx)
+        res["command"] = command
+        doc = R.update(path, env, str(n), res, command)
+        _print_scenario(n, res, bar)
+        if res["status"] == "error":
+            rc = 1
+    if bar is not None:
+        bar.close()
+    pngs = [] if args.no_plots else write_plots(doc, path)
+    md = R.write_markdown(doc, path)
+    print(f"\nresults: {path}\ntable:   {md}" + "".join(f"\nplot:    {p}" for p in pngs))
+    return rc
+
+
+def _print_scenario(n: int, res: dict, bar) -> None:
+    doc = {"scenarios": {str(n): res}}
+    text = f"\nscenario {n}: {res['title']} ({res['status']}, {res['seconds']:.0f} s)\n" + R.markdown_table(doc, title=False)
+    if res.get("reason"):
+        text += f"reason: {res['reason'][:2000]}\n"
+    if bar is not None:
+        bar.write(text)
+    else:
+        print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    add_bench_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_bench(args, argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
