@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import Sequence
 
+from cluster.gen_common import add_sampling_arguments, sampling_kwargs
+
 log = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -71,11 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--ids", action="append", metavar="I,J,K",
                         help="prompt as comma-separated token ids; repeat for a batch (left-padded)")
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text (needs tokenizer.json in the checkpoint)")
-    gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default: 32)")
-    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    add_sampling_arguments(gen)
     gen.add_argument("--ray-address", default=None, metavar="HOST:PORT",
                      help="join this Ray cluster (default: RAY_ADDRESS, else start a local Ray when --workers > 0)")
     gen.add_argument("--call-timeout", type=float, default=60.0, metavar="S",
@@ -137,23 +135,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _parse_ids(values: Sequence[str], pad_id: int):
     """Comma-separated id lists -> left-padded ids [B, T] and attention mask [B, T]."""
-    import torch
+    from cluster.gen_common import parse_ids
 
-    rows = []
-    for v in values:
-        try:
-            rows.append([int(t) for t in v.replace(" ", "").split(",") if t != ""])
-        except ValueError:
-            raise ValueError(f"--ids {v!r}: expected comma-separated integers like 1,2,3") from None
-        if not rows[-1]:
-            raise ValueError("--ids needs at least one token id")
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r)
-        mask[i, T - len(r):] = 1
-    return ids, mask
+    return parse_ids(values, pad_id)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -164,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.workers > 0:
         backend = dict(num_cpus_per_worker=args.cpus_per_worker, num_gpus_per_worker=args.gpus_per_worker,
                        call_timeout_s=args.call_timeout)
-    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    sampling = sampling_kwargs(args)
     with Coordinator.from_pretrained(args.checkpoint, num_workers=args.workers, worker_memory=args.worker_memory,
                                      dtype=args.dtype, ray_address=args.ray_address, policy=args.policy,
                                      **backend) as coord:
@@ -194,16 +178,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _print_stats(stats: dict) -> None:
-    from cluster.report import stats_report, table
+    from cluster.gen_common import print_stats
 
-    print()
-    print(stats_report(stats))
-    layers = stats["experts"].get("layers")
-    if layers:
-        print()
-        print(table(["layer", "dispatches", "mean ms", "p50 ms", "max ms", "calls/actor"],
-                    [[l, d["dispatches"], 1e3 * d["latency_mean_s"], 1e3 * d["latency_p50_s"],
-                      1e3 * d["latency_max_s"], d["max_calls_per_actor"]] for l, d in layers.items()]))
+    print_stats(stats)
 
 
 def cmd_harness(args: argparse.Namespace) -> int:

@@ -1,0 +1,472 @@
+"""`python -m cluster.job`: the Ray job entry point.
+
+    ray job submit --working-dir . -- python -m cluster.job --model /models/m --workers 2 \\
+        --worker-memory 2GB --prompt "The for statement"
+
+Connects to the cluster the job runs in (`ray.init(address="auto")`, which reads the RAY_ADDRESS
+the job supervisor sets), places the expert-shard actors one per node where it can, generates
+for every prompt as one left-padded batch, prints `prompt -> completion` per prompt and the
+per-actor stats table, and exits 0.
+
+Placement: the candidate nodes are the alive nodes that can hold one actor (its CPUs and GPUs);
+when some node advertises the custom resource `expert_shard` (ray_config.yaml does), only those.
+Actors are dealt to the node with the fewest actors so far, nodes other than the driver's first,
+and pinned there with Ray's built-in `node:<ip>` resource (`--placement spread` leaves it to
+Ray's SPREAD strategy instead). The checkpoint must be at the same absolute path on every node:
+actors page experts from the files themselves.
+
+Every failure is one line on stderr and an exit status:
+
+    0  success
+    1  any other error (no Ray cluster to connect to, bad prompts, an expert raising, ...)
+    2  no usable model: the checkpoint is missing or unreadable, or text prompts without
+       tokenizer.json (also argparse usage errors, by argparse's convention)
+    3  the cluster is too small for the plan: no node, or not enough nodes/CPUs/GPUs/memory, or
+       the worker memory cannot hold the minimum working set
+    4  an expert actor was lost (died, unreachable or timed out) and `--retries` fresh
+       placements did not help
+
+`add_job_arguments(parser)` and `run_job(args)` let the `moeshard` CLI offer this as `moeshard job`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from cluster.gen_common import add_sampling_arguments, left_pad, pad_token_id, parse_id_lists, sampling_kwargs
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_NO_MODEL, EXIT_TOO_SMALL, EXIT_ACTOR_LOST = 0, 1, 2, 3, 4
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+PROG = "moeshard job"
+
+
+class JobFailure(Exception):
+    """A failure with its exit status (see the module docstring)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The job's flags, on `p` (a parser or a `moeshard job` sub-parser); run them with `run_job`."""
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="checkpoint directory (config.json + *.safetensors); the same absolute path must exist on "
+                        "every node, since actors page experts from the files")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="expert-shard actors (default: one per node that can hold one)")
+    p.add_argument("--worker-memory", default=None, metavar="SIZE",
+                   help="resident expert bytes per actor, e.g. 2GB or 512MiB; experts beyond it are paged from "
+                        "the checkpoint files (default: no limit, all resident)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (default: float32)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
+                   help="Ray CPUs each actor asks for; also its torch thread count (default: 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="Ray GPUs each actor asks for; >0 runs its experts on CUDA (default: 0)")
+    p.add_argument("--placement", choices=("nodes", "spread"), default="nodes",
+                   help="nodes: pin actors to nodes with node:<ip> resources, one per node where possible "
+                        "(default); spread: let Ray's SPREAD strategy choose")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="prompt text (needs tokenizer.json in the checkpoint); repeat for a batch")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="file with one text prompt per line (blank lines skipped); added after --prompt")
+    p.add_argument("--ids", action="append", default=[], metavar="I,J,K",
+                   help="prompt as comma-separated token ids; repeat for a batch (not with text prompts)")
+    add_sampling_arguments(p)
+    p.add_argument("--call-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for an actor's reply before counting it lost (default: 60)")
+    p.add_argument("--ready-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for the actors to start (default: 120)")
+    p.add_argument("--retries", type=int, default=1, metavar="R",
+                   help="after losing an actor, place fresh actors on the nodes still alive and regenerate, up "
+                        "to R times (default: 1); then exit 4")
+    p.add_argument("--wait-for-nodes", type=float, default=0.0, metavar="S",
+                   help="wait up to S seconds for one node per actor to join, e.g. while `ray up` workers boot "
+                        "(default: 0, use the nodes there now)")
+    p.add_argument("--policy", choices=("lfu-decay", "lfu", "lru"), default="lfu-decay",
+                   help="which resident expert to evict when paging (default: lfu-decay)")
+    p.add_argument("--ray-address", default="auto", metavar="ADDR",
+                   help="Ray cluster to join (default: auto = RAY_ADDRESS, which `ray job submit` sets, else the "
+                        "cluster `ray start` recorded on this machine)")
+    p.add_argument("--no-stats", action="store_true", help="do not print the stats table")
+    p.add_argument("--heatmap", metavar="PNG", default=None,
+                   help="also write a PNG heatmap of expert activations per layer (needs matplotlib)")
+    p.add_argument("--debug", action="store_true",
+                   help="tracebacks instead of one-line errors; forward actor logs to this driver")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + error; keep it to one line
+        self.exit(EXIT_NO_MODEL, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+def build_parser(prog: str = "python -m cluster.job") -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog=prog, description="Run an MoE model on the Ray cluster this job runs in: expert actors one per node, "
+                               "generate for the prompts, print completions and the stats table.")
+    add_job_arguments(parser)
+    return parser
+
+
+# ---- prompts -----------------------------------------------------------------------------------
+
+def read_prompts(args: argparse.Namespace) -> tuple[str, list]:
+    """("text", [str, ...]) or ("ids", [[int, ...], ...]) from --prompt/--prompts-file/--ids."""
+    texts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise JobFailure(EXIT_ERROR, f"cannot read --prompts-file {args.prompts_file}: {e.strerror or e}") from None
+        texts += [line for line in lines if line.strip()]
+        if not texts:
+            raise JobFailure(EXIT_ERROR, f"--prompts-file {args.prompts_file} has no prompts")
+    if texts and args.ids:
+        raise JobFailure(EXIT_ERROR, "give text prompts (--prompt/--prompts-file) or --ids, not both")
+    if texts:
+        return "text", texts
+    if args.ids:
+        try:
+            return "ids", parse_id_lists(args.ids)
+        except ValueError as e:
+            raise JobFailure(EXIT_ERROR, str(e)) from None
+    raise JobFailure(EXIT_ERROR, "nothing to generate: give --prompt TEXT, --prompts-file FILE or --ids I,J,K")
+
+
+# ---- cluster -----------------------------------------------------------------------------------
+
+@dataclass
+class NodeSlot:
+    """One machine (all Ray nodes sharing an IP) that can host expert actors."""
+
+    ip: str
+    cpus: float
+    gpus: float
+    memory: float                 # Ray's `memory` resource, bytes (0 = unknown)
+    node_ids: list[str] = field(default_factory=list)
+    driver: bool = False          # the job's driver (the coordinator) runs here
+    suspect: bool = False         # an actor was lost here; use it last
+
+    def capacity(self, cpus: float, gpus: float) -> int:
+        """How many actors asking `cpus`/`gpus` fit."""
+        fits = [math.floor(self.cpus / cpus + 1e-9) if cpus > 0 else math.inf,
+                math.floor(self.gpus / gpus + 1e-9) if gpus > 0 else math.inf]
+        n = min(fits)
+        return 1_000_000 if n == math.inf else int(n)
+
+    def describe(self) -> str:
+        mem = f", {self.memory / 1e9:.1f} GB memory" if self.memory else ""
+        return f"{self.ip} ({self.cpus:g} CPUs, {self.gpus:g} GPUs{mem})"
+
+
+def connect(address: str, *, debug: bool = False) -> bool:
+    """`ray.init(address=...)`, failing fast with ClusterError when nothing is there.
+
+    Returns True if this call connected (the caller then shuts Ray down), False if this
+    process was already connected.
+    """
+    import ray
+
+    from cluster.dispatch import _probe, _resolve_auto
+    from cluster.errors import ClusterError
+
+    if ray.is_initialized():
+        return False
+    target = address
+    if address == "auto":
+        target = _resolve_auto()
+        if target is None:
+            raise ClusterError("no Ray cluster found: RAY_ADDRESS is not set and no running cluster was found on "
+                               "this machine; submit with `ray job submit`, or start one (`ray start --head`, "
+                               "`ray up ray_config.yaml`)")
+    _probe(target)  # a few seconds, where ray.init would retry for minutes
+    try:
+        ray.init(address=address, logging_level=logging.DEBUG if debug else logging.WARNING, log_to_driver=debug)
+    except Exception as e:
+        raise ClusterError(f"cannot connect to the Ray cluster at {target}: {e}") from e
+    return True
+
+
+def cluster_nodes(cpus: float, gpus: float, suspects: set[str] = frozenset()) -> tuple[list[NodeSlot], list[str]]:
+    """(nodes that can hold one actor, descriptions of the alive nodes that cannot)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    role = any(n["Resources"].get("expert_shard", 0) > 0 for n in alive)
+    try:
+        driver_node = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - not connected as a driver
+        driver_node = None
+    by_ip: dict[str, NodeSlot] = {}
+    for n in alive:
+        res = n["Resources"]
+        if role and res.get("expert_shard", 0) <= 0:
+            continue
+        ip = n["NodeManagerAddress"]
+        slot = by_ip.setdefault(ip, NodeSlot(ip, 0.0, 0.0, 0.0, suspect=ip in suspects))
+        slot.cpus += res.get("CPU", 0.0)
+        slot.gpus += res.get("GPU", 0.0)
+        slot.memory += res.get("memory", 0.0)
+        slot.node_ids.append(n["NodeID"])
+        slot.driver = slot.driver or n["NodeID"] == driver_node
+    usable = [s for s in by_ip.values() if s.capacity(cpus, gpus) >= 1]
+    others = [s.describe() for s in by_ip.values() if s.capacity(cpus, gpus) < 1]
+    usable.sort(key=lambda s: (s.suspect, s.driver, s.ip))
+    return usable, others
+
+
+def wait_for_nodes(want: int | None, timeout: float, cpus: float, gpus: float,
+                   suspects: set[str] = frozenset()) -> tuple[list[NodeSlot], list[str]]:
+    """`cluster_nodes`; with `want`, wait up to `timeout` s for that many usable nodes (then take what is there)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes, refused = cluster_nodes(cpus, gpus, suspects)
+        if want is None or len(nodes) >= want or time.monotonic() >= deadline:
+            return nodes, refused
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def assign_nodes(nodes: Sequence[NodeSlot], resident: Sequence[int], cpus: float, gpus: float,
+                 refused: Sequence[str] = ()) -> list[str]:
+    """The IP each actor goes to: fewest actors first, then node order; raises JobFailure(3) when they do not fit.
+
+    `resident[i]` is actor i's resident expert bytes, checked against each node's `memory` resource.
+    """
+    count = {n.ip: 0 for n in nodes}
+    mem = {n.ip: 0 for n in nodes}
+    out = []
+    for i, need in enumerate(resident):
+        fits = [n for n in nodes if count[n.ip] < n.capacity(cpus, gpus)
+                and (not n.memory or mem[n.ip] + need <= n.memory)]
+        if not fits:
+            have = "; ".join(n.describe() for n in nodes) or "none"
+            extra = f"; alive nodes that cannot hold one: {'; '.join(refused)}" if refused else ""
+            raise JobFailure(EXIT_TOO_SMALL, (
+                f"the cluster is too small for {len(resident)} expert actors asking {cpus:g} CPU(s), {gpus:g} GPU(s) "
+                f"and up to {max(resident) / 1e9:.3g} GB of resident experts each: it holds only {i}. Nodes that "
+                f"can hold an actor: {have}{extra}. Use fewer --workers, smaller --cpus-per-worker/--worker-memory, "
+                f"or add nodes"))
+        best = min(fits, key=lambda n: count[n.ip])  # stable: ties keep node order
+        count[best.ip] += 1
+        mem[best.ip] += need
+        out.append(best.ip)
+    return out
+
+
+# ---- the job -----------------------------------------------------------------------------------
+
+def _plan(specs, workers: int, args: argparse.Namespace, top_k: int):
+    from cluster.errors import ClusterError
+    from cluster.placement import PlacementBudgetError, plan_placement
+    from workers.shard import DTYPES
+    from workers.units import parse_bytes
+
+    try:
+        return plan_placement(specs, workers, dtype_bytes=DTYPES[args.dtype].itemsize,
+                              worker_memory=parse_bytes(args.worker_memory), min_resident=top_k,
+                              num_cpus=args.cpus_per_worker, num_gpus=args.gpus_per_worker)
+    except PlacementBudgetError as e:
+        raise JobFailure(EXIT_TOO_SMALL, f"the plan does not fit: {e}") from None
+    except (ClusterError, ValueError) as e:
+        raise JobFailure(EXIT_ERROR, f"cannot plan {workers} expert actors: {e}") from None
+
+
+def _place(args: argparse.Namespace, specs, top_k: int, workers: int | None,
+           suspects: set[str]) -> tuple[int, list[dict] | None, list[str]]:
+    """(workers, `resources=` per actor or None for SPREAD, target IPs) on the cluster as it is now."""
+    nodes, refused = wait_for_nodes(workers, args.wait_for_nodes, args.cpus_per_worker, args.gpus_per_worker,
+                                    suspects)
+    if not nodes:
+        raise JobFailure(EXIT_TOO_SMALL, (
+            f"no alive node can hold an expert actor asking {args.cpus_per_worker:g} CPU(s) and "
+            f"{args.gpus_per_worker:g} GPU(s); alive nodes: {'; '.join(refused) or 'none'}"))
+    if workers is None:
+        workers = len(nodes)
+    plan = _plan(specs, workers, args, top_k)
+    ips = assign_nodes(nodes, [w.resident_bytes for w in plan.workers], args.cpus_per_worker,
+                       args.gpus_per_worker, refused)
+    if args.placement == "spread":
+        return workers, None, ips
+    return workers, [{f"node:{ip}": 0.001} for ip in ips], ips
+
+
+def _generate(coord, kind: str, prompts: list, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Generate for all prompts in one left-padded batch; [(prompt, completion)] as printable text."""
+    pad = pad_token_id(coord.config)
+    sampling = sampling_kwargs(args)
+    if kind == "text":
+        tok = coord.tokenizer
+        rows = [tok.encode(p).ids for p in prompts]
+        for p, r in zip(prompts, rows):
+            if not r:
+                raise JobFailure(EXIT_ERROR, f"prompt {p!r} encodes to no tokens")
+        eos = coord.config.eos_token_id
+        eos_set = set([eos] if isinstance(eos, int) else (eos or []))
+        ids, mask = left_pad(rows, pad)
+        out = coord.generate(ids, max_new_tokens=args.max_new_tokens, attention_mask=mask, eos_token_id=eos,
+                             pad_token_id=pad, **sampling)
+        results = []
+        for p, new in zip(prompts, out[:, ids.shape[1]:].tolist()):
+            cut = next((j for j, t in enumerate(new) if t in eos_set), len(new))
+            results.append((repr(p), repr(tok.decode(new[:cut]))))
+        return results
+    ids, mask = left_pad(prompts, pad)
+    out = coord.generate(ids, max_new_tokens=args.max_new_tokens, attention_mask=mask, pad_token_id=pad, **sampling)
+    return [(",".join(map(str, p)), ",".join(map(str, new))) for p, new in zip(prompts, out[:, ids.shape[1]:].tolist())]
+
+
+def _lost_ips(coord) -> set[str]:
+    """IPs of this coordinator's actors that no longer answer (where to place fresh ones last)."""
+    import ray
+
+    experts = coord.experts
+    lost = set()
+    for i, actor in enumerate(getattr(experts, "actors", [])):
+        try:
+            ray.get(actor.node_info.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - dead, unreachable or slow: all count as lost
+            nodes = getattr(experts, "_nodes", [])
+            if i < len(nodes):
+                lost.add(nodes[i]["ip"])
+    return lost
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cluster.errors import ShardUnavailable
+    from coordinator import Coordinator
+    from coordinator.checkpoint import Checkpoint
+    from coordinator.errors import CheckpointError, UnsupportedModelError
+
+    kind, prompts = read_prompts(args)
+    try:
+        ckpt = Checkpoint.open(args.model)
+        specs = ckpt.expert_specs()
+    except (CheckpointError, UnsupportedModelError, OSError) as e:
+        raise JobFailure(EXIT_NO_MODEL, f"no usable model at {args.model}: {e}") from None
+    if kind == "text" and not (ckpt.path / "tokenizer.json").is_file():
+        raise JobFailure(EXIT_NO_MODEL, f"{ckpt.path} has no tokenizer.json, which text prompts need; "
+                                        "pass token ids with --ids instead")
+    if args.workers is not None and args.workers < 1:
+        raise JobFailure(EXIT_ERROR, f"--workers must be at least 1, got {args.workers}")
+    if args.retries < 0:
+        raise JobFailure(EXIT_ERROR, f"--retries must be >= 0, got {args.retries}")
+
+    import ray
+
+    connected = connect(args.ray_address, debug=args.debug)
+    try:
+        workers, suspects, attempt = args.workers, set(), 0
+        while True:
+            try:
+                workers, resources, ips = _place(args, specs, ckpt.config.top_k, workers, suspects)
+            except JobFailure as e:
+                if attempt:  # the cluster shrank under us: that is the actor loss we report
+                    raise JobFailure(EXIT_ACTOR_LOST, f"{lost_msg}; and then {e}") from None
+                raise
+            where = ", ".join(f"{i}->{ip}" for i, ip in enumerate(ips))
+            print(f"moeshard job: {ckpt.path}: {len(specs)} routed experts over {workers} actor(s) "
+                  f"on {len(set(ips))} node(s) [{args.placement}: {where}]", flush=True)
+            coord = None
+            try:
+                coord = Coordinator.from_pretrained(
+                    ckpt.path, num_workers=workers, worker_memory=args.worker_memory, dtype=args.dtype,
+                    policy=args.policy, resources=resources, num_cpus_per_worker=args.cpus_per_worker,
+                    num_gpus_per_worker=args.gpus_per_worker, call_timeout_s=args.call_timeout,
+                    ready_timeout_s=args.ready_timeout)
+                t0 = time.perf_counter()
+                results = _generate(coord, kind, prompts, args)
+                seconds = time.perf_counter() - t0
+                stats = None if args.no_stats else coord.stats()
+                activations = coord.expert_activations() if args.heatmap else None
+            except ShardUnavailable as e:
+                lost_msg = f"expert actor lost: {' '.join(str(e).split())}"
+                if coord is not None:
+                    suspects |= _lost_ips(coord)
+                if attempt >= args.retries:
+                    raise JobFailure(EXIT_ACTOR_LOST, lost_msg + (f" (after {attempt} retries)" if attempt else
+                                                                  " (--retries 0)")) from e
+                attempt += 1
+                print(f"moeshard job: {lost_msg}; retry {attempt} of {args.retries} with fresh actors on the nodes "
+                      f"still alive", flush=True)
+                continue
+            finally:
+                if coord is not None:
+                    coord.close()
+            break
+        mode = "sampled" if args.sample else "greedy"
+        print(f"\n=== {len(results)} prompt(s), up to {args.max_new_tokens} new tokens each, {mode}, "
+              f"{seconds:.2f} s ===")
+        for i, (p, c) in enumerate(results, 1):
+            print(f"[{i}] {p} -> {c}")
+        if stats is not None:
+            from cluster.gen_common import print_stats
+
+            print_stats(stats)
+        if activations is not None:
+            from cluster.report import write_heatmap
+
+            if (path := write_heatmap(activations, args.heatmap)) is not None:
+                print(f"heatmap written to {path}")
+        sys.stdout.flush()
+        return EXIT_OK
+    finally:
+        if connected and ray.is_initialized():
+            ray.shutdown()
+
+
+def run_job(args: argparse.Namespace) -> int:
+    """Run the job for parsed `args`; returns the exit status, having printed one line on stderr on failure."""
+    from cluster.errors import ClusterError, ShardUnavailable
+    from cluster.placement import PlacementBudgetError
+    from coordinator.errors import CheckpointError, UnsupportedModelError
+    from workers.errors import MoeshardError
+
+    debug = getattr(args, "debug", False)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, JobFailure):
+            code = e.code
+        elif isinstance(e, ShardUnavailable):
+            code = EXIT_ACTOR_LOST
+        elif isinstance(e, PlacementBudgetError):
+            code = EXIT_TOO_SMALL
+        elif isinstance(e, (CheckpointError, UnsupportedModelError)):
+            code = EXIT_NO_MODEL
+        else:
+            code = EXIT_ERROR
+        what = "" if isinstance(e, (MoeshardError, JobFailure, ValueError)) else f"{type(e).__name__}: "
+        if isinstance(e, ClusterError) and not isinstance(e, ShardUnavailable):
+            what = ""
+        msg = " ".join(f"{what}{e}".split()) or type(e).__name__
+        if len(msg) > 1000:
+            msg = msg[:1000] + "... (--debug for the full message)"
+        sys.stdout.flush()
+        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+        return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return run_job(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

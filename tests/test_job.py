@@ -1,0 +1,311 @@
+"""`python -m cluster.job` as a real Ray job: a private head (`ray start`, token auth, jobs server),
+submitted through the Jobs API with the repo as working dir, plus the exit statuses.
+
+The head is started once for the module with its own temp dir, ports and auth token, and stopped
+by killing exactly its processes (found by the temp dir in their command lines, plus their
+descendants): `ray stop` would kill every Ray cluster on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import checkpoints as ckpts
+from cluster import job
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+# The upload is the repo minus these (and what .gitignore lists: .venv, bench/cache): ~1 MB.
+EXCLUDES = [".git", "bench/cache", "models", "docs"]
+PROMPTS = ["Hello", "The for statement"]
+
+
+# ---- a private Ray head --------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _pids_of(temp: Path) -> set[int]:
+    """Processes whose command line mentions `temp`, and all their descendants (Ray workers rename
+    their command line to `ray::...`, but they are children of the raylet)."""
+    parent, roots = {}, set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if str(temp).encode() in (proc / "cmdline").read_bytes():
+                roots.add(int(proc.name))
+    pids, grew = set(roots), True
+    while grew:
+        kids = {p for p, pp in parent.items() if pp in pids} - pids
+        pids |= kids
+        grew = bool(kids)
+    return pids
+
+
+def stop_head(temp: Path, timeout: float = 30.0) -> None:
+    """Kill every process of the head started with --temp-dir `temp`, and only those."""
+    deadline = time.monotonic() + timeout
+    while (pids := _pids_of(temp)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    left = _pids_of(temp)
+    shutil.rmtree(temp, ignore_errors=True)
+    assert not left, f"processes of the test head survived: {left}"
+
+
+@dataclass
+class Head:
+    temp: Path
+    gcs: str                  # host:port
+    dashboard: str            # http://127.0.0.1:port (jobs server)
+    env: dict                 # auth env for clients (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH)
+    token: str
+
+    def client(self, authenticated: bool = True):
+        from ray.job_submission import JobSubmissionClient
+
+        headers = {"Authorization": f"Bearer {self.token}"} if authenticated else None
+        return JobSubmissionClient(self.dashboard, headers=headers)
+
+    def driver_env(self, **extra) -> dict:
+        """Environment of a driver process run directly (not as a job) against this head."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        return {**env, **self.env, "RAY_ADDRESS": self.gcs, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+                **extra}
+
+
+@pytest.fixture(scope="module")
+def head():
+    temp = Path(tempfile.mkdtemp(prefix="mj-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
+    token = secrets.token_hex(32)
+    fd = os.open(temp / "auth_token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(temp / "auth_token")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(auth, RAY_USAGE_STATS_ENABLED="0")
+    dash = _free_port()
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(_free_port()),
+           "--temp-dir", str(temp), "--num-cpus", "3", "--include-dashboard=true", "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(dash), "--ray-client-server-port", str(_free_port()),
+           "--dashboard-agent-listen-port", str(_free_port()), "--disable-usage-stats"]
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        h = Head(temp, (temp / "ray_current_cluster").read_text().strip(), f"http://127.0.0.1:{dash}", auth, token)
+        deadline = time.monotonic() + 120
+        while True:  # the jobs server comes up a little after `ray start` returns
+            try:
+                h.client()
+                break
+            except Exception:  # noqa: BLE001
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        print(f"\nhead up in {time.monotonic() - t0:.1f}s at {h.gcs}, jobs at {h.dashboard}")
+        yield h
+    finally:
+        stop_head(temp)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A tiny Mixtral (2 MoE layers x 4 experts, top-2) with a character-level tokenizer.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    path = ckpts.make_checkpoint(tmp_path_factory.mktemp("job") / "mixtral", "mixtral")
+    vocab = {"<pad>": ckpts.PAD_ID, "<s>": ckpts.BOS_ID, "</s>": ckpts.EOS_ID, "<unk>": 3}
+    for c in [chr(c) for c in range(32, 127)] + [chr(0xC0 + i) for i in range(ckpts.VOCAB)]:
+        if len(vocab) < ckpts.VOCAB:
+            vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    return job.build_parser().parse_args(argv)
+
+
+def _expected_lines(model: Path, argv: list[str]) -> list[str]:
+    """The result lines the job must print: the same generation in this process, experts in-process."""
+    from coordinator import Coordinator
+
+    args = _args(["--model", str(model), *argv])
+    kind, prompts = job.read_prompts(args)
+    with Coordinator.from_pretrained(model, num_workers=0, worker_memory=args.worker_memory) as c:
+        results = job._generate(c, kind, prompts, args)
+    return [f"[{i}] {p} -> {r}" for i, (p, r) in enumerate(results, 1)]
+
+
+def _wait(client, job_id: str, timeout: float) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                              JobStatus.STOPPED}:
+        if time.monotonic() > deadline:
+            client.stop_job(job_id)
+            pytest.fail(f"job {job_id} still {status} after {timeout:.0f}s; logs:\n{client.get_job_logs(job_id)}")
+        time.sleep(1)
+    return status
+
+
+def _submit(head: Head, argv: list[str]) -> str:
+    entry = " ".join([sys.executable, "-m", "cluster.job", *map(_quote, argv)])
+    return head.client().submit_job(
+        entrypoint=entry,
+        runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
+
+
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+# ---- through the Jobs API --------------------------------------------------------------------------
+
+@pytest.mark.timeout(600)
+def test_job_generates_and_prints_stats(head, model):
+    from ray.job_submission import JobStatus
+
+    gen = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "6", "--worker-memory", "40KB"]
+    expected = _expected_lines(model, gen)  # 40KB: 2 of each actor's 4 experts resident, the rest paged
+    t0 = time.monotonic()
+    job_id = _submit(head, ["--model", str(model), "--workers", "2", *gen])
+    status = _wait(head.client(), job_id, timeout=420)
+    logs = head.client().get_job_logs(job_id)
+    print(f"\njob took {time.monotonic() - t0:.1f}s\n{logs}")
+    assert status == JobStatus.SUCCEEDED, logs
+    for line in expected:
+        assert line in logs
+    assert "routed experts over 2 actor(s)" in logs
+    # The stats table: one row per actor, with its node and the paging counters.
+    header = next(l for l in logs.splitlines() if l.startswith("actor"))
+    assert header.split()[:4] == ["actor", "node", "experts", "resident"]
+    rows = [l.split() for l in logs.splitlines() if l[:1].isdigit() and len(l.split()) > 10]
+    assert [r[0] for r in rows[:2]] == ["0", "1"] and all(r[2] == "4" for r in rows[:2])
+    assert "prefetch precision" in logs and "tok/s" in logs
+
+
+@pytest.mark.timeout(300)
+def test_job_with_a_bad_model_fails_with_one_clear_line(head, tmp_path):
+    from ray.job_submission import JobStatus
+
+    missing = tmp_path / "no-such-model"
+    job_id = _submit(head, ["--model", str(missing), "--ids", "1,2,3"])
+    status = _wait(head.client(), job_id, timeout=240)
+    logs = head.client().get_job_logs(job_id)
+    assert status == JobStatus.FAILED, logs
+    assert f"moeshard job: error: no usable model at {missing}: checkpoint directory {missing} does not exist" in logs
+    assert "Traceback" not in logs
+    info = head.client().get_job_info(job_id)
+    assert "exit code 2" in (info.message or ""), info.message
+
+
+@pytest.mark.timeout(120)
+def test_jobs_server_requires_the_token(head):
+    with pytest.raises(Exception, match="(?i)auth|401|unauthori"):
+        head.client(authenticated=False).list_jobs()
+
+
+# ---- the driver run directly against the head (exit statuses) ---------------------------------------
+
+def _run_driver(env: dict, argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.job", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_ids_batch_with_spread_placement(head, model):
+    gen = ["--ids", "1,5,9,13", "--ids", "1,7", "--max-new-tokens", "5"]
+    expected = _expected_lines(model, gen)
+    proc = _run_driver(head.driver_env(), ["--model", str(model), "--workers", "2", "--placement", "spread",
+                                           "--no-stats", *gen])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for line in expected:
+        assert line in proc.stdout
+    assert expected[0].startswith("[1] 1,5,9,13 -> ") and len(expected[0].split(" -> ")[1].split(",")) == 5
+
+
+@pytest.mark.timeout(300)
+def test_cluster_too_small_exits_3(head, model):
+    proc = _run_driver(head.driver_env(), ["--model", str(model), "--workers", "4", "--ids", "1,2"])
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "too small for 4 expert actors" in err[0] and "it holds only 3" in err[0], proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_no_cluster_exits_1_fast(model):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ADDRESS=f"127.0.0.1:{_free_port()}", PYTHONPATH=str(REPO))
+    t0 = time.monotonic()
+    proc = _run_driver(env, ["--model", str(model), "--ids", "1,2"], timeout=100)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and "cannot reach the Ray cluster" in proc.stderr, proc.stderr
+    print(f"\nfailed in {time.monotonic() - t0:.1f}s")
+
+
+# ---- exit statuses without a cluster ------------------------------------------------------------------
+
+def test_actor_lost_beyond_retry_exits_4(model, monkeypatch, capsys):
+    """A lost actor is retried with fresh actors once (--retries 1), then reported with exit 4."""
+    from cluster.errors import ShardUnavailable
+    from coordinator import Coordinator
+
+    calls = []
+
+    def lost(*a, **kw):
+        calls.append(kw["resources"])
+        raise ShardUnavailable("actor 1 (node abc at 10.0.0.7), layer 0: the actor is gone (killed)")
+
+    monkeypatch.setattr(job, "connect", lambda address, debug=False: False)
+    monkeypatch.setattr(job, "cluster_nodes", lambda cpus, gpus, suspects=(): (
+        [job.NodeSlot("10.0.0.6", 2, 0, 0), job.NodeSlot("10.0.0.7", 2, 0, 0)], []))
+    monkeypatch.setattr(Coordinator, "from_pretrained", lost)
+    code = job.run_job(_args(["--model", str(model), "--ids", "1,2", "--retries", "1"]))
+    out, err = capsys.readouterr()
+    assert code == 4 and len(calls) == 2
+    assert calls[0] == [{"node:10.0.0.6": 0.001}, {"node:10.0.0.7": 0.001}]
+    assert "retry 1 of 1" in out
+    assert err.count("\n") == 1 and "expert actor lost" in err and "after 1 retries" in err, err
+
+
+def test_assign_nodes_one_per_node_then_fill_and_refuse():
+    a = job.NodeSlot("10.0.0.2", 4, 0, 0)
+    b = job.NodeSlot("10.0.0.3", 1, 0, 0)
+    drv = job.NodeSlot("10.0.0.1", 8, 0, 0, driver=True)
+    nodes = sorted([drv, b, a], key=lambda s: (s.suspect, s.driver, s.ip))
+    assert job.assign_nodes(nodes, [0, 0, 0], 1, 0) == ["10.0.0.2", "10.0.0.3", "10.0.0.1"]
+    assert job.assign_nodes(nodes, [0] * 5, 1, 0) == ["10.0.0.2", "10.0.0.3", "10.0.0.1", "10.0.0.2", "10.0.0.1"]
+    small = [job.NodeSlot("10.0.0.2", 2, 0, 1e9)]
+    with pytest.raises(job.JobFailure) as e:  # memory: two actors of 0.6 GB resident on a 1 GB node
+        job.assign_nodes(small, [6 * 10**8, 6 * 10**8], 1, 0)
+    assert e.value.code == 3 and "it holds only 1" in str(e.value)
