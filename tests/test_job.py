@@ -42,34 +42,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pids_of(temp: Path) -> set[int]:
-    """Processes whose command line mentions `temp`, and all their descendants (Ray workers rename
-    their command line to `ray::...`, but they are children of the raylet)."""
-    parent, roots = {}, set()
+def _pids_of(markers: list[str], also: set[int] = frozenset()) -> set[int]:
+    """Processes whose command line contains one of `markers`, plus `also`, plus all their descendants
+    (Ray workers rename their command line to `ray::...`, but they are children of the raylet)."""
+    parent, pids = {}, set(also)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         with contextlib.suppress(OSError, IndexError, ValueError):
             parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if str(temp).encode() in (proc / "cmdline").read_bytes():
-                roots.add(int(proc.name))
-    pids, grew = set(roots), True
+            cmdline = (proc / "cmdline").read_bytes()
+            if any(m.encode() in cmdline for m in markers):
+                pids.add(int(proc.name))
+    grew = True
     while grew:
         kids = {p for p, pp in parent.items() if pp in pids} - pids
         pids |= kids
         grew = bool(kids)
-    return pids
+    return {p for p in pids if p in parent}
 
 
-def stop_head(temp: Path, timeout: float = 30.0) -> None:
-    """Kill every process of the head started with --temp-dir `temp`, and only those."""
+def stop_head(temp: Path, gcs: str | None, timeout: float = 30.0) -> None:
+    """Kill every process of the head started with --temp-dir `temp` (GCS at `gcs`), and only those.
+
+    The daemons mention the temp dir or the GCS address in their command lines; everything else
+    (workers, the job drivers) descends from them. Freeze first, so no child escapes to init (and
+    out of sight) while its parent dies, then kill.
+    """
+    if gcs is None and (temp / "ray_current_cluster").exists():
+        gcs = (temp / "ray_current_cluster").read_text().strip() or None
+    markers = [str(temp)] + ([gcs] if gcs else [])  # mkdtemp's random name: no other cluster matches
+    frozen: set[int] = set()
     deadline = time.monotonic() + timeout
-    while (pids := _pids_of(temp)) and time.monotonic() < deadline:
-        for pid in pids:
+    while (new := _pids_of(markers, frozen) - frozen) and time.monotonic() < deadline:
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= new
+    for pid in frozen:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    while (left := _pids_of(markers)) and time.monotonic() < deadline:
+        for pid in left:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
-    left = _pids_of(temp)
     shutil.rmtree(temp, ignore_errors=True)
     assert not left, f"processes of the test head survived: {left}"
 
@@ -111,10 +128,12 @@ def head():
            "--dashboard-port", str(dash), "--ray-client-server-port", str(_free_port()),
            "--dashboard-agent-listen-port", str(_free_port()), "--disable-usage-stats"]
     t0 = time.monotonic()
+    gcs = None
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        h = Head(temp, (temp / "ray_current_cluster").read_text().strip(), f"http://127.0.0.1:{dash}", auth, token)
+        gcs = (temp / "ray_current_cluster").read_text().strip()
+        h = Head(temp, gcs, f"http://127.0.0.1:{dash}", auth, token)
         deadline = time.monotonic() + 120
         while True:  # the jobs server comes up a little after `ray start` returns
             try:
@@ -127,7 +146,7 @@ def head():
         print(f"\nhead up in {time.monotonic() - t0:.1f}s at {h.gcs}, jobs at {h.dashboard}")
         yield h
     finally:
-        stop_head(temp)
+        stop_head(temp, gcs)
 
 
 @pytest.fixture(scope="module")
