@@ -259,10 +259,22 @@ def specialisation(tok, tok_counts: torch.Tensor, layer: int, top_n: int = 8) ->
     for e in range(c.shape[0]):
         lift = share[e] / base[e]
         lift = torch.where(total_tok >= 20, lift, torch.zeros_like(lift))
-        top = torch.topk(lift, top_n).indices.tolist()
-        shown = [repr(tok.decode([t]))[1:-1] for t in top]
-        lines.append(f"expert {e}: " + ", ".join(f"`{s}`" for s in shown))
+        shown = []
+        for t in torch.argsort(lift, descending=True, stable=True).tolist():
+            text = tok.decode([t])
+            if text and "\ufffd" not in text:  # skip partial UTF-8 byte tokens
+                shown.append(_code_span(repr(text)[1:-1]))
+            if len(shown) == top_n:
+                break
+        lines.append(f"expert {e}: " + ", ".join(shown))
     return lines
+
+
+def _code_span(text: str) -> str:
+    """Markdown inline code that survives backticks and edge spaces."""
+    if "`" in text:
+        return f"`` {text} ``"
+    return f"`{text}`"
 
 
 @torch.no_grad()
@@ -533,6 +545,16 @@ def main(argv=None) -> int:
         model_max_length=args.max_positions, clean_up_tokenization_spaces=False,
     )
     hf_tok.save_pretrained(out)
+    # transformers 5 records its own class name ("TokenizersBackend"); name the class that
+    # every transformers version (4.x included) knows, and write the special-tokens map
+    # that older versions read.
+    tc_path = out / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tc_path.write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"},
+        indent=2, sort_keys=True) + "\n")
     plot_loss(out / "loss.png", train_log, val_log)
 
     # ---- reload from disk and evaluate what ships
@@ -608,15 +630,25 @@ def make_card(**k) -> str:
         for layer, lines in k["spec"]
     )
     samples = "\n\n".join(
-        f"Prompt `{p}`:\n\n```text\n{s}\n```" for p, s in k["samples"].items()
+        f"Prompt `{p}`:\n\n```text\n{s.rstrip()}\n```" for p, s in k["samples"].items()
     )
     v = k["versions"]
+    if fr.max() < 0.5 and fr.min() > 0.01:
+        verdict = (
+            "Routing is learned and not collapsed: every expert gets a substantial share of "
+            f"traffic in every layer (max {100 * fr.max():.1f}%, min {100 * fr.min():.1f}%), and the "
+            "experts specialise."
+        )
+    else:
+        verdict = (
+            f"Routing is unbalanced in places (max {100 * fr.max():.1f}%, min {100 * fr.min():.1f}%)."
+        )
     size_note = (
         f"{k['n_params']:,} parameters ({k['expert_params']:,} in routed experts; about "
         f"{k['active']:,} active per token)"
     )
     cal = (
-        f" The step count was chosen by `--minutes {a.minutes:g}` from a timing calibration "
+        f"\nThe step count was chosen by `--minutes {a.minutes:g}` from a timing calibration "
         f"({k['calibrated']:.3f} s/step); the command above pins it with `--steps`."
         if k["calibrated"] is not None else ""
     )
@@ -667,7 +699,8 @@ Switch-style router load-balancing loss from the router logits
 (`output_router_logits=True`, coefficient {a.aux_coef}, the config's `router_aux_loss_coef`),
 computed per layer and averaged over layers (transformers' built-in aux loss pools all
 layers' counts, which lets individual layers collapse), seed {a.seed}, `torch.use_deterministic_algorithms(True)`.
-Training took {k['train_seconds'] / 60:.1f} minutes.
+Training took {k['train_seconds'] / 60:.1f} minutes of wall-clock time (one thread, on a
+shared, busy machine, so expect it to be faster elsewhere).
 
 Reproduce (Python {v['python']}, torch {v['torch']}, transformers {v['transformers']},
 tokenizers {v['tokenizers']}; other versions give a different corpus or numerics):
@@ -682,7 +715,8 @@ tokenizers {v['tokenizers']}; other versions give a different corpus or numerics
 ![loss curve](loss.png)
 
 Language-model cross-entropy in nats/token (the router auxiliary loss is reported
-separately; 1.0 is perfectly balanced). Step 1 training loss: {first_loss:.3f}
+separately: it is the per-layer Switch loss averaged over layers, which equals
+top-k = {a.top_k} when routing is perfectly uniform). Step 1 training loss: {first_loss:.3f}
 (ln {k['vocab_size']} = {math.log(k['vocab_size']):.3f}).
 
 | step | train (25-step mean) | held-out | router aux |
@@ -700,8 +734,9 @@ held-out tokens with the bf16 weights (uniform = {100 / n_exp:.1f}%):
 
 {usage_head}{usage_rows}
 
-Routing is learned and not collapsed: every expert gets a substantial share of traffic in
-every layer, and the experts specialise. {spec}
+{verdict}
+
+{spec}
 
 ## Samples
 
@@ -713,7 +748,8 @@ Greedy decoding (`do_sample=False`), 48 new tokens, bf16 weights:
 
 Can:
 - Load with stock `transformers` (`MixtralForCausalLM.from_pretrained`,
-  `PreTrainedTokenizerFast.from_pretrained`) and with moeshard; small enough
+  `PreTrainedTokenizerFast.from_pretrained`), and serve as moeshard's default
+  model (it is an ordinary Mixtral checkpoint); small enough
   (about {a.layers * a.experts} experts of {3 * a.hidden * a.intermediate * 2 / 1e6:.2f} MB each) to exercise expert
   sharding, paging and prefetch in tests and benchmarks in seconds on a CPU.
 - Produce text in the register of the Python reference manual and docstrings:
@@ -723,7 +759,7 @@ Can:
 
 Cannot:
 - Answer questions, follow instructions, write working code or state facts
-  reliably: it is a ~{k['n_params'] / 1e6:.0f}M-parameter model trained for {k['train_seconds'] / 60:.0f} minutes on about
+  reliably: it is a ~{k['n_params'] / 1e6:.0f}M-parameter model trained for {k['train_seconds'] / 60:.0f} CPU-thread minutes on about
   {k['train_tokens'] / 1e6:.1f}M tokens. Continuations drift and repeat after a sentence or two.
 - Handle long contexts: trained on {a.seq}-token windows only, although the
   config allows {a.max_positions} positions.
@@ -735,8 +771,7 @@ released with moeshard under the same terms as the repository.
 ## Files
 
 `config.json`, `model.safetensors` (bf16), `generation_config.json`, `tokenizer.json`,
-`tokenizer_config.json`, `special_tokens_map.json` (when written by the installed
-transformers), `loss.png`, this `README.md`, and `SHA256SUMS` (sha256 of every other
+`tokenizer_config.json`, `special_tokens_map.json`, `loss.png`, this `README.md`, and `SHA256SUMS` (sha256 of every other
 file; check with `cd {a.out} && sha256sum -c SHA256SUMS`).
 """
 
