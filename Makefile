@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= models/pydoc-moe
 PROMPT ?= The for statement
+# 8MB per actor holds 5 of its 16 experts (each 1.6 MB in float32): the run pages.
+WORKER_MEMORY ?= 8MB
 ARGS ?=
 
 .PHONY: run test setup clean
@@ -12,13 +14,14 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(VENV)/bin/moeshard generate --model $(MODEL) --workers 2 --worker-memory auto --prompt "$(PROMPT)" $(ARGS)
+	$(VENV)/bin/moeshard generate $(MODEL) --workers 2 --worker-memory $(WORKER_MEMORY) --prompt "$(PROMPT)" \
+		--max-new-tokens 64 --heatmap expert_heatmap.png $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra $(ARGS)
