@@ -100,3 +100,16 @@ def fresh_checkpoint(checkpoint_cache, tmp_path):
         return checkpoint_cache.fresh(tmp_path / f"ckpt{counter[0]}", family, variant, **kw)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for one test module (4 CPUs); the Coordinator reuses an initialised Ray."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()

@@ -21,16 +21,6 @@ ATOL = 1e-5
 _reference: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
-
-
 def run(path, num_workers: int):
     """(padded-batch logits, unpadded logits, greedy tokens) for one coordinator."""
     ids, mask = make_prompts((7, 4, 1), seed=5)
