@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any, Iterable, Sequence
 
+import psutil
 import torch
 from torch import Tensor
 
@@ -123,6 +124,7 @@ class ExpertShard:
             "calls": self._calls,
             "rows": self._rows,
             "compute_s": self._compute_s,
+            "rss_bytes": psutil.Process().memory_info().rss,
             **self.store.stats(),
         }
 
