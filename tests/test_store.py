@@ -409,3 +409,27 @@ def test_close_stops_threads(experts):
     store.close()
     assert not any(t.is_alive() for t in store._threads)
     assert store._fds == {}
+
+
+def test_spill_dir_serves_the_same_bits_with_one_read_per_expert(tmp_path):
+    """A bf16 file computed in float32: the spill file holds the converted slot image."""
+    specs, _ = make_expert_file(tmp_path / "bf16.safetensors", [0, 1], list(range(4)), dtype=torch.bfloat16)
+    plain = ExpertStore(specs, None, torch.float32)
+    spill = tmp_path / "spill"
+    first = ExpertStore(specs, None, torch.float32, spill_dir=spill)
+    try:
+        for s in specs:
+            assert torch.equal(first.get(s.key).gate, plain.get(s.key).gate)
+        assert first.stats()["spill_writes"] == len(specs)
+    finally:
+        first.close()
+    second = ExpertStore(specs, None, torch.float32, spill_dir=spill)
+    try:
+        for s in specs:
+            w, ref = second.get(s.key), plain.get(s.key)
+            assert torch.equal(w.gate, ref.gate) and torch.equal(w.up, ref.up) and torch.equal(w.down, ref.down)
+        st = second.stats()
+        assert st["spill_reads"] == len(specs) and st["spill_writes"] == 0
+    finally:
+        second.close()
+        plain.close()

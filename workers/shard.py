@@ -37,7 +37,8 @@ class ExpertShard:
 
     def __init__(self, specs: list[dict], budget_bytes: int | None = None, dtype: str = "float32",
                  device: str | None = None, policy: str = "lfu-decay", min_resident: int = 1,
-                 num_threads: int | None = None, pinned: Iterable[tuple[int, int]] = ()):
+                 num_threads: int | None = None, pinned: Iterable[tuple[int, int]] = (),
+                 spill_dir: str | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         if dtype not in DTYPES:
@@ -47,7 +48,7 @@ class ExpertShard:
         self._hidden = {s.key: s.gate.shape[1] for s in self.specs}
         self.budget_bytes = budget_bytes
         self.store = ExpertStore(self.specs, budget_bytes, self.dtype, device, policy,
-                                 pinned=[tuple(p) for p in pinned], min_resident=min_resident)
+                                 pinned=[tuple(p) for p in pinned], min_resident=min_resident, spill_dir=spill_dir)
         self.device = self.store.device
         self._calls = self._rows = 0
         self._compute_s = 0.0

@@ -17,6 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -58,7 +59,8 @@ class ExpertStore:
     def __init__(self, specs: list[ExpertSpec], budget_bytes: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  policy: str = "lfu-decay", pinned: Iterable[ExpertKey] = (), min_resident: int = 1,
-                 prefetch_threads: int = 1, half_life: float = 256.0, wait_timeout_s: float = 120.0):
+                 prefetch_threads: int = 1, half_life: float = 256.0, wait_timeout_s: float = 120.0,
+                 spill_dir: str | os.PathLike | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         self.device = torch.device(device or "cpu")
@@ -67,6 +69,9 @@ class ExpertStore:
         self.dtype, self.policy, self.budget_bytes = dtype, policy, budget_bytes
         self._decay = 0.5 ** (1.0 / half_life)  # per access tick
         self._timeout = wait_timeout_s
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        if self.spill_dir is not None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
         self._infos: dict[ExpertKey, ExpertInfo] = {}
         for s in specs:
             if s.key in self._infos:
@@ -92,7 +97,7 @@ class ExpertStore:
         self._last_got: ExpertKey | None = None
         self._tick = 0
         self._cv = threading.Condition()  # the one lock
-        self._c = dict.fromkeys(("hits", "misses", "loads", "bytes_read", "bytes_prefetched", "prefetch_hints",
+        self._c = dict.fromkeys(("hits", "misses", "loads", "bytes_read", "spill_reads", "spill_writes", "bytes_prefetched", "prefetch_hints",
                                  "prefetch_issued", "prefetch_dropped", "prefetch_used", "prefetch_wasted",
                                  "evictions", "load_errors"), 0)
         self._stall = 0.0
@@ -318,14 +323,18 @@ class ExpertStore:
     # ---- loading (outside the lock; the reserved slot is invisible to readers) ---------------
 
     def _load_into(self, info: ExpertInfo, slot: int) -> ExpertWeights:
-        """Read the expert's three tensors into its slot; on failure free the slot and raise."""
+        """Read the expert's three tensors into its slot; on failure free the slot and raise.
+
+        With a spill directory, an expert is read from the checkpoint once, then written there
+        as its slot image (compute dtype, one contiguous span) and read back with one pread.
+        """
         try:
             buf = self._slots[slot]
-            views = []
-            for t, (off, nb, shape) in zip(_tensors(info.spec), info.layout):
-                dst = buf[off:off + nb]
-                self._read_tensor(info.spec, t, dst)
-                views.append(dst.view(self.dtype).view(shape))
+            if not self._read_spill(info, buf):
+                for t, (off, nb, _) in zip(_tensors(info.spec), info.layout):
+                    self._read_tensor(info.spec, t, buf[off:off + nb])
+                self._write_spill(info, buf)
+            views = [buf[off:off + nb].view(self.dtype).view(shape) for off, nb, shape in info.layout]
             return ExpertWeights(*views, activation=info.spec.activation)
         except BaseException:
             with self._cv:
@@ -333,12 +342,50 @@ class ExpertStore:
                 self._transition(info, None, None)
             raise
 
+    def _spill_path(self, info: ExpertInfo) -> Path:
+        layer, expert = info.spec.key
+        return self.spill_dir / f"L{layer}-E{expert}-{str(self.dtype).removeprefix('torch.')}.bin"
+
+    def _read_spill(self, info: ExpertInfo, buf: torch.Tensor) -> bool:
+        """Fill the slot from the spill file if there is a whole one (CPU slots only)."""
+        if self.spill_dir is None or buf.device.type != "cpu":
+            return False
+        path = self._spill_path(info)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            if os.fstat(fd).st_size != info.span:
+                return False  # a partial write from a crash: read the checkpoint again
+            self._pread(fd, buf[:info.span], str(path), 0, info.span, f"spilled expert {info.spec.key}")
+        finally:
+            os.close(fd)
+        with self._cv:
+            self._c["spill_reads"] += 1
+        return True
+
+    def _write_spill(self, info: ExpertInfo, buf: torch.Tensor) -> None:
+        if self.spill_dir is None or buf.device.type != "cpu":
+            return
+        path = self._spill_path(info)
+        tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+        with open(tmp, "wb") as f:  # written whole, then renamed: a reader never sees half a file
+            f.write(memoryview(buf[:info.span].numpy()))
+            f.flush()
+            if hasattr(os, "posix_fadvise"):
+                os.fdatasync(f.fileno())
+                os.posix_fadvise(f.fileno(), 0, info.span, os.POSIX_FADV_DONTNEED)
+        os.replace(tmp, path)
+        with self._cv:
+            self._c["spill_writes"] += 1
+
     def _read_tensor(self, spec: ExpertSpec, t: TensorSpec, dst: torch.Tensor) -> None:
         """Fill dst (uint8 bytes of the slot) with tensor t converted to the compute dtype."""
         fd = self._fd(spec, t)
         src_dtype = FILE_DTYPES[t.dtype]
         if dst.device.type == "cpu" and src_dtype == self.dtype:
-            self._pread(fd, dst, spec, t)  # straight into the slot, no copy
+            self._pread(fd, dst, t.file, t.offset, t.nbytes, f"tensor {t.key!r} of expert {spec.key}")
             return
         stage = getattr(self._local, "stage", None)
         if stage is None:
@@ -347,25 +394,26 @@ class ExpertStore:
                 stage = stage.pin_memory()  # pinned so the host-to-device copy is a plain DMA
             self._local.stage = stage
         src = stage[:t.nbytes]
-        self._pread(fd, src, spec, t)
+        self._pread(fd, src, t.file, t.offset, t.nbytes, f"tensor {t.key!r} of expert {spec.key}")
         dst.view(self.dtype).copy_(src.view(src_dtype))  # synchronous: the staging buffer is reused
 
-    def _pread(self, fd: int, dst: torch.Tensor, spec: ExpertSpec, t: TensorSpec) -> None:
+    @staticmethod
+    def _pread(fd: int, dst: torch.Tensor, file: str, offset: int, nbytes: int, what: str) -> None:
+        """Read exactly nbytes at offset into dst (uint8), then drop them from the page cache."""
         mv, got = memoryview(dst.numpy()), 0
         try:
-            while got < t.nbytes:
-                n = os.preadv(fd, [mv[got:]], t.offset + got)
+            while got < nbytes:
+                n = os.preadv(fd, [mv[got:]], offset + got)
                 if n == 0:
-                    raise ExpertLoadError(
-                        f"{t.file}: file ended after {got} of {t.nbytes} bytes of tensor {t.key!r} "
-                        f"(expert {spec.key}, offset {t.offset}); is the file truncated?")
+                    raise ExpertLoadError(f"{file}: file ended after {got} of {nbytes} bytes of {what} "
+                                          f"(offset {offset}); is the file truncated?")
                 got += n
         except OSError as e:
             if isinstance(e, ExpertLoadError):
                 raise
-            raise ExpertLoadError(f"{t.file}: cannot read tensor {t.key!r} of expert {spec.key}: {e}") from e
+            raise ExpertLoadError(f"{file}: cannot read {what}: {e}") from e
         if hasattr(os, "posix_fadvise"):  # drop it from page cache: the budget is the real footprint
-            os.posix_fadvise(fd, t.offset, t.nbytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
     def _fd(self, spec: ExpertSpec, t: TensorSpec) -> int:
         with self._cv:
