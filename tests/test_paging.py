@@ -108,3 +108,23 @@ def test_prefetch_on_random_routing_keeps_results(family, checkpoint):
     _, tokens, stats = run(path, worker_memory=budget, prefetch_depth=2, prefetch_extra=2)
     assert torch.equal(tokens, ref)
     assert stats["prefetch_issued"] > 0
+
+
+def test_file_lost_mid_run_names_it_and_other_experts_keep_serving(fresh_checkpoint):
+    from workers.errors import ExpertLoadError
+
+    path = fresh_checkpoint("mixtral", shards=4, num_local_experts=16)
+    specs = Checkpoint.open(path).expert_specs()
+    files = sorted({s.gate.file for s in specs})
+    assert len(files) > 1
+    lost = files[-1]
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with Coordinator.from_pretrained(path, worker_memory=int(0.25 * expert_bytes(path)), prefetch_depth=0) as c:
+        with open(lost, "r+b") as f:
+            f.truncate(1000)
+        with pytest.raises(ExpertLoadError, match=lost.rsplit("/", 1)[-1]):
+            c.forward(ids)
+        intact = next(s for s in specs if lost not in (s.gate.file, s.up.file, s.down.file))
+        rows = torch.randn(3, intact.gate.shape[1])
+        out = c.experts.shard.compute(intact.layer, rows, [intact.expert], [3])
+        assert out.shape == rows.shape and torch.isfinite(out).all()
