@@ -95,10 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
         add_harness_arguments(har)
         har.set_defaults(func=cmd_harness)
 
-    bench = sub.add_parser("bench", help="(not in this build) throughput/latency benchmarks",
-                           description="Not in this build: the benchmark suite comes with the benchmarking issue.")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    bench.set_defaults(func=cmd_bench)
+    job = sub.add_parser("job", help="the Ray job entry point (same as `python -m cluster.job`)",
+                         description="Generate on the Ray cluster this process runs in (ray.init(address='auto')), "
+                                     "one expert actor per node where possible; for `ray job submit`.")
+    from cluster.job import add_job_arguments, run_job
+    add_job_arguments(job, include_debug=False)
+    job.set_defaults(func=run_job)
+
+    bench = sub.add_parser("bench", help="benchmarks against transformers and accelerate (see bench/)",
+                           description="Run the benchmark scenarios side by side with their peers and write "
+                                       "bench/results/. Scenarios 2 and 3 need root (cgroups, namespaces).")
+    try:
+        from bench.run import add_bench_arguments
+    except ImportError as e:  # bench/ lives in the source tree, beside the packages
+        bench.set_defaults(func=lambda args: _missing("bench", e))
+    else:
+        add_bench_arguments(bench)
+        bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -190,7 +203,8 @@ def cmd_harness(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    raise Refused("`moeshard bench` is not in this build: the benchmark suite arrives with the benchmarking issue")
+    from bench.run import run_bench
+    return run_bench(args)
 
 
 # ---- entry point -------------------------------------------------------------------------------
