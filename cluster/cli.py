@@ -204,7 +204,12 @@ def cmd_harness(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.run import run_bench
-    return run_bench(args)
+    try:
+        return run_bench(args)
+    except SystemExit as e:  # bench reports bad arguments as SystemExit("message")
+        if isinstance(e.code, str):
+            raise Refused(e.code) from None
+        raise
 
 
 # ---- entry point -------------------------------------------------------------------------------
