@@ -58,8 +58,12 @@ class JobFailure(Exception):
 
 # ---- arguments ---------------------------------------------------------------------------------
 
-def add_job_arguments(p: argparse.ArgumentParser) -> None:
-    """The job's flags, on `p` (a parser or a `moeshard job` sub-parser); run them with `run_job`."""
+def add_job_arguments(p: argparse.ArgumentParser, *, include_debug: bool = True) -> None:
+    """The job's flags, on `p` (a parser or a `moeshard job` sub-parser); run them with `run_job`.
+
+    `include_debug=False` leaves `--debug` out, for a parent parser that already has it (argparse
+    sub-parser defaults would otherwise overwrite the parent's value).
+    """
     p.add_argument("--model", required=True, metavar="PATH",
                    help="checkpoint directory (config.json + *.safetensors); the same absolute path must exist on "
                         "every node, since actors page experts from the files")
@@ -101,8 +105,9 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-stats", action="store_true", help="do not print the stats table")
     p.add_argument("--heatmap", metavar="PNG", default=None,
                    help="also write a PNG heatmap of expert activations per layer (needs matplotlib)")
-    p.add_argument("--debug", action="store_true",
-                   help="tracebacks instead of one-line errors; forward actor logs to this driver")
+    if include_debug:
+        p.add_argument("--debug", action="store_true",
+                       help="tracebacks instead of one-line errors; forward actor logs to this driver")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -363,7 +368,9 @@ def _run(args: argparse.Namespace) -> int:
 
     import ray
 
-    connected = connect(args.ray_address, debug=args.debug)
+    debug = getattr(args, "debug", False)
+    connected = connect(args.ray_address, debug=debug)
+    gcs = ray.get_runtime_context().gcs_address if ray.is_initialized() else None  # the backend reuses it
     try:
         workers, suspects, attempt = args.workers, set(), 0
         while True:
@@ -373,13 +380,17 @@ def _run(args: argparse.Namespace) -> int:
                 if attempt:  # the cluster shrank under us: that is the actor loss we report
                     raise JobFailure(EXIT_ACTOR_LOST, f"{lost_msg}; and then {e}") from None
                 raise
-            where = ", ".join(f"{i}->{ip}" for i, ip in enumerate(ips))
-            print(f"moeshard job: {ckpt.path}: {len(specs)} routed experts over {workers} actor(s) "
-                  f"on {len(set(ips))} node(s) [{args.placement}: {where}]", flush=True)
+            if resources is None:
+                where = f"Ray's SPREAD over {len(set(ips))} candidate node(s)"
+            else:
+                pins = ", ".join(f"{i}->{ip}" for i, ip in enumerate(ips))
+                where = f"on {len(set(ips))} node(s) [nodes: {pins}]"
+            print(f"moeshard job: {ckpt.path}: {len(specs)} routed experts over {workers} actor(s) {where}",
+                  flush=True)
             coord = None
             try:
                 coord = Coordinator.from_pretrained(
-                    ckpt.path, num_workers=workers, worker_memory=args.worker_memory, dtype=args.dtype,
+                    ckpt.path, num_workers=workers, worker_memory=args.worker_memory, dtype=args.dtype, ray_address=gcs,
                     policy=args.policy, resources=resources, num_cpus_per_worker=args.cpus_per_worker,
                     num_gpus_per_worker=args.gpus_per_worker, call_timeout_s=args.call_timeout,
                     ready_timeout_s=args.ready_timeout)
