@@ -145,6 +145,7 @@ class State:
     breakdown: Breakdown | None = None
     opts: dict = {}
     vocab: int = 0
+    first_token_counters: dict = {}
 
 
 S = State()
@@ -279,8 +280,14 @@ def _generate(ids: torch.Tensor, new_tokens: int, sample: bool, seed: int, promp
     """Run generation; return token arrival times and the output."""
     if S.system == "moeshard":
         times: list[float] = []
+
+        def on_token(_t: torch.Tensor) -> None:
+            if not times:   # prefill done: counters from here on cover decode steps only
+                S.first_token_counters = _expert_counters()
+            times.append(time.perf_counter())
+
         out = S.obj.generate(ids, max_new_tokens=new_tokens, do_sample=sample, temperature=1.0, seed=seed,
-                             on_token=lambda _t: times.append(time.perf_counter()))
+                             on_token=on_token)
         return times, out
     st = _Stamp()
     torch.manual_seed(seed)
@@ -299,13 +306,20 @@ def _expert_counters() -> dict:
     """moeshard cache counters summed over expert holders (hits, misses, bytes read, stall)."""
     if S.system != "moeshard":
         return {}
-    st = S.obj.experts.stats()
     keys = ("hits", "misses", "bytes_read", "bytes_prefetched", "prefetch_issued", "prefetch_used",
             "prefetch_wasted", "prefetch_dropped", "evictions", "stall_seconds", "loads")
     if hasattr(S.obj.experts, "reports"):   # RemoteExperts: fetch raw reports
         reps = S.obj.experts.reports()
-        return {k: sum(r.get(k, 0) for r in reps) for k in keys}
-    return {k: st.get(k, 0) for k in keys}
+        out = {k: sum(r.get(k, 0) for r in reps) for k in keys}
+    else:                                    # LocalExperts: the one in-process shard
+        rep = S.obj.experts.shard.report()
+        out = {k: rep.get(k, 0) for k in keys}
+    # router-driven prefetch predictions scored on the coordinator: [predicted, needed, correct] per layer
+    tracker = getattr(S.obj.model, "routing", None) or getattr(S.obj.model, "prefetch", None)
+    per_layer = getattr(tracker, "_scores", None) or getattr(tracker, "_per_layer", None) or {}
+    for i, k in enumerate(("pf_predicted", "pf_needed", "pf_correct")):
+        out[k] = sum(c[i] for c in per_layer.values())
+    return out
 
 
 def _diff(a: dict, b: dict) -> dict:
@@ -328,7 +342,6 @@ def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: 
               text: str | None = None, **_: Any) -> dict:
     ids = _prompt(batch, prompt_len, seed, text)
     c0 = _expert_counters()
-    p0 = S.obj.stats()["prefetch"] if S.system == "moeshard" else None
     if S.breakdown:
         S.breakdown.reset()
     t0 = time.perf_counter()
@@ -342,12 +355,13 @@ def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: 
            "total_s": total, "prefill_s": times[0] - t0,
            "step_s": [b - a for a, b in zip(times, times[1:])]}
     if S.system == "moeshard":
-        res["experts"] = _diff(c0, _expert_counters())
-        # the breakdown covers prefill too; scale it to decode steps using the per-call ratio
-        if S.breakdown:
+        end = _expert_counters()
+        res["experts"] = e = _diff(S.first_token_counters, end)          # decode steps only
+        res["experts_with_prefill"] = _diff(c0, end)
+        res["prefetch_precision"] = e["pf_correct"] / e["pf_predicted"] if e.get("pf_predicted") else None
+        res["prefetch_recall"] = e["pf_correct"] / e["pf_needed"] if e.get("pf_needed") else None
+        if S.breakdown:   # covers prefill and decode; breakdown_decode has decode steps only
             res["breakdown"] = S.breakdown.snapshot()
-        res["prefetch_total"] = S.obj.stats()["prefetch"]
-        res["prefetch_before"] = p0
         res["distinct_tokens"] = int(torch.unique(out[:, prompt_len:]).numel())
     return res
 
@@ -418,13 +432,14 @@ def op_memory(**_: Any) -> dict:
                 actors.append({"pid": n["pid"], "error": str(e), "bytes_resident": rep.get("bytes_resident")})
         out["actors"] = actors
     elif S.system == "moeshard":
-        rep = S.obj.experts.stats()
+        rep = S.obj.experts.shard.report()
         out["local_store"] = {k: rep.get(k) for k in ("bytes_resident", "budget_bytes", "slots", "slot_bytes",
                                                        "slots_allocated")}
     return out
 
 
-def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int = 4, **_: Any) -> dict:
+def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int = 4,
+                      coordinator_threads: list[int] | None = None, **_: Any) -> dict:
     """Per-layer round trip with 2 actors and trivial expert work, plus peers (see scenario 4).
 
     Peers, interleaved in blocks (A B C D A B C D ...): moeshard's RemoteExperts with rows
@@ -475,16 +490,21 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
         peers["ray_compiled_graph_2actors_echo"] = lambda: ray.get(cg.execute(msg))
     except Exception as e:  # unsupported here: report why
         cg_error = f"{type(e).__name__}: {e}"[:500]
-    res: dict[str, list[float]] = {n: [] for n in peers}
+    res: dict[str, list[float]] = {}
     per_block = max(1, iters // blocks)
+    settings = sorted({torch.get_num_threads(), *(coordinator_threads or ())}, reverse=True)
     for _ in range(blocks):
-        for name, fn in peers.items():
-            for _ in range(max(1, warmup // blocks)):
-                fn()
-            for _ in range(per_block):
-                t0 = time.perf_counter()
-                fn()
-                res[name].append(time.perf_counter() - t0)
+        for th in settings:
+            torch.set_num_threads(th)
+            for name, fn in peers.items():
+                key = name if th == settings[0] else f"{name}@{th}t"
+                for _ in range(max(1, warmup // blocks)):
+                    fn()
+                for _ in range(per_block):
+                    t0 = time.perf_counter()
+                    fn()
+                    res.setdefault(key, []).append(time.perf_counter() - t0)
+    torch.set_num_threads(settings[0])
     if cg is not None:
         try:
             cg.teardown()
@@ -495,7 +515,7 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
     remote.close()
     local.close()
     return {"latencies_s": res, "hidden": H, "experts": {"two": ids_two.tolist(), "one": ids_one.tolist()},
-            "compiled_graph_error": cg_error}
+            "compiled_graph_error": cg_error, "coordinator_threads": settings}
 
 
 OPS = {"load": op_load, "decode": op_decode, "prefill": op_prefill, "stats": op_stats, "memory": op_memory,
