@@ -11,6 +11,14 @@ exactly as `LocalExperts` does, so results are bit-identical to in-process runs.
 Ray failures are translated: a reply that does not come within `call_timeout_s`
 raises `ExpertTimeout`, a dead actor `ShardUnavailable`, an error raised inside
 the actor (bad message, bad routing) the same moeshard error with the remote message.
+
+Recovery (cluster/recovery.py): a call whose actor died, hung past `call_timeout_s` or
+became unreachable is retried. The actor is killed (no restart) and replaced by a new
+one with the same experts (they reload lazily from the checkpoint files), re-placed on
+a surviving node if its own node is gone, and the call's kept message is resent byte
+for byte. `run_layer` is a pure function of that message, so a retry cannot
+double-apply anything and the result is bit-identical. Retries are bounded per call
+and per request; an actor that could not be recovered is replaced at its next call.
 """
 from __future__ import annotations
 
@@ -32,8 +40,10 @@ from workers.errors import MoeshardError
 from workers.shard import DTYPES, ExpertShard
 from workers.spec import ExpertSpec
 
+from . import recovery
 from .errors import ClusterError, ExpertTimeout, ShardUnavailable
 from .placement import Plan, plan_placement
+from .recovery import ActorRecovery, RecoveryLog, RecoveryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +52,59 @@ LATENCY_WINDOW = 4096      # per-layer dispatch latencies kept for the median
 
 
 class _ShardActor(ExpertShard):
-    """`ExpertShard` plus what only an actor can say about itself: where it runs."""
+    """`ExpertShard` plus what only an actor can say about itself: where it runs.
+
+    `takeover` (set for a replacement placed away from its planned node) makes the actor
+    check that it can read the checkpoint files here and size its expert budget to the
+    memory this node has free (`recovery.takeover_budget`), so it pages instead of failing.
+    """
+
+    def __init__(self, specs: list[dict], budget_bytes: int | None = None, *,
+                 takeover: dict[str, Any] | None = None, **kwargs: Any):
+        self.takeover: dict[str, Any] | None = None
+        if takeover is not None:
+            recovery.check_files(t["file"] for d in specs for t in (d["gate"], d["up"], d["down"]))
+            from .placement import expert_nbytes
+
+            itemsize = DTYPES[kwargs.get("dtype", "float32")].itemsize
+            parsed = [ExpertSpec.from_dict(d) for d in specs]
+            slot = max((expert_nbytes(sp, itemsize) for sp in parsed), default=0)
+            machine = recovery.available_memory()        # this process's view (cgroup limits if readable)
+            node = _node_memory_left(takeover.get("held", {}))   # what the cluster says this node has left
+            free = machine if node is None else min(machine, node)
+            planned = budget_bytes
+            budget_bytes = recovery.takeover_budget(slot, len(parsed), planned, takeover.get("memory"),
+                                                    float(takeover.get("share", 0.5)), free)
+            self.takeover = {"free_bytes": free, "machine_free_bytes": machine, "node_memory_left": node,
+                             "planned_budget": planned, "budget_bytes": budget_bytes,
+                             "expert_bytes": slot * len(parsed),
+                             "paged": budget_bytes is not None and budget_bytes < slot * len(parsed)}
+        super().__init__(specs, budget_bytes, **kwargs)
 
     def node_info(self) -> dict[str, Any]:
-        """Liveness check that also reports the actor's node id, node IP and pid."""
+        """Liveness check that also reports the actor's node id, node IP and pid (and any takeover)."""
         import ray
 
         self.ping()
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "device": str(self.device)}
+                "device": str(self.device), "budget_bytes": self.budget_bytes, "takeover": self.takeover}
+
+
+def _node_memory_left(held: dict[str, int]) -> int | None:
+    """This node's Ray `memory` resource (its memory for tasks and actors; sized from the node's
+    cgroup or the operator's `--memory`) minus what our other actors there hold. None if unknown.
+
+    Inside a harness host `ip netns exec` remounted /sys, so the cgroup files cannot be read
+    from the process itself; Ray's figure for the node is the one that is always available."""
+    import ray
+
+    try:
+        nid = ray.get_runtime_context().get_node_id()
+        total = next((n["Resources"].get("memory") for n in ray.nodes() if n["NodeID"] == nid), None)
+    except Exception:  # GCS unreachable: fall back on the local measurement
+        return None
+    return None if not total else max(0, int(total) - int(held.get(nid, 0)))
 
 
 # ---- Ray connection ------------------------------------------------------------------------------
@@ -136,12 +189,17 @@ def _check_capacity(plan: Plan) -> None:
 
 @dataclass
 class _Call:
-    """One run_layer call in flight to one actor."""
+    """One run_layer call in flight to one actor. `msg` is kept so a retry resends the same bytes."""
 
     actor: int
     ref: Any                   # ray.ObjectRef of the reply bytes
     idx: torch.Tensor          # [n] positions of this actor's rows in the grouped buffer
     t_sent: float
+    msg: bytes = b""
+    incarnation: int = 0       # which incarnation of the actor the call went to
+    attempt: int = 0           # retries so far
+    t_failed: float | None = None      # when the first failure of this call was detected
+    failed_nodes: list[str] = field(default_factory=list)   # nodes of the incarnations it failed on
 
 
 @dataclass
@@ -166,20 +224,38 @@ class _ActorStats:
     calls_per_layer: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
 
+@dataclass
+class _Failure:
+    """A call failed in a way a replacement actor can fix: kind "died" (dead or unreachable) or "timeout"."""
+
+    error: ShardUnavailable
+    kind: str
+
+
 class RemoteExperts:
-    """Routed experts spread over `num_workers` Ray actors (see module docstring)."""
+    """Routed experts spread over `num_workers` Ray actors (see module docstring).
+
+    Recovery options (see `recovery.RecoveryPolicy`): `max_call_retries`, `max_generation_retries`,
+    `restart_timeout_s`, `takeover_memory` (bytes or "64MB"), `takeover_share`.
+    """
 
     def __init__(self, specs: Sequence[ExpertSpec], *, num_workers: int, dtype: str,
                  worker_memory: int | None = None, min_resident: int = 1, ray_address: str | None = None,
                  num_cpus_per_worker: float = 1, num_gpus_per_worker: float = 0,
                  resources: list[dict] | None = None, call_timeout_s: float = 60.0, policy: str = "lfu-decay",
-                 ready_timeout_s: float = 120.0, load: dict[tuple[int, int], float] | None = None):
+                 ready_timeout_s: float = 120.0, load: dict[tuple[int, int], float] | None = None,
+                 max_call_retries: int = 3, max_generation_retries: int = 10, restart_timeout_s: float = 60.0,
+                 takeover_memory: int | str | None = None, takeover_share: float = 0.5):
         import ray
+
+        from workers.units import parse_bytes
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
         self.dtype = DTYPES[dtype]
         self.call_timeout_s = call_timeout_s
+        self.recovery = RecoveryPolicy(max_call_retries, max_generation_retries, restart_timeout_s,
+                                       parse_bytes(takeover_memory), takeover_share)
         self.plan = plan_placement(list(specs), num_workers, dtype_bytes=self.dtype.itemsize,
                                    worker_memory=worker_memory, min_resident=min_resident, load=load,
                                    num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, resources=resources)
@@ -189,6 +265,16 @@ class RemoteExperts:
         self._actors: list[Any] = []
         self._nodes: list[dict[str, Any]] = []
         self._closed = False
+        by_key = {s.key: s for s in specs}
+        # What each actor is created with, so a replacement is the same actor (plan order).
+        self._init_args = [dict(specs=[by_key[k].to_dict() for k in w.experts], budget_bytes=worker_memory,
+                                dtype=dtype, device="cuda" if w.num_gpus > 0 else None, policy=policy,
+                                min_resident=min_resident, num_threads=max(1, int(w.num_cpus)))
+                           for w in self.plan.workers]
+        self._rec = [ActorRecovery() for _ in self.plan.workers]
+        self._log = RecoveryLog()
+        self._request_retries = 0
+        self._requests = 0
         custom: dict[str, float] = defaultdict(float)
         for w in self.plan.workers:
             for k, v in w.resources.items():
@@ -197,18 +283,9 @@ class RemoteExperts:
                                         num_gpus=num_workers * num_gpus_per_worker, resources=dict(custom))
         try:
             _check_capacity(self.plan)
-            by_key = {s.key: s for s in specs}
-            cls = ray.remote(_ShardActor)
-            for w in self.plan.workers:
-                opts: dict[str, Any] = dict(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0)
-                if w.resources:
-                    opts["resources"] = w.resources
-                else:
-                    opts["scheduling_strategy"] = "SPREAD"
-                self._actors.append(cls.options(**opts).remote(
-                    [by_key[k].to_dict() for k in w.experts], budget_bytes=worker_memory, dtype=dtype,
-                    device="cuda" if w.num_gpus > 0 else None, policy=policy, min_resident=min_resident,
-                    num_threads=max(1, int(w.num_cpus))))
+            self._cls = ray.remote(_ShardActor)
+            for i in range(len(self.plan.workers)):
+                self._actors.append(self._cls.options(**self._planned_options(i)).remote(**self._init_args[i]))
             self._nodes = self._wait_ready(ready_timeout_s)
         except BaseException:
             self.close()
@@ -220,6 +297,23 @@ class RemoteExperts:
         self._prefetch_hints = 0
         log.info("RemoteExperts: %d actors ready on %d node(s)", len(self._actors),
                  len({n["node_id"] for n in self._nodes}))
+
+    # retry budgets are plain attributes of the policy; these make them settable on the backend too
+    max_call_retries = property(lambda self: self.recovery.max_call_retries,
+                                lambda self, v: setattr(self.recovery, "max_call_retries", int(v)))
+    max_generation_retries = property(lambda self: self.recovery.max_generation_retries,
+                                      lambda self, v: setattr(self.recovery, "max_generation_retries", int(v)))
+    restart_timeout_s = property(lambda self: self.recovery.restart_timeout_s,
+                                 lambda self, v: setattr(self.recovery, "restart_timeout_s", float(v)))
+
+    def _planned_options(self, i: int) -> dict[str, Any]:
+        w = self.plan.workers[i]
+        opts: dict[str, Any] = dict(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0)
+        if w.resources:
+            opts["resources"] = w.resources
+        else:
+            opts["scheduling_strategy"] = "SPREAD"
+        return opts
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
@@ -271,7 +365,189 @@ class RemoteExperts:
 
     def _where(self, i: int) -> str:
         n = self._nodes[i] if i < len(self._nodes) else {}
-        return f"actor {i} (node {n.get('node_id', '?')[:12]} at {n.get('ip', '?')})"
+        return f"actor {i} (node {(n.get('node_id') or '?')[:12]} at {n.get('ip', '?')})"
+
+    def begin_request(self) -> None:
+        """Start a new request (a `generate` or `forward`): resets the per-request retry budget."""
+        self._request_retries = 0
+        self._requests += 1
+
+    # -- recovery ----------------------------------------------------------------------------------
+    def _bad_nodes(self, i: int) -> set[str]:
+        """{node id} of actor i's current node if that node is dead or its raylet unreachable, else {}."""
+        import ray
+
+        nid = self._nodes[i].get("node_id") if i < len(self._nodes) else None
+        if not nid:
+            return set()
+        node = next((n for n in ray.nodes() if n["NodeID"] == nid), None)
+        if node is None or not node["Alive"]:
+            return {nid}
+        return set() if recovery.node_reachable(node["NodeManagerAddress"], node["NodeManagerPort"]) else {nid}
+
+    def _placement(self, i: int, dead: set[str], suspect: set[str] = frozenset()) -> tuple[dict[str, Any], bool]:
+        """Actor options for a replacement of actor i, and whether it is a takeover (placed away from
+        where the plan put it, so it must fit its budget to the memory it finds there).
+
+        Nothing to avoid: as planned (same pin, or SPREAD). Otherwise `dead` nodes are never used and
+        `suspect` ones (where this call already failed) only if nothing else can host the actor. The
+        planned pin is kept if an acceptable live node offers it; else it is dropped and the replacement
+        goes to the best acceptable node (free resources first, then fewest of our actors)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if not dead and not suspect:
+            return self._planned_options(i), False
+        w = self.plan.workers[i]
+        need = {"CPU": w.num_cpus, "GPU": w.num_gpus}
+        live = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in dead]
+        base = dict(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0)
+        try:
+            from ray._private.state import available_resources_per_node
+            free = available_resources_per_node()
+        except Exception:  # developer API: placement still works on totals
+            free = {}
+        ours: dict[str, int] = defaultdict(int)
+        for j, n in enumerate(self._nodes):
+            if j != i and self._rec[j].broken is None:
+                ours[n.get("node_id")] += 1
+        preferred = [n for n in live if n["NodeID"] not in suspect]
+        for pool in (preferred, live):
+            if pool is live and not dead:
+                # only nodes this call already failed on are left, and they are up: retry as planned
+                return self._planned_options(i), False
+            if w.resources and any(recovery.fits(n.get("Resources"), {**need, **w.resources}) for n in pool):
+                return {**base, "resources": w.resources}, True
+            node = recovery.pick_node(pool, need, free, ours)
+            if node is not None:
+                return {**base, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                    node["NodeID"], soft=True, _spill_on_unavailable=True)}, True
+        raise ShardUnavailable(
+            f"no surviving node can host a replacement for actor {i} (needs {w.num_cpus:g} CPU, "
+            f"{w.num_gpus:g} GPU; dead or unreachable nodes: {sorted(x[:12] for x in dead)}; live nodes: "
+            f"{[(n['NodeManagerAddress'], n.get('Resources', {}).get('CPU', 0)) for n in live]})")
+
+    def _replace(self, i: int, dead: set[str], why: str, suspect: set[str] = frozenset()) -> None:
+        """Kill actor i (no restart) and start a new one with the same experts; bounded by
+        `restart_timeout_s`. Raises ShardUnavailable if the replacement is not ready in time."""
+        import ray
+
+        t0 = time.perf_counter()
+        rec = self._rec[i]
+        old_node = dict(self._nodes[i]) if i < len(self._nodes) else {}
+        self._kill_quietly(i)              # a hung actor must not come back; frees its resources
+        rec.broken = rec.broken or why
+        t_kill = time.perf_counter()
+        opts, takeover = self._placement(i, dead, suspect)
+        t_place = time.perf_counter()
+        kwargs = dict(self._init_args[i])
+        if takeover:
+            held: dict[str, int] = defaultdict(int)     # expert bytes our other actors hold, per node
+            for j, n in enumerate(self._nodes):
+                if j != i and self._rec[j].broken is None:
+                    own, budget = self.plan.workers[j].expert_bytes, n.get("budget_bytes")
+                    held[n.get("node_id")] += own if budget is None else min(own, int(budget))
+            kwargs["takeover"] = {"memory": self.recovery.takeover_memory, "share": self.recovery.takeover_share,
+                                  "held": dict(held)}
+        handle = self._cls.options(**opts).remote(**kwargs)
+        ref = handle.node_info.remote()
+        ready, _ = ray.wait([ref], timeout=self.recovery.restart_timeout_s)
+        err: str | None = None
+        if not ready:
+            asked = {"CPU": opts.get("num_cpus"), "GPU": opts.get("num_gpus"), **opts.get("resources", {})}
+            err = (f"the replacement was not ready within restart_timeout_s={self.recovery.restart_timeout_s:g}s "
+                   f"(is any node able to give it {asked}?)")
+        else:
+            try:
+                info = ray.get(ref, timeout=self.recovery.restart_timeout_s)
+            except ray.exceptions.RayError as e:
+                err = f"the replacement failed to start: {_root_message(e)}"
+        if err is not None:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:
+                pass
+            self._log.add(kind="restart_failed", actor=i, seconds=time.perf_counter() - t0, error=err)
+            raise ShardUnavailable(f"{self._where(i)}: {err}")
+        self._actors[i] = handle
+        self._nodes[i] = info
+        rec.incarnation += 1
+        rec.restarts += 1
+        rec.broken = None
+        rec.takeover = info.get("takeover")
+        dt = time.perf_counter() - t0
+        self._log.add(kind="restart", actor=i, seconds=dt, why=why, incarnation=rec.incarnation,
+                      kill_s=t_kill - t0, placement_s=t_place - t_kill, start_s=time.perf_counter() - t_place,
+                      from_node=old_node.get("node_id"), from_ip=old_node.get("ip"), to_node=info["node_id"],
+                      to_ip=info["ip"], pid=info["pid"], budget_bytes=info.get("budget_bytes"),
+                      takeover=rec.takeover)
+        log.warning("expert actor %d replaced in %.2fs (%s): now pid %s on %s%s", i, dt, why, info["pid"], info["ip"],
+                    f", paged takeover budget {info.get('budget_bytes')}" if (rec.takeover or {}).get("paged") else "")
+
+    def _ensure_live(self, i: int, layer: int) -> None:
+        """Replace actor i now if an earlier failure left it marked broken (lazy, at its next call)."""
+        rec = self._rec[i]
+        if rec.broken is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self._replace(i, self._bad_nodes(i), f"marked broken: {rec.broken}")
+        except ShardUnavailable as e:
+            raise ShardUnavailable(f"{self._where(i)}, layer {layer}: the actor is down ({rec.broken}) and could "
+                                   f"not be replaced: {e}") from None
+        rec.recovery_s += time.perf_counter() - t0
+
+    def _retry(self, call: _Call, layer: int, failure: _Failure) -> _Call:
+        """Replace the call's actor if nobody did since the call was sent, then resend the same bytes.
+
+        Raises the failure (naming actor, node and layer) once a retry budget is spent."""
+        a, rec, pol = call.actor, self._rec[call.actor], self.recovery
+        now = time.perf_counter()
+        call.t_failed = call.t_failed or now
+        rec.failures += 1
+        node = self._nodes[a].get("node_id") if a < len(self._nodes) else None
+        self._log.add(kind=failure.kind, actor=a, layer=layer, node=node, ip=self._nodes[a].get("ip"),
+                      attempt=call.attempt, error=str(failure.error)[:300])
+        error = failure.error
+        while True:
+            if node and node not in call.failed_nodes:
+                call.failed_nodes.append(node)
+            spent = ("call" if call.attempt >= pol.max_call_retries else
+                     "generation" if self._request_retries >= pol.max_generation_retries else None)
+            if spent is not None:
+                rec.broken = rec.broken or f"{failure.kind} in layer {layer}"
+                if failure.kind == "timeout":       # do not leave a hung actor holding its resources
+                    self._kill_quietly(a)
+                limit = pol.max_call_retries if spent == "call" else pol.max_generation_retries
+                cls = ExpertTimeout if isinstance(error, ExpertTimeout) else ShardUnavailable
+                raise cls(f"{self._where(a)}, layer {layer}: gave up after {call.attempt} "
+                          f"retr{'y' if call.attempt == 1 else 'ies'} of this call "
+                          f"({self._request_retries} in this request; budget max_{spent}_retries={limit}); "
+                          f"last error: {error}") from error
+            call.attempt += 1
+            self._request_retries += 1
+            rec.retries += 1
+            try:
+                if rec.incarnation == call.incarnation or rec.broken is not None:
+                    # never a dead/unreachable node; after a first retry also not the nodes this
+                    # call already failed on, unless nothing else can host the actor
+                    suspect = set(call.failed_nodes) if call.attempt > 1 else set()
+                    self._replace(a, self._bad_nodes(a), f"{failure.kind} in layer {layer}", suspect)
+                t = time.perf_counter()
+                return _Call(a, self._actors[a].run_layer.remote(call.msg), call.idx, t, call.msg,
+                             rec.incarnation, call.attempt, call.t_failed, call.failed_nodes)
+            except ShardUnavailable as e:       # the replacement itself failed: that costs a retry too
+                error = e
+                node = self._nodes[a].get("node_id")
+
+    def _kill_quietly(self, i: int) -> None:
+        """ray.kill actor i without restart; never raises (it may be dead already, or unreachable)."""
+        import ray
+
+        try:
+            ray.kill(self._actors[i], no_restart=True)
+        except Exception as e:
+            log.debug("killing actor %d: %s", i, e)
 
     # -- the routed-experts protocol ---------------------------------------------------------------
     def forward(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -279,7 +555,8 @@ class RemoteExperts:
         return self.wait(self.submit(layer, x, weights, ids))
 
     def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Pending:
-        """Send layer `layer`'s routed rows: one call per actor that owns an active expert. Returns at once."""
+        """Send layer `layer`'s routed rows: one call per actor that owns an active expert. Returns at once
+        (after replacing, bounded by `restart_timeout_s`, an actor an earlier failure left broken)."""
         if self._closed:
             raise ClusterError("RemoteExperts is closed")
         if x.dtype != self.dtype:
@@ -299,6 +576,8 @@ class RemoteExperts:
             experts.append(e)
             counts.append(t - s)
             spans.append(torch.arange(s, t, device=batch.token_idx.device))
+        for a in sorted(per):
+            self._ensure_live(a, layer)
         calls = []
         for a in sorted(per):
             experts, counts, spans = per[a]
@@ -306,11 +585,14 @@ class RemoteExperts:
             rows = x.index_select(0, batch.token_idx[idx])          # one gather per actor
             msg = wire.encode({"op": "run_layer", "layer": layer, "experts": experts, "counts": counts},
                               {"rows": rows})
-            calls.append(_Call(a, self._actors[a].run_layer.remote(msg), idx, time.perf_counter()))
+            calls.append(_Call(a, self._actors[a].run_layer.remote(msg), idx, time.perf_counter(), msg,
+                               self._rec[a].incarnation))
         return Pending(layer, batch, x, calls, t0)
 
     def wait(self, pending: Pending) -> torch.Tensor:
-        """Collect the replies of `submit` and combine: [T, H]."""
+        """Collect the replies of `submit` and combine: [T, H]. Each call has `call_timeout_s` from its
+        sending; a call that fails because its actor is dead, hung or unreachable is retried on a
+        replacement (see `_retry`); any other failure (a bad message, a shard error) is raised at once."""
         import ray
 
         if pending.done:
@@ -319,16 +601,28 @@ class RemoteExperts:
         layer, batch = pending.layer, pending.batch
         y = torch.empty(len(batch.token_idx), pending.x.shape[1], dtype=self.dtype, device=pending.x.device)
         by_ref = {c.ref: c for c in pending.calls}
-        left = list(by_ref)
-        deadline = time.perf_counter() + self.call_timeout_s
-        while left:
-            ready, left = ray.wait(left, num_returns=1, timeout=max(0.0, deadline - time.perf_counter()))
+        while by_ref:
+            now = time.perf_counter()
+            soonest = min(c.t_sent for c in by_ref.values()) + self.call_timeout_s
+            ready, _ = ray.wait(list(by_ref), num_returns=1, timeout=max(0.0, soonest - now))
             if not ready:
-                late = ", ".join(self._where(by_ref[r].actor) for r in left)
-                raise ExpertTimeout(f"no reply within {self.call_timeout_s:g}s from {late} for layer {layer}")
-            call = by_ref[ready[0]]
+                now = time.perf_counter()
+                for ref, call in list(by_ref.items()):
+                    if call.t_sent + self.call_timeout_s <= now:
+                        del by_ref[ref]
+                        err = ExpertTimeout(f"no reply within {self.call_timeout_s:g}s from {self._where(call.actor)} "
+                                            f"for layer {layer}")
+                        new = self._retry(call, layer, _Failure(err, "timeout"))
+                        by_ref[new.ref] = new
+                continue
+            call = by_ref.pop(ready[0])
             arrived = time.perf_counter()
-            header, out = self._reply(call, layer, y.shape[1])
+            try:
+                header, out = self._reply(call, layer, y.shape[1])
+            except ShardUnavailable as e:
+                new = self._retry(call, layer, _Failure(e, "timeout" if isinstance(e, ExpertTimeout) else "died"))
+                by_ref[new.ref] = new
+                continue
             y.index_copy_(0, call.idx, out.to(y.device))
             st = self._stats[call.actor]
             st.calls += 1
@@ -337,6 +631,10 @@ class RemoteExperts:
             st.stall_s += float(header.get("stall_s", 0.0))
             st.transit_s += max(0.0, arrived - call.t_sent - float(header.get("compute_s", 0.0)))
             st.calls_per_layer[layer] += 1
+            if call.t_failed is not None:
+                took = time.perf_counter() - call.t_failed
+                self._rec[call.actor].recovery_s += took
+                self._log.add(kind="recovered", actor=call.actor, layer=layer, seconds=took, retries=call.attempt)
         result = batch.combine(y)
         self._record_layer(layer, pending, time.perf_counter() - pending.t0)
         return result
@@ -387,6 +685,8 @@ class RemoteExperts:
             if (a := owners.get(int(e))) is not None:
                 per[a].append(int(e))
         for a, experts in per.items():
+            if self._rec[a].broken is not None:   # replaced at its next call; a hint can wait
+                continue
             self._actors[a].prefetch.remote(layer, experts)  # ref dropped on purpose: fire and forget
             self._prefetch_hints += 1
 
@@ -412,11 +712,7 @@ class RemoteExperts:
         dispatch-side figures: calls, rows, actor compute seconds vs transit seconds (round trip
         minus compute), calls per layer. `layers` gives each layer's dispatch latency (mean/p50/max)
         and the most calls any actor got in one dispatch (1 by construction)."""
-        try:
-            reports = self.reports() if not self._closed else [{} for _ in self._actors]
-        except ClusterError as e:
-            log.warning("stats without actor reports: %s", e)
-            reports = [{} for _ in self._actors]
+        reports = self._reports_tolerant() if not self._closed else [{} for _ in self._actors]
         actors = []
         for i, (w, st, rep) in enumerate(zip(self.plan.workers, self._stats, reports)):
             n = self._nodes[i]
@@ -425,7 +721,7 @@ class RemoteExperts:
                 **rep, "index": i, "node_id": n["node_id"], "ip": n["ip"], "pid": n["pid"], "device": n["device"],
                 "experts": len(w.experts), "expert_bytes": w.expert_bytes, "calls": st.calls, "rows": st.rows,
                 "compute_s": st.compute_s, "stall_s": st.stall_s, "transit_s": st.transit_s,
-                "calls_per_layer": dict(st.calls_per_layer),
+                "calls_per_layer": dict(st.calls_per_layer), **self._rec[i].as_dict(),
             })
         layers = {}
         for layer, lat in sorted(self._latency.items()):
@@ -433,9 +729,34 @@ class RemoteExperts:
             layers[layer] = {"dispatches": int(count), "latency_mean_s": total / count,
                              "latency_p50_s": statistics.median(lat), "latency_max_s": worst,
                              "max_calls_per_actor": self._max_calls_per_actor[layer]}
+        rec = self._rec
         return backend_stats("ray", actors, budget_bytes=self.plan.worker_memory,
                              transit_s=sum(st.transit_s for st in self._stats),
-                             prefetch_hints=self._prefetch_hints, layers=layers)
+                             prefetch_hints=self._prefetch_hints, layers=layers,
+                             failures=sum(r.failures for r in rec), restarts=sum(r.restarts for r in rec),
+                             retries=sum(r.retries for r in rec), recovery_s=sum(r.recovery_s for r in rec),
+                             retry_budget={"max_call_retries": self.recovery.max_call_retries,
+                                           "max_generation_retries": self.recovery.max_generation_retries,
+                                           "used_this_request": self._request_retries},
+                             recovery_events=[dict(e) for e in self._log.events])
+
+    def _reports_tolerant(self) -> list[dict]:
+        """`reports()`, but a dead, hung or broken actor gives {} instead of failing the whole call."""
+        import ray
+
+        timeout = min(self.call_timeout_s, 10.0)
+        refs = [None if self._rec[i].broken else a.report.remote() for i, a in enumerate(self._actors)]
+        live = [r for r in refs if r is not None]
+        if live:
+            ray.wait(live, num_returns=len(live), timeout=timeout)
+        out = []
+        for i, r in enumerate(refs):
+            try:
+                out.append({} if r is None else ray.get(r, timeout=0.01))
+            except Exception as e:  # not ready, or gone
+                log.warning("stats without the report of %s: %s", self._where(i), type(e).__name__)
+                out.append({})
+        return out
 
 
 def _root_message(e: BaseException) -> str:

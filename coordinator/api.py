@@ -4,11 +4,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from workers.errors import MoeshardError
 from workers.units import parse_bytes
 
 from .checkpoint import Checkpoint
@@ -21,17 +23,27 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class CoordinatorBusy(MoeshardError, TimeoutError):
+    """Another call held the Coordinator for longer than `lock_timeout_s`."""
+
+
 class Coordinator:
     """Runs the dense part of an MoE model here and its routed experts wherever the backend puts them.
 
     Calls are serialised: a second thread calling `forward`/`generate` while one runs
     waits for it (the KV cache and the backend are per call, the model is shared).
+    The wait is bounded by the running call, whose every remote wait is bounded (call
+    timeout x retry budgets); `lock_timeout_s` bounds it explicitly (CoordinatorBusy),
+    and a call made from inside `on_token` raises instead of deadlocking.
     """
 
-    def __init__(self, checkpoint: Checkpoint, model: MoETransformer, experts: RoutedExperts, dtype: str):
+    def __init__(self, checkpoint: Checkpoint, model: MoETransformer, experts: RoutedExperts, dtype: str,
+                 lock_timeout_s: float | None = None):
         self.checkpoint, self.config, self.model, self.experts, self.dtype = (
             checkpoint, checkpoint.config, model, experts, dtype)
         self._lock = threading.Lock()
+        self._holder: int | None = None      # thread id running a call, for the re-entrancy check
+        self.lock_timeout_s = lock_timeout_s
         self._tokenizer = None
         self._counters = {"forward_calls": 0, "generated_tokens": 0, "generate_seconds": 0.0}
         self._closed = False
@@ -39,7 +51,8 @@ class Coordinator:
     @classmethod
     def from_pretrained(cls, path: str | Path, num_workers: int = 0, worker_memory: int | str | None = None,
                         dtype: str = "float32", ray_address: str | None = None, *, prefetch_depth: int = 1,
-                        prefetch_extra: int = 0, policy: str = "lfu-decay", **backend_options: Any) -> "Coordinator":
+                        prefetch_extra: int = 0, policy: str = "lfu-decay", lock_timeout_s: float | None = None,
+                        **backend_options: Any) -> "Coordinator":
         """Load a Hugging Face MoE checkpoint.
 
         num_workers=0 keeps routed experts in this process; N > 0 spreads them over N Ray
@@ -47,7 +60,10 @@ class Coordinator:
         worker_memory caps resident expert bytes per expert holder ("2GB" or bytes);
         experts beyond it are paged from the checkpoint files. prefetch_depth/extra set how
         many next layers' routers predict experts to load ahead, and how many candidates
-        beyond top-k each prediction takes.
+        beyond top-k each prediction takes. lock_timeout_s bounds how long a call waits for
+        another thread's running call (None: until it finishes). With workers, backend_options
+        also take the recovery settings: max_call_retries, max_generation_retries,
+        restart_timeout_s, takeover_memory (see cluster/recovery.py).
         """
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -74,7 +90,7 @@ class Coordinator:
         except BaseException:
             experts.close()
             raise
-        return cls(ckpt, model, experts, dtype)
+        return cls(ckpt, model, experts, dtype, lock_timeout_s=lock_timeout_s)
 
     # -- inference ---------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -84,8 +100,7 @@ class Coordinator:
         B, T = ids.shape
         mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         positions = torch.arange(T).expand(B, T) if position_ids is None else position_ids
-        with self._lock:
-            self._check_open()
+        with self._serialised("forward"):
             self._counters["forward_calls"] += 1
             return self.model(ids, positions, torch.arange(T), mask)
 
@@ -101,8 +116,7 @@ class Coordinator:
         receives each step's new tokens [B] (for streaming).
         """
         ids = self._check_ids(ids)
-        with self._lock:
-            self._check_open()
+        with self._serialised("generate"):
             t0 = time.perf_counter()
             out = generate(self.model, ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                            temperature=temperature, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
@@ -165,6 +179,28 @@ class Coordinator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @contextmanager
+    def _serialised(self, what: str):
+        """Hold the call lock for one request: bounded wait, no self-deadlock, fresh retry budget."""
+        me = threading.get_ident()
+        if self._holder == me:
+            raise RuntimeError(f"Coordinator.{what} called from inside a running call on the same thread (e.g. "
+                               "from on_token); that would wait for itself forever. Call it after generate returns.")
+        timeout = -1 if self.lock_timeout_s is None else max(0.0, self.lock_timeout_s)
+        if not self._lock.acquire(timeout=timeout):
+            raise CoordinatorBusy(f"Coordinator.{what}: another call has been running for more than "
+                                  f"lock_timeout_s={self.lock_timeout_s:g}s")
+        self._holder = me
+        try:
+            self._check_open()
+            begin = getattr(self.experts, "begin_request", None)
+            if begin is not None:
+                begin()                      # per-request retry budget starts here
+            yield
+        finally:
+            self._holder = None
+            self._lock.release()
 
     def _check_open(self) -> None:
         if self._closed:

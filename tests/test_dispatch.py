@@ -183,12 +183,13 @@ def test_bad_routing_is_refused_before_sending(remote):
 
 def test_timeout_names_actor_and_layer(remote):
     ids, w, g = routing(4, 3, 8, seed=1)
-    saved, remote.call_timeout_s = remote.call_timeout_s, 0.0
+    # no retries: with a 0 s timeout every replacement would time out too (retries: test_recovery.py)
+    saved, remote.call_timeout_s, remote.max_call_retries = remote.call_timeout_s, 0.0, 0
     try:
         with pytest.raises(ExpertTimeout, match=r"actor \d+ \(node .* layer 2"):
             remote.forward(2, torch.randn(4, 32, generator=g), w, ids)
     finally:
-        remote.call_timeout_s = saved
+        remote.call_timeout_s, remote.max_call_retries = saved, 3
     remote.forward(2, torch.randn(4, 32), w, ids)  # the late replies do not disturb later calls
 
 
@@ -234,9 +235,10 @@ def test_bfloat16_parity(ray_session, specs):
 
 
 def test_pinned_actors_dead_actor_and_close(ray_session, specs):
-    # Pin actor i to the "node" advertising host_{i+1} (both on this machine here).
+    # Pin actor i to the "node" advertising host_{i+1} (both on this machine here). No retries, so the
+    # dead actor is an error here (replacement and retry are tested in test_recovery.py).
     re = RemoteExperts(specs, num_workers=2, dtype="float32", call_timeout_s=30,
-                       resources=[{"host_1": 0.01}, {"host_2": 0.01}])
+                       resources=[{"host_1": 0.01}, {"host_2": 0.01}], max_call_retries=0)
     actors = re.actors
     try:
         assert [w.resources for w in re.plan.workers] == [{"host_1": 0.01}, {"host_2": 0.01}]
