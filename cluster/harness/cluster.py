@@ -755,16 +755,15 @@ class LocalCluster:
 
     def _apply_auth_env(self, extra: dict[str, str] | None = None) -> None:
         """Put ``auth_env`` (and ``extra``) in ``os.environ`` and make Ray re-read it."""
-        from ray._raylet import AuthenticationTokenLoader, Config
-
         new = {**self.auth_env, **(extra or {})}
         if self._saved_env is None:
             self._saved_env = {k: os.environ.get(k) for k in new}
         os.environ.update(new)
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
+        _reload_ray_auth()
 
     def _restore_env(self) -> None:
+        """Undo ``_apply_auth_env``, including Ray's cached token, so a later local Ray in this
+        process does not present this cluster's token."""
         if self._saved_env is None:
             return
         for k, v in self._saved_env.items():
@@ -773,6 +772,7 @@ class LocalCluster:
             else:
                 os.environ[k] = v
         self._saved_env = None
+        _reload_ray_auth()
 
     def _disconnect_if_ours(self) -> None:
         """``ray.shutdown()`` if this process is a driver of this cluster."""
@@ -826,3 +826,11 @@ while True:
         print(json.dumps({{"alive": alive, "error": err}})); sys.exit(1)
     time.sleep(0.5)
 """
+
+
+def _reload_ray_auth() -> None:
+    """Make Ray re-read its auth settings and token from the environment."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
