@@ -245,7 +245,8 @@ class RemoteExperts:
                  resources: list[dict] | None = None, call_timeout_s: float = 60.0, policy: str = "lfu-decay",
                  ready_timeout_s: float = 120.0, load: dict[tuple[int, int], float] | None = None,
                  max_call_retries: int = 3, max_generation_retries: int = 10, restart_timeout_s: float = 60.0,
-                 takeover_memory: int | str | None = None, takeover_share: float = 0.5):
+                 takeover_memory: int | str | None = None, takeover_share: float = 0.5,
+                 pinned: Sequence[tuple[int, int]] = (), spill_dir: str | None = None):
         import ray
 
         from workers.units import parse_bytes
@@ -269,7 +270,9 @@ class RemoteExperts:
         # What each actor is created with, so a replacement is the same actor (plan order).
         self._init_args = [dict(specs=[by_key[k].to_dict() for k in w.experts], budget_bytes=worker_memory,
                                 dtype=dtype, device="cuda" if w.num_gpus > 0 else None, policy=policy,
-                                min_resident=min_resident, num_threads=max(1, int(w.num_cpus)))
+                                min_resident=min_resident, num_threads=max(1, int(w.num_cpus)),
+                                pinned=[k for k in w.experts if k in set(map(tuple, pinned))],
+                                spill_dir=None if spill_dir is None else os.path.join(spill_dir, f"actor-{w.index}"))
                            for w in self.plan.workers]
         self._rec = [ActorRecovery() for _ in self.plan.workers]
         self._log = RecoveryLog()

@@ -6,7 +6,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -51,8 +51,9 @@ class Coordinator:
     @classmethod
     def from_pretrained(cls, path: str | Path, num_workers: int = 0, worker_memory: int | str | None = None,
                         dtype: str = "float32", ray_address: str | None = None, *, prefetch_depth: int = 1,
-                        prefetch_extra: int = 0, policy: str = "lfu-decay", lock_timeout_s: float | None = None,
-                        **backend_options: Any) -> "Coordinator":
+                        prefetch_extra: int = 0, policy: str = "lfu-decay", pin: Iterable[tuple[int, int]] = (),
+                        pin_layers: Iterable[int] = (), spill_dir: str | None = None,
+                        lock_timeout_s: float | None = None, **backend_options: Any) -> "Coordinator":
         """Load a Hugging Face MoE checkpoint.
 
         num_workers=0 keeps routed experts in this process; N > 0 spreads them over N Ray
@@ -60,7 +61,9 @@ class Coordinator:
         worker_memory caps resident expert bytes per expert holder ("2GB" or bytes);
         experts beyond it are paged from the checkpoint files. prefetch_depth/extra set how
         many next layers' routers predict experts to load ahead, and how many candidates
-        beyond top-k each prediction takes. lock_timeout_s bounds how long a call waits for
+        beyond top-k each prediction takes. `pin` ((layer, expert) pairs) and `pin_layers`
+        (every expert of those layers) are never evicted; `spill_dir` keeps each expert's
+        compute-dtype image on local disk after its first read (see docs/memory.md). lock_timeout_s bounds how long a call waits for
         another thread's running call (None: until it finishes). With workers, backend_options
         also take the recovery settings: max_call_retries, max_generation_retries,
         restart_timeout_s, takeover_memory (see cluster/recovery.py).
@@ -73,15 +76,16 @@ class Coordinator:
         cfg = ckpt.config
         budget = parse_bytes(worker_memory)
         specs = ckpt.expert_specs()
+        pinned = _pinned_experts(cfg, pin, pin_layers)
+        store = dict(policy=policy, pinned=pinned, spill_dir=None if spill_dir is None else str(spill_dir))
         if num_workers == 0:
             experts: RoutedExperts = LocalExperts(specs, dtype=dtype, budget_bytes=budget, min_resident=cfg.top_k,
-                                                  policy=policy)
+                                                  **store)
         else:
             # The one place the coordinator reaches up to cluster/: only when Ray is asked for.
             from cluster.dispatch import RemoteExperts
             experts = RemoteExperts(specs, num_workers=num_workers, dtype=dtype, worker_memory=budget,
-                                    min_resident=cfg.top_k, ray_address=ray_address, policy=policy,
-                                    **backend_options)
+                                    min_resident=cfg.top_k, ray_address=ray_address, **store, **backend_options)
         try:
             model = MoETransformer(cfg, experts, DTYPES[dtype], prefetch_depth=prefetch_depth,
                                    prefetch_extra=prefetch_extra)
@@ -216,3 +220,14 @@ class Coordinator:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got range "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         return ids.long()
+
+
+def _pinned_experts(cfg, pin: Iterable[tuple[int, int]], pin_layers: Iterable[int]) -> list[tuple[int, int]]:
+    """Resolve the pinning options to (layer, expert) keys, refusing ones the model does not have."""
+    keys = {(int(l), int(e)) for l, e in pin}
+    keys |= {(int(l), e) for l in pin_layers for e in range(cfg.num_experts)}
+    bad = sorted(k for k in keys if k[0] not in cfg.moe_layer_ids or not 0 <= k[1] < cfg.num_experts)
+    if bad:
+        raise ValueError(f"cannot pin {bad[:5]}: routed experts are layers {cfg.moe_layer_ids} x experts "
+                         f"0..{cfg.num_experts - 1}")
+    return sorted(keys)

@@ -86,9 +86,10 @@ class LocalExperts:
     """Every routed expert in this process, held by one in-process `ExpertShard`."""
 
     def __init__(self, specs: Sequence[ExpertSpec], *, dtype: str, budget_bytes: int | None = None,
-                 min_resident: int = 1, policy: str = "lfu-decay"):
+                 min_resident: int = 1, policy: str = "lfu-decay", pinned: Sequence[tuple[int, int]] = (),
+                 spill_dir: str | None = None):
         self.shard = ExpertShard([s.to_dict() for s in specs], budget_bytes=budget_bytes, dtype=dtype,
-                                 policy=policy, min_resident=min_resident)
+                                 policy=policy, min_resident=min_resident, pinned=pinned, spill_dir=spill_dir)
 
     def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         batch = ExpertBatch.from_routing(weights, ids)
@@ -113,7 +114,8 @@ class LocalExperts:
 
 # Counters every actor reports that add up across actors.
 SUMMED = ("calls", "rows", "compute_s", "bytes_resident", "hits", "misses", "loads", "bytes_read",
-          "bytes_prefetched", "prefetch_issued", "prefetch_used", "prefetch_wasted", "evictions", "stall_seconds")
+          "bytes_prefetched", "prefetch_issued", "prefetch_used", "prefetch_wasted", "evictions", "stall_seconds",
+          "spill_reads", "spill_writes")
 
 
 def backend_stats(backend: str, actors: list[dict], **extra: Any) -> dict:

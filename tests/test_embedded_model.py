@@ -52,14 +52,19 @@ def test_in_process_paged_matches_transformers(reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("memory", [None, "4MB"], ids=["resident", "paged"])
-def test_two_workers_match_transformers(reference, ray_session, memory):
-    with Coordinator.from_pretrained(MODEL, num_workers=2, worker_memory=memory) as c:
+@pytest.mark.parametrize("memory,store", [(None, False), ("4MB", False), ("6MB", True)],
+                         ids=["resident", "paged", "paged-pinned-spill"])
+def test_two_workers_match_transformers(reference, ray_session, tmp_path, memory, store):
+    extra = dict(pin=[(0, 0), (0, 1)], spill_dir=tmp_path / "spill") if store else {}
+    with Coordinator.from_pretrained(MODEL, num_workers=2, worker_memory=memory, **extra) as c:
         check(c, reference)
         s = c.stats()["experts"]
         assert s["num_workers"] == 2 and len(s["actors"]) == 2
         if memory:
-            assert s["evictions"] > 0 and all(a["bytes_resident"] <= 4 * 10**6 for a in s["actors"])
+            budget = int(memory.removesuffix("MB")) * 10**6
+            assert s["evictions"] > 0 and all(a["bytes_resident"] <= budget for a in s["actors"])
+        if store:
+            assert s["spill_writes"] > 0 and sorted((tmp_path / "spill").iterdir())[0].name == "actor-0"
 
 
 def test_text_is_stable_for_a_seed():

@@ -128,3 +128,26 @@ def test_file_lost_mid_run_names_it_and_other_experts_keep_serving(fresh_checkpo
         rows = torch.randn(3, intact.gate.shape[1])
         out = c.experts.shard.compute(intact.layer, rows, [intact.expert], [3])
         assert out.shape == rows.shape and torch.isfinite(out).all()
+
+
+def test_pinned_layer_stays_resident_and_spill_dir_serves_reloads(checkpoint, tmp_path):
+    path = checkpoint("mixtral", **MANY_EXPERTS["mixtral"])
+    _, ref, _ = run(path)
+    budget = int(0.75 * expert_bytes(path))  # 24 of 32 experts: the 16 pinned + 8 that page
+    spill = tmp_path / "spill"
+    for attempt in range(2):  # the second run reads every expert it needs from the spill files
+        with Coordinator.from_pretrained(path, worker_memory=budget, pin_layers=[0], spill_dir=spill) as c:
+            ids, mask = make_prompts()
+            tokens = c.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=PAD_ID)
+            s = c.stats()["experts"]
+            resident = {tuple(k) for k in c.experts.shard.store.resident_keys()}
+        assert torch.equal(tokens, ref)
+        assert {(0, e) for e in range(16)} <= resident, "a pinned layer is never evicted"
+        assert s["evictions"] > 0
+        if attempt == 1:
+            assert s["spill_reads"] > 0 and s["spill_writes"] == 0
+
+
+def test_pinning_an_unknown_layer_is_refused(checkpoint):
+    with pytest.raises(ValueError, match="cannot pin"):
+        Coordinator.from_pretrained(checkpoint("mixtral"), pin_layers=[7])
