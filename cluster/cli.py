@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds to wait for an actor's reply before failing (default: 60)")
     gen.add_argument("--policy", choices=("lfu-decay", "lfu", "lru"), default="lfu-decay",
                      help="which resident expert to evict when paging (default: lfu-decay)")
+    gen.add_argument("--prefetch-depth", type=int, default=1, metavar="D",
+                     help="how many next layers' routers predict experts to prefetch (0 = off; default: 1)")
+    gen.add_argument("--prefetch-extra", type=int, default=0, metavar="X",
+                     help="candidates beyond top-k each prediction prefetches (default: 0)")
+    gen.add_argument("--pin-layers", type=lambda v: [int(x) for x in v.split(",")], default=[], metavar="L,M",
+                     help="keep every expert of these MoE layers resident (never evicted; counts against the budget)")
+    gen.add_argument("--spill-dir", default=None, metavar="DIR",
+                     help="keep each expert's compute-dtype image here after its first read, for faster reloads")
     gen.add_argument("--no-stats", action="store_true", help="do not print the stats table after generating")
     gen.add_argument("--heatmap", metavar="PNG", default=None,
                      help="also write a PNG heatmap of expert activations per layer (needs matplotlib)")
@@ -164,7 +172,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = sampling_kwargs(args)
     with Coordinator.from_pretrained(args.checkpoint, num_workers=args.workers, worker_memory=args.worker_memory,
                                      dtype=args.dtype, ray_address=args.ray_address, policy=args.policy,
-                                     **backend) as coord:
+                                     prefetch_depth=args.prefetch_depth, prefetch_extra=args.prefetch_extra,
+                                     pin_layers=args.pin_layers, spill_dir=args.spill_dir, **backend) as coord:
         if args.prompt is not None:
             coord.generate_text(args.prompt, max_new_tokens=args.max_new_tokens,
                                 on_text=lambda s: print(s, end="", flush=True), **sampling)

@@ -53,6 +53,10 @@ def stats_report(stats: dict[str, Any]) -> str:
                      a.get("calls"), a.get("compute_s"), a.get("transit_s")])
     lines.append(table(["actor", "node", "experts", "resident", "budget", "hits", "misses", "evicted", "read",
                         "prefetch used/issued", "calls", "compute s", "transit s"], rows))
+    if experts.get("failures"):
+        lines.append(f"recovered from {experts['failures']} actor failure(s): {experts.get('restarts', 0)} "
+                     f"restart(s), {experts.get('retries', 0)} retried call(s), "
+                     f"{experts.get('recovery_s', 0.0):.1f} s recovering")
     return "\n".join(lines)
 
 
