@@ -322,8 +322,18 @@ class RemoteExperts:
     def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
         import ray
 
+        from tqdm import tqdm
+
         refs = [a.node_info.remote() for a in self._actors]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        pending = list(refs)
+        # a bar on a terminal only (disable=None): starting actors takes seconds each
+        with tqdm(total=len(refs), desc="starting expert actors", unit="actor", disable=None, leave=False) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not done:
+                    break
+                bar.update(len(done))
         if pending:
             late = [i for i, r in enumerate(refs) if r in pending]
             asks = {i: (self.plan.workers[i].num_cpus, self.plan.workers[i].num_gpus, self.plan.workers[i].resources)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from workers.spec import DTYPE_SIZES, ExpertSpec, TensorSpec
 
@@ -182,11 +183,15 @@ class Checkpoint:
         by_file: dict[Path, list[str]] = {}
         for theirs in wanted:
             by_file.setdefault(self.tensors[theirs].file, []).append(theirs)
-        with torch.no_grad():
+        # a bar on a terminal only (disable=None): the dense part of a big model is many GB
+        bar = tqdm(total=sum(self.tensors[n].nbytes for n in wanted), desc="loading dense weights", unit="B",
+                   unit_scale=True, disable=None, leave=False)
+        with torch.no_grad(), bar:
             for path, names in by_file.items():
                 with safe_open(str(path), framework="pt") as f:
                     for theirs in names:
                         value = f.get_tensor(theirs)
+                        bar.update(self.tensors[theirs].nbytes)
                         for ours in wanted[theirs]:
                             target = state[ours]
                             # The model was built in its compute dtype (float32 where the reference keeps it).

@@ -581,13 +581,20 @@ class LocalCluster:
         self._write_token()
         self._write_state()
 
-        self._ray_start(self.hosts[0], head=True, deadline=deadline)
-        procs = [self._ray_start(h, head=False, deadline=deadline, wait=False) for h in self.hosts[1:]]
-        procs.append(self._ray_start_driver_node(drv_cg, deadline))
-        for proc, what in procs:
-            self._wait_start(proc, what, deadline)
-        expect = [h.ip for h in self.hosts] + [self.driver_ip]
-        alive, ok = self._probe(expect, timeout=max(1.0, deadline - time.monotonic()))
+        from tqdm import tqdm
+
+        # a bar on a terminal only (disable=None): each `ray start` takes seconds
+        with tqdm(total=self.n_hosts + 2, desc="starting hosts", unit="node", disable=None, leave=False) as bar:
+            self._ray_start(self.hosts[0], head=True, deadline=deadline)
+            bar.update()
+            procs = [self._ray_start(h, head=False, deadline=deadline, wait=False) for h in self.hosts[1:]]
+            procs.append(self._ray_start_driver_node(drv_cg, deadline))
+            for proc, what in procs:
+                self._wait_start(proc, what, deadline)
+                bar.update()
+            expect = [h.ip for h in self.hosts] + [self.driver_ip]
+            alive, ok = self._probe(expect, timeout=max(1.0, deadline - time.monotonic()))
+            bar.update()
         if not ok:
             missing = [ip for ip in expect if not alive.get(ip)]
             raise HarnessError(
