@@ -43,7 +43,7 @@ def plot_budget(doc: dict, path: Path) -> Path | None:
         if acc_pts:
             ax.plot([p[0] * 100 for p in acc_pts], [p[1] for p in acc_pts], marker="s", linestyle="--",
                     color="black", label="transformers + accelerate disk offload")
-        if s2.get("accelerate_budget_frac") and s2.get("accelerate_tok_s") and model == s2.get("model"):
+        if s2.get("accelerate_budget_frac") and s2.get("accelerate_tok_s") and model.startswith(s2.get("model") or "?"):
             ax.scatter([s2["accelerate_budget_frac"] * 100], [s2["accelerate_tok_s"]], marker="x", color="black",
                        label="accelerate, 3 GB cgroup (scenario 2)")
         ax.set_xlabel("expert memory budget (% of routed-expert bytes)")
