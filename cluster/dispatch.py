@@ -267,11 +267,12 @@ class RemoteExperts:
         self._nodes: list[dict[str, Any]] = []
         self._closed = False
         by_key = {s.key: s for s in specs}
+        pinned_keys = set(map(tuple, pinned))
         # What each actor is created with, so a replacement is the same actor (plan order).
         self._init_args = [dict(specs=[by_key[k].to_dict() for k in w.experts], budget_bytes=worker_memory,
                                 dtype=dtype, device="cuda" if w.num_gpus > 0 else None, policy=policy,
                                 min_resident=min_resident, num_threads=max(1, int(w.num_cpus)),
-                                pinned=[k for k in w.experts if k in set(map(tuple, pinned))],
+                                pinned=[k for k in w.experts if k in pinned_keys],
                                 spill_dir=None if spill_dir is None else os.path.join(spill_dir, f"actor-{w.index}"))
                            for w in self.plan.workers]
         self._rec = [ActorRecovery() for _ in self.plan.workers]

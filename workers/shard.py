@@ -106,9 +106,9 @@ class ExpertShard:
             raise WireError(f"layer must be an int, got {layer!r}")
         if "rows" not in tensors:
             raise WireError(f"run_layer message has no 'rows' tensor (has {sorted(tensors)})")
-        t0, stall0 = time.perf_counter(), self.store.stats()["stall_seconds"]
+        t0, stall0 = time.perf_counter(), self.store.stall_seconds
         out = self.compute(layer, tensors["rows"], header.get("experts"), header.get("counts"))
-        reply = {"compute_s": time.perf_counter() - t0, "stall_s": self.store.stats()["stall_seconds"] - stall0}
+        reply = {"compute_s": time.perf_counter() - t0, "stall_s": self.store.stall_seconds - stall0}
         return wire.encode(reply, {"out": out})
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:

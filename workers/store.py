@@ -221,6 +221,11 @@ class ExpertStore:
         with self._cv:
             return sorted(self._loaded_tensors)
 
+    @property
+    def stall_seconds(self) -> float:
+        """Time callers of `get` have spent waiting for loads, since construction."""
+        return self._stall
+
     def stats(self) -> dict:
         """Counters since construction, plus per-layer hits/misses."""
         with self._cv:
