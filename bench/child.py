@@ -306,7 +306,7 @@ def _expert_counters() -> dict:
     """moeshard cache counters summed over expert holders (hits, misses, bytes read, stall)."""
     if S.system != "moeshard":
         return {}
-    keys = ("hits", "misses", "bytes_read", "bytes_prefetched", "prefetch_issued", "prefetch_used",
+    keys = ("hits", "late_hits", "misses", "ahead_loads", "bytes_read", "bytes_prefetched", "prefetch_issued", "prefetch_used",
             "prefetch_wasted", "prefetch_dropped", "evictions", "stall_seconds", "loads")
     if hasattr(S.obj.experts, "reports"):   # RemoteExperts: fetch raw reports
         reps = S.obj.experts.reports()

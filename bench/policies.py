@@ -2,7 +2,9 @@
 
     python -m bench.policies [MODEL]
 
-Hit rates are counts, not timings, so they are stable on a noisy machine.
+Hits, misses and loads are counts, not timings, so they are stable on a noisy machine (late hits,
+claimed ahead but still loading when asked, depend on timing). A hit is an expert resident or
+claimed ahead when asked; a miss is a load nobody anticipated.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ PROMPTS = ["The for statement", "Return a list of", "The while statement is used
 
 
 def main(model: str = "models/pydoc-moe") -> None:
-    print("| budget | policy | prefetch depth | hit rate | misses | loads |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| budget | policy | prefetch depth | hit rate | misses | late hits | loads |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for budget in ("8MB", "16MB"):
         for policy in ("lru", "lfu", "lfu-decay"):
             for depth in (0, 1):
@@ -26,7 +28,7 @@ def main(model: str = "models/pydoc-moe") -> None:
                         c.generate_text(p, max_new_tokens=48)
                     s = c.stats()["experts"]
                 print(f"| {budget} | {policy} | {depth} | {s['hits'] / (s['hits'] + s['misses']):.3f} | "
-                      f"{s['misses']} | {s['loads']} |")
+                      f"{s['misses']} | {s['late_hits']} | {s['loads']} |")
 
 
 if __name__ == "__main__":

@@ -294,8 +294,9 @@ def scenario_2(ctx: Ctx) -> dict:
             per_tok = [r["experts"]["bytes_read"] / max(1, r["batch"] * r["steps"]) for r in res["moeshard"]]
             bound = [bw["best_bytes_per_s"] / b if b else None for b in per_tok]
             eff = [r["tok_s"] / b if b else None for r, b in zip(res["moeshard"], bound)]
-            hits = sum(r["experts"]["hits"] - r["experts"]["prefetch_used"] for r in res["moeshard"])
-            misses = sum(r["experts"]["misses"] + r["experts"]["prefetch_used"] for r in res["moeshard"])
+            # resident when asked: a late hit (claimed ahead, still loading) counts with the misses here
+            hits = sum(r["experts"]["hits"] - r["experts"]["late_hits"] for r in res["moeshard"])
+            misses = sum(r["experts"]["misses"] + r["experts"]["late_hits"] for r in res["moeshard"])
             details[f"moeshard_{tag}_bytes_read_per_token"] = median(per_tok)
             details[f"moeshard_{tag}_hit_rate"] = hits / max(1, hits + misses)
             tgt = 1.25
@@ -456,11 +457,11 @@ def _sweep_model(ctx: Ctx, path: Path, model: str, texts: bool) -> list[dict]:
             r = ch.call("decode", batch=1, prompt_len=16, new_tokens=P.sweep_tokens, seed=1, text=text)
             e = r["experts"]
             hits, misses = e["hits"], e["misses"]
-            # the store counts a wait on an in-flight prefetch as a hit (the shard also prefetches a layer's
-            # later experts while computing its first): "hit_rate" is resident-before-asked only
+            # "covered": resident or claimed ahead (by a hint, or by the shard for a layer's later experts);
+            # "hit_rate": resident before asked (late hits, still loading when asked, excluded)
             rows.append({"model": model, "budget_frac": frac, "budget_bytes": budget, "prefetch_depth": depth,
                          "prefetch_extra": extra, "tok_s": r["tok_s"],
-                         "hit_rate": (hits - e["prefetch_used"]) / max(1, hits + misses),
+                         "hit_rate": (hits - e["late_hits"]) / max(1, hits + misses),
                          "covered_rate": hits / max(1, hits + misses),
                          "precision": r.get("prefetch_precision") if depth else None,
                          "recall": r.get("prefetch_recall") if depth else None,

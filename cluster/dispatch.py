@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from coordinator.experts import ExpertBatch, backend_stats
+from coordinator.experts import ExpertBatch, backend_stats, hint_lists
 from workers import wire
 from workers.errors import MoeshardError
 from workers.shard import DTYPES, ExpertShard
@@ -298,7 +298,8 @@ class RemoteExperts:
         self._latency: dict[int, deque] = defaultdict(lambda: deque(maxlen=LATENCY_WINDOW))
         self._layer_totals: dict[int, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # count, sum, max
         self._max_calls_per_actor: dict[int, int] = defaultdict(int)
-        self._prefetch_hints = 0
+        self._hint_calls = 0
+        self._all_resident = [False] * len(self._actors)   # per actor, from its last reply
         log.info("RemoteExperts: %d actors ready on %d node(s)", len(self._actors),
                  len({n["node_id"] for n in self._nodes}))
 
@@ -485,6 +486,8 @@ class RemoteExperts:
             raise ShardUnavailable(f"{self._where(i)}: {err}")
         self._actors[i] = handle
         self._nodes[i] = info
+        if i < len(self._all_resident):
+            self._all_resident[i] = False     # a new actor starts empty
         rec.incarnation += 1
         rec.restarts += 1
         rec.broken = None
@@ -568,9 +571,12 @@ class RemoteExperts:
         """x [T, H], weights [T, k], ids [T, k] -> [T, H] = sum over slots of weight * expert(x)."""
         return self.wait(self.submit(layer, x, weights, ids))
 
-    def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Pending:
-        """Send layer `layer`'s routed rows: one call per actor that owns an active expert. Returns at once
-        (after replacing, bounded by `restart_timeout_s`, an actor an earlier failure left broken)."""
+    def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               hints: dict[int, torch.Tensor] | None = None) -> Pending:
+        """Send layer `layer`'s routed rows: one call per actor that owns an active expert, carrying that
+        actor's share of `hints` (actors with hints but no rows get a one-way `prefetch` instead).
+        Returns at once (after replacing, bounded by `restart_timeout_s`, an actor an earlier failure
+        left broken)."""
         if self._closed:
             raise ClusterError("RemoteExperts is closed")
         if x.dtype != self.dtype:
@@ -592,13 +598,20 @@ class RemoteExperts:
             spans.append(torch.arange(s, t, device=batch.token_idx.device))
         for a in sorted(per):
             self._ensure_live(a, layer)
+        shares = self._hint_shares(hints)
+        for a, share in shares.items():
+            if a not in per:
+                for hinted_layer, experts in share:
+                    self._send_hint(a, hinted_layer, experts)
         calls = []
         for a in sorted(per):
             experts, counts, spans = per[a]
             idx = spans[0] if len(spans) == 1 else torch.cat(spans)
             rows = x.index_select(0, batch.token_idx[idx])          # one gather per actor
-            msg = wire.encode({"op": "run_layer", "layer": layer, "experts": experts, "counts": counts},
-                              {"rows": rows})
+            header = {"op": "run_layer", "layer": layer, "experts": experts, "counts": counts}
+            if a in shares:
+                header["hints"] = shares[a]
+            msg = wire.encode(header, {"rows": rows})
             calls.append(_Call(a, self._actors[a].run_layer.remote(msg), idx, time.perf_counter(), msg,
                                self._rec[a].incarnation))
         return Pending(layer, batch, x, calls, t0)
@@ -644,6 +657,7 @@ class RemoteExperts:
             st.compute_s += float(header.get("compute_s", 0.0))
             st.stall_s += float(header.get("stall_s", 0.0))
             st.transit_s += max(0.0, arrived - call.t_sent - float(header.get("compute_s", 0.0)))
+            self._all_resident[call.actor] = bool(header.get("all_resident", False))
             st.calls_per_layer[layer] += 1
             if call.t_failed is not None:
                 took = time.perf_counter() - call.t_failed
@@ -693,16 +707,33 @@ class RemoteExperts:
         """One-way hint to the owning actors; never waited on. Unknown experts are ignored."""
         if self._closed:
             return
-        owners = self._owner.get(layer, {})
-        per: dict[int, list[int]] = defaultdict(list)
-        for e in torch.unique(ids).tolist():
-            if (a := owners.get(int(e))) is not None:
-                per[a].append(int(e))
-        for a, experts in per.items():
-            if self._rec[a].broken is not None:   # replaced at its next call; a hint can wait
-                continue
-            self._actors[a].prefetch.remote(layer, experts)  # ref dropped on purpose: fire and forget
-            self._prefetch_hints += 1
+        for a, share in self._hint_shares({layer: ids}).items():
+            for hinted_layer, experts in share:
+                self._send_hint(a, hinted_layer, experts)
+
+    @property
+    def wants_hints(self) -> bool:
+        """False once every actor said (in its last reply) that all its experts are resident for good."""
+        return not all(self._all_resident)
+
+    def _hint_shares(self, hints: dict[int, torch.Tensor] | None) -> dict[int, list[tuple[int, list[int]]]]:
+        """{layer: ids} -> {actor: [(layer, [its experts])]}, for actors that can still use a hint."""
+        shares: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
+        for layer, experts in hint_lists(hints):
+            owners = self._owner.get(layer, {})
+            per: dict[int, list[int]] = defaultdict(list)
+            for e in experts:
+                if (a := owners.get(e)) is not None and not self._all_resident[a]:
+                    per[a].append(e)
+            for a, mine in per.items():
+                shares[a].append((layer, mine))
+        return shares
+
+    def _send_hint(self, a: int, layer: int, experts: list[int]) -> None:
+        if self._rec[a].broken is not None:   # replaced at its next call; a hint can wait
+            return
+        self._actors[a].prefetch.remote(layer, experts)  # ref dropped on purpose: fire and forget
+        self._hint_calls += 1
 
     # -- reporting ---------------------------------------------------------------------------------
     def reports(self, timeout_s: float | None = None) -> list[dict]:
@@ -735,7 +766,8 @@ class RemoteExperts:
                 **rep, "index": i, "node_id": n["node_id"], "ip": n["ip"], "pid": n["pid"], "device": n["device"],
                 "experts": len(w.experts), "expert_bytes": w.expert_bytes, "calls": st.calls, "rows": st.rows,
                 "compute_s": st.compute_s, "stall_s": st.stall_s, "transit_s": st.transit_s,
-                "calls_per_layer": dict(st.calls_per_layer), **self._rec[i].as_dict(),
+                "calls_per_layer": dict(st.calls_per_layer), "all_resident": self._all_resident[i],
+                **self._rec[i].as_dict(),
             })
         layers = {}
         for layer, lat in sorted(self._latency.items()):
@@ -746,7 +778,7 @@ class RemoteExperts:
         rec = self._rec
         return backend_stats("ray", actors, budget_bytes=self.plan.worker_memory,
                              transit_s=sum(st.transit_s for st in self._stats),
-                             prefetch_hints=self._prefetch_hints, layers=layers,
+                             hint_calls=self._hint_calls, layers=layers,
                              failures=sum(r.failures for r in rec), restarts=sum(r.restarts for r in rec),
                              retries=sum(r.retries for r in rec), recovery_s=sum(r.recovery_s for r in rec),
                              retry_budget={"max_call_retries": self.recovery.max_call_retries,

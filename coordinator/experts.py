@@ -20,8 +20,12 @@ from workers.spec import ExpertSpec
 class RoutedExperts(Protocol):
     """What a MoE block needs from wherever its experts live."""
 
-    def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Any:
-        """Start layer `layer`'s routed work. x [T, H], weights [T, k], ids [T, k]."""
+    def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               hints: dict[int, torch.Tensor] | None = None) -> Any:
+        """Start layer `layer`'s routed work. x [T, H], weights [T, k], ids [T, k].
+
+        `hints` {later layer: predicted expert ids (any shape)} go with the work, to be taken
+        once this layer's own experts are safe from eviction."""
         ...
 
     def wait(self, pending: Any) -> torch.Tensor:
@@ -30,6 +34,11 @@ class RoutedExperts(Protocol):
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         """Hint that experts `ids` (any shape) of `layer` will be needed soon. Never waited on."""
+        ...
+
+    @property
+    def wants_hints(self) -> bool:
+        """False once hints cannot help: every expert is resident and can never be evicted."""
         ...
 
     def stats(self) -> dict: ...
@@ -91,9 +100,10 @@ class LocalExperts:
         self.shard = ExpertShard([s.to_dict() for s in specs], budget_bytes=budget_bytes, dtype=dtype,
                                  policy=policy, min_resident=min_resident, pinned=pinned, spill_dir=spill_dir)
 
-    def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               hints: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         batch = ExpertBatch.from_routing(weights, ids)
-        y = self.shard.compute(layer, batch.gather(x), batch.experts, batch.counts)
+        y = self.shard.compute(layer, batch.gather(x), batch.experts, batch.counts, hint_lists(hints))
         return batch.combine(y)
 
     def wait(self, pending: torch.Tensor) -> torch.Tensor:
@@ -101,6 +111,10 @@ class LocalExperts:
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         self.shard.prefetch(layer, torch.unique(ids).tolist())
+
+    @property
+    def wants_hints(self) -> bool:
+        return not self.shard.store.all_resident
 
     def stats(self) -> dict:
         report = self.shard.report()
@@ -112,8 +126,13 @@ class LocalExperts:
         self.shard.close()
 
 
+def hint_lists(hints: dict[int, torch.Tensor] | None) -> list[tuple[int, list[int]]]:
+    """{layer: expert ids} -> [(layer, sorted unique experts)], the plain form shards take."""
+    return [(layer, torch.unique(ids).tolist()) for layer, ids in (hints or {}).items()]
+
+
 # Counters every actor reports that add up across actors.
-SUMMED = ("calls", "rows", "compute_s", "bytes_resident", "hits", "misses", "loads", "bytes_read",
+SUMMED = ("calls", "rows", "compute_s", "bytes_resident", "hits", "late_hits", "misses", "loads", "bytes_read",
           "bytes_prefetched", "prefetch_issued", "prefetch_used", "prefetch_wasted", "evictions", "stall_seconds",
           "spill_reads", "spill_writes")
 

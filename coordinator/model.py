@@ -43,12 +43,13 @@ class MoEBlock(nn.Module):
                                          c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
         return route_softmax(self.gate(x), min(c.top_k + extra, c.num_experts), c.norm_topk_prob)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hints: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [B, T, H]; `hints` {later layer: predicted ids} travel with this layer's routed work."""
         B, T, H = x.shape
         flat = x.reshape(B * T, H)                                   # [T', H]
         weights, ids = self.route(flat)                              # [T', k]
         self.routing.observed(self.layer, ids, self.cfg.num_experts)
-        pending = self.experts.submit(self.layer, flat, weights, ids)
+        pending = self.experts.submit(self.layer, flat, weights, ids, hints)
         # The shared expert runs while routed work is in flight elsewhere.
         shared = None
         if self.cfg.shared_expert_size:
@@ -105,17 +106,22 @@ class MoETransformer(nn.Module):
         for l, layer in enumerate(self.layers):
             h = h + layer.self_attn(layer.input_layernorm(h), a, caches[l] if caches is not None else None)
             x = layer.post_attention_layernorm(h)
-            if self.prefetch_depth:
-                self._hint_prefetch(l, x)
-            h = h + layer.mlp(x)
+            hints = self._predict(l, x) if self.prefetch_depth and self.experts.wants_hints else {}
+            if layer.is_moe:
+                h = h + layer.mlp(x, hints)
+            else:
+                for nxt, ids in hints.items():
+                    self.experts.prefetch(nxt, ids)
+                h = h + layer.mlp(x)
         return self.lm_head(self.norm(h)).float()
 
-    def _hint_prefetch(self, layer: int, x: torch.Tensor) -> None:
-        """Apply the next layers' routers to this hidden state and tell the expert owners what is coming."""
+    def _predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The next layers' routers applied to this hidden state: {layer: expert ids [T', k+extra]}."""
         flat = x.reshape(-1, x.shape[-1])
+        hints = {}
         for nxt in range(layer + 1, min(layer + 1 + self.prefetch_depth, self.cfg.num_layers)):
             block = self.moe_blocks.get(nxt)
             if block is not None:
-                ids = block.route(flat, self.prefetch_extra)[1]
-                self.routing.predicted(nxt, ids)
-                self.experts.prefetch(nxt, ids)
+                hints[nxt] = block.route(flat, self.prefetch_extra)[1]
+                self.routing.predicted(nxt, hints[nxt])
+        return hints

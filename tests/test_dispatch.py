@@ -193,12 +193,21 @@ def test_timeout_names_actor_and_layer(remote):
     remote.forward(2, torch.randn(4, 32), w, ids)  # the late replies do not disturb later calls
 
 
-def test_prefetch_is_one_way(remote):
-    sent = remote.stats()["prefetch_hints"]
+def test_prefetch_is_one_way_and_skips_actors_with_everything_resident(remote):
+    before = remote.stats()
     t0 = time.perf_counter()
     remote.prefetch(1, torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 99]]))   # 99: unknown, ignored
     assert time.perf_counter() - t0 < 0.5
-    assert remote.stats()["prefetch_hints"] - sent == len(remote.plan.workers)  # one hint per owning actor
+    # one hint per owning actor, except those whose last reply said every expert is resident for good
+    can_use = sum(not a["all_resident"] for a in before["actors"])
+    assert remote.stats()["hint_calls"] - before["hint_calls"] == can_use
+    ids, w, g = routing(16, 3, 8, seed=5)
+    for layer in (0, 1, 2):                  # no budget: after every expert ran once, all stay resident
+        remote.forward(layer, torch.randn(16, 32, generator=g), torch.ones(16, 8) / 8, torch.arange(8).expand(16, 8))
+    assert all(a["all_resident"] for a in remote.stats()["actors"]) and not remote.wants_hints
+    sent = remote.stats()["hint_calls"]
+    remote.prefetch(1, torch.arange(8))
+    assert remote.stats()["hint_calls"] == sent
 
 
 def test_paged_actors_prefetch_and_match_local(ray_session, specs, local):

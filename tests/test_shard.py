@@ -119,8 +119,9 @@ def test_empty_batch(ckpt):
         shard.close()
 
 
-def _request(layer, rows, experts, counts) -> bytes:
-    return wire.encode({"op": "run_layer", "layer": layer, "experts": experts, "counts": counts}, {"rows": rows})
+def _request(layer, rows, experts, counts, **extra) -> bytes:
+    return wire.encode({"op": "run_layer", "layer": layer, "experts": experts, "counts": counts, **extra},
+                       {"rows": rows})
 
 
 def test_run_layer_matches_compute_and_survives_garbage(ckpt):
@@ -130,7 +131,8 @@ def test_run_layer_matches_compute_and_survives_garbage(ckpt):
     good = _request(2, rows, experts, counts)
     try:
         header, out = wire.decode(shard.run_layer(good))
-        assert set(header) == {"compute_s", "stall_s"} and header["compute_s"] >= header["stall_s"] >= 0
+        assert set(header) == {"compute_s", "stall_s", "all_resident"} and header["all_resident"] is False
+        assert header["compute_s"] >= header["stall_s"] >= 0
         assert torch.equal(out["out"], reference(tensors, 2, rows, experts, counts))
         bad = [
             (b"garbage", WireError),
@@ -143,12 +145,37 @@ def test_run_layer_matches_compute_and_survives_garbage(ckpt):
              ValueError),
             (_request(2, rows, experts, counts[:-1]), ValueError),
             (_request(2, rows.to(torch.bfloat16), experts, counts), ValueError),
+            (_request(2, rows, experts, counts, hints="3"), ValueError),
+            (_request(2, rows, experts, counts, hints=[[3]]), ValueError),
+            (_request(2, rows, experts, counts, hints=[[3, ["a"]]]), ValueError),
         ]
         for msg, exc in bad:
             with pytest.raises(exc):
                 shard.run_layer(msg)
             _, again = wire.decode(shard.run_layer(good))  # the shard keeps serving
             assert torch.equal(again["out"], out["out"])
+    finally:
+        shard.close()
+
+
+def test_hints_in_run_layer_are_taken_after_the_layer_is_safe(ckpt):
+    """Hints ride with a layer's rows; they may not evict that layer's experts, and are then hit."""
+    specs, tensors = ckpt
+    shard = _shard(specs, budget_bytes=4 * slot_bytes(specs), policy="lru")
+    try:
+        rows, experts, counts = routed_batch(0, seed=3)
+        active = [e for e, c in zip(experts, counts) if c][:2]
+        mine = [c for e, c in zip(experts, counts) if e in active]
+        sub = torch.cat([r for r, e, c in zip(torch.split(rows, counts), experts, counts) if e in active])
+        msg = _request(0, sub, active, mine, hints=[[1, [0, 1]], [2, [5]]])
+        _, out = wire.decode(shard.run_layer(msg))
+        assert torch.equal(out["out"], reference(tensors, 0, sub, active, mine))
+        assert shard.store.wait_idle(5)
+        assert {(0, e) for e in active} | {(1, 0), (1, 1)} == set(shard.store.resident_keys())
+        rep = shard.report()
+        assert rep["prefetch_issued"] == 2 and rep["prefetch_dropped"] == 1   # 4 slots: no room for (2, 5)
+        shard.compute(1, torch.randn(3, H), [0, 1], [2, 1])
+        assert shard.report()["prefetch_used"] == 2
     finally:
         shard.close()
 

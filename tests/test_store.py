@@ -67,12 +67,6 @@ def wait_for(cond, timeout: float = 5.0) -> None:
         time.sleep(0.002)
 
 
-def prefetch_idle(store: ExpertStore) -> bool:
-    s = store.stats()
-    return s["prefetch_issued"] + s["prefetch_dropped"] == s["prefetch_hints"] and \
-        s["loads"] + s["load_errors"] >= s["prefetch_issued"] and not store._queued
-
-
 @pytest.fixture
 def experts(tmp_path):
     return make_expert_file(tmp_path / "e.safetensors", [0, 1], list(range(6)))
@@ -189,7 +183,7 @@ def test_pinned_never_evicted(experts):
         for _ in range(3):
             _run(store, [s.key for s in specs if s.key != (1, 5)])
             store.prefetch([s.key for s in specs])
-            wait_for(lambda: prefetch_idle(store))
+            assert store.wait_idle(5)
             assert (1, 5) in store.resident_keys()
     finally:
         store.close()
@@ -208,7 +202,7 @@ def test_resident_bytes_never_exceed_budget(experts):
                 store.prefetch([specs[int(torch.randint(len(specs), (1,), generator=g))].key])
                 store.get(k)
                 assert store.resident_bytes() <= budget
-            wait_for(lambda: prefetch_idle(store))
+            assert store.wait_idle(5)
             assert store.resident_bytes() <= budget
             assert store.stats()["slots_allocated"] * store.slot_bytes <= budget
         finally:
@@ -231,12 +225,12 @@ def test_prefetch_loads_in_background_then_hits(experts):
 
 
 def test_prefetch_never_evicts_needed_keys(experts):
-    store = _store(experts[0], slots=2)
+    store = _store(experts[0], slots=2, policy="lru")
     try:
         _run(store, [(0, 0), (0, 1)])
         with store.needed([(0, 0), (0, 1)]):
             store.prefetch([(0, 2)])
-            wait_for(lambda: prefetch_idle(store))
+            assert store.wait_idle(5)
             assert sorted(store.resident_keys()) == [(0, 0), (0, 1)]
             assert store.stats()["prefetch_dropped"] == 1
         store.prefetch([(0, 2)])  # nothing is needed now: the hint may evict
@@ -245,16 +239,114 @@ def test_prefetch_never_evicts_needed_keys(experts):
         store.close()
 
 
-def test_unused_prefetch_counts_as_wasted(experts):
+def test_unused_hint_is_kept_until_its_layer_runs_then_wasted(experts):
     store = _store(experts[0], slots=2, policy="lru")
     try:
-        store.prefetch([(0, 4)])
-        wait_for(lambda: (0, 4) in store.resident_keys())
-        _run(store, [(0, 0), (0, 1)])
-        assert (0, 4) not in store.resident_keys()
+        store.prefetch([(1, 4)])
+        assert store.wait_idle(5)
+        _run(store, [(0, 0), (0, 1), (0, 2)])   # layer 0 misses evict each other, never the hint
+        assert (1, 4) in store.resident_keys()
+        with store.needed([(1, 0)]):           # layer 1 runs without expert 4: the guess was wrong
+            store.get((1, 0))
+        assert (1, 4) not in store.resident_keys()
         st = store.stats()
         assert (st["prefetch_wasted"], st["prefetch_used"]) == (1, 0)
     finally:
+        store.close()
+
+
+def test_hint_does_not_evict_an_expert_hotter_than_it_is_worth(experts):
+    store = _store(experts[0], slots=2, policy="lfu")
+    try:
+        _run(store, [(0, 0)] * 3 + [(0, 1)] * 3)
+        store.prefetch([(1, 5)])               # worth one use at most: both residents are used 3 times
+        assert store.wait_idle(5)
+        assert sorted(store.resident_keys()) == [(0, 0), (0, 1)]
+        assert store.stats()["prefetch_dropped"] == 1
+    finally:
+        store.close()
+
+
+def test_newer_hint_for_a_layer_replaces_the_older_one(experts):
+    store = _store(experts[0], slots=4, policy="lru", loader_threads=1)
+    gate = threading.Event()
+    real = store._read_tensor
+    store._read_tensor = lambda *a: (gate.wait(5), real(*a))
+    try:
+        store.prefetch([(1, 0), (1, 1)])       # the loader blocks on (1, 0); (1, 1) waits in line
+        store.prefetch([(1, 0), (1, 2)])       # a better guess: (1, 1) is dropped before it is read
+        gate.set()
+        assert store.wait_idle(5)
+        assert sorted(store.resident_keys()) == [(1, 0), (1, 2)]
+        st = store.stats()
+        assert (st["prefetch_issued"], st["prefetch_wasted"], st["loads"]) == (3, 1, 2)
+    finally:
+        gate.set()
+        store.close()
+
+
+def test_get_reads_a_claimed_expert_itself_rather_than_wait_in_line(experts):
+    specs, tensors = experts
+    store = _store(specs, slots=4, loader_threads=1)
+    gate = threading.Event()
+    real = store._read_tensor
+
+    def read(spec, *a):
+        if spec.key == (1, 0):
+            gate.wait(5)
+        real(spec, *a)
+
+    store._read_tensor = read
+    try:
+        store.prefetch([(1, 0), (1, 1)])       # the only loader is stuck on (1, 0)
+        w = store.get((1, 1))                  # not waiting behind it: read here
+        assert torch.equal(w.up, file_weights(tensors, (1, 1))[1])
+        st = store.stats()
+        assert (st["hits"], st["late_hits"], st["misses"], st["prefetch_used"]) == (1, 1, 0, 1)
+        gate.set()
+        assert store.wait_idle(5) and sorted(store.resident_keys()) == [(1, 0), (1, 1)]
+        assert store.stats()["loads"] == 2
+    finally:
+        gate.set()
+        store.close()
+
+
+def test_demand_miss_evicts_a_resident_before_an_unused_hint(experts):
+    store = _store(experts[0], slots=3, policy="lru")
+    try:
+        _run(store, [(0, 0), (0, 1)])
+        store.prefetch([(1, 3)])
+        assert store.wait_idle(5)
+        _run(store, [(0, 2)])                  # the hint is the least recent, but it is kept
+        assert sorted(store.resident_keys()) == [(0, 1), (0, 2), (1, 3)]
+    finally:
+        store.close()
+
+
+def test_load_ahead_is_read_before_queued_hints(experts):
+    store = _store(experts[0], slots=6, loader_threads=1)
+    order, started, gate = [], threading.Event(), threading.Event()
+    real = store._read_tensor
+
+    def read(spec, *a):
+        started.set()
+        gate.wait(5)
+        if not order or order[-1] != spec.key:
+            order.append(spec.key)
+        real(spec, *a)
+
+    store._read_tensor = read
+    try:
+        store.prefetch([(1, 5)])               # the loader takes this one and waits on the gate
+        assert started.wait(5)
+        store.prefetch([(1, 5), (1, 0), (1, 1)])   # keeps (1, 5): a newer hint for layer 1 that still names it
+        with store.needed([(0, 4), (0, 5)]):
+            assert store.load_ahead([(0, 4), (0, 5)]) == 0
+            gate.set()
+            assert store.wait_idle(5)
+        assert order == [(1, 5), (0, 4), (0, 5), (1, 0), (1, 1)]
+    finally:
+        gate.set()
         store.close()
 
 
@@ -276,7 +368,7 @@ def test_get_waits_for_in_flight_prefetch(experts):
         w = store.get((0, 3))  # must wait for the prefetch, not read a half-filled slot
         assert torch.equal(w.gate, file_weights(tensors, (0, 3))[0])
         st = store.stats()
-        assert (st["loads"], st["hits"], st["misses"]) == (1, 1, 0)
+        assert (st["loads"], st["hits"], st["late_hits"], st["misses"]) == (1, 1, 1, 0)
         assert st["stall_seconds"] > 0.1
     finally:
         store.close()
@@ -352,7 +444,7 @@ def test_missing_file_names_it_and_store_keeps_serving(tmp_path, experts):
             store.get((7, 0))
         assert "gone.safetensors" in str(e.value) and "experts.0.gate" in str(e.value) and "(7, 0)" in str(e.value)
         store.prefetch([(7, 0)])  # a failing hint must not kill the prefetch thread
-        wait_for(lambda: prefetch_idle(store))
+        assert store.wait_idle(5)
         store.prefetch([(0, 1)])
         wait_for(lambda: (0, 1) in store.resident_keys())
         _run(store, [s.key for s in good])

@@ -53,12 +53,16 @@ class ExpertShard:
         self._calls = self._rows = 0
         self._compute_s = 0.0
 
-    def compute(self, layer: int, rows: Tensor, experts: Sequence[int], counts: Sequence[int]) -> Tensor:
+    def compute(self, layer: int, rows: Tensor, experts: Sequence[int], counts: Sequence[int],
+                hints: Sequence[tuple[int, Sequence[int]]] = ()) -> Tensor:
         """Unweighted expert outputs for rows [N, H] grouped by expert: counts[i] rows for experts[i].
 
+        `hints`: (later layer, experts) predicted to come next; taken as prefetch hints once this
+        layer's own experts are marked needed, so a hint can never evict one of them.
         Returns [N, H] on CPU. Raises ValueError for unowned experts or inconsistent inputs.
         """
         experts, counts = _int_list("experts", experts), _int_list("counts", counts)
+        hint_keys = _hint_keys(hints)
         if len(experts) != len(counts):
             raise ValueError(f"{len(experts)} experts but {len(counts)} counts")
         if any(c < 0 for c in counts):
@@ -82,10 +86,13 @@ class ExpertShard:
         active = [(k, s, c) for k, s, c in zip(keys, _starts(counts), counts) if c]
         self.store.begin_layer(k for k, _, _ in active)
         try:
+            if hint_keys:
+                self.store.prefetch(k for k in hint_keys if k in self._hidden)
+            short = len(active) > 1
             for i, (k, s, c) in enumerate(active):
                 w = self.store.get(k)
-                # hint after get() so a load for later experts never competes with this one's slot
-                self.store.prefetch(k2 for k2, _, _ in active[i + 1:])
+                if short:  # after get(), so a read of a later expert never competes for this one's slot
+                    short = self.store.load_ahead(k2 for k2, _, _ in active[i + 1:]) > 0
                 forward_into(out[s:s + c], w, x[s:s + c])
                 self.store.done(k)
         finally:
@@ -97,7 +104,8 @@ class ExpertShard:
         return out
 
     def run_layer(self, msg: bytes) -> bytes:
-        """Wire form of compute: {"op": "run_layer", layer, experts, counts} + "rows" -> {compute_s, stall_s} + "out"."""
+        """Wire form of compute: {"op": "run_layer", layer, experts, counts[, hints]} + "rows"
+        -> {compute_s, stall_s, all_resident} + "out" (see docs/wire.md)."""
         header, tensors = wire.decode(msg)
         if header.get("op") != "run_layer":
             raise WireError(f"expected op 'run_layer', got {header.get('op')!r}")
@@ -107,8 +115,10 @@ class ExpertShard:
         if "rows" not in tensors:
             raise WireError(f"run_layer message has no 'rows' tensor (has {sorted(tensors)})")
         t0, stall0 = time.perf_counter(), self.store.stall_seconds
-        out = self.compute(layer, tensors["rows"], header.get("experts"), header.get("counts"))
-        reply = {"compute_s": time.perf_counter() - t0, "stall_s": self.store.stall_seconds - stall0}
+        out = self.compute(layer, tensors["rows"], header.get("experts"), header.get("counts"),
+                           header.get("hints", ()))
+        reply = {"compute_s": time.perf_counter() - t0, "stall_s": self.store.stall_seconds - stall0,
+                 "all_resident": self.store.all_resident}
         return wire.encode(reply, {"out": out})
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
@@ -136,6 +146,18 @@ class ExpertShard:
     def close(self) -> None:
         """Stop background loading and release files and memory."""
         self.store.close()
+
+
+def _hint_keys(hints: Any) -> list[ExpertKey]:
+    """[(layer, [expert, ...]), ...] -> [(layer, expert), ...]; ValueError if it has another shape."""
+    if not isinstance(hints, (list, tuple)):
+        raise ValueError(f"hints must be a list of [layer, [experts]] pairs, got {hints!r}")
+    keys = []
+    for h in hints:
+        if not (isinstance(h, (list, tuple)) and len(h) == 2 and isinstance(h[0], int)):
+            raise ValueError(f"each hint must be [layer, [experts]], got {h!r}")
+        keys += [(h[0], e) for e in _int_list("hinted experts", h[1])]
+    return keys
 
 
 def _starts(counts: Sequence[int]) -> list[int]:

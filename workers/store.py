@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,25 +41,36 @@ class ExpertInfo:
     layout: list[tuple[int, int, tuple[int, ...]]]  # (byte offset in slot, nbytes, shape) per gate/up/down
     nbytes: int                                       # data bytes in the compute dtype
     span: int                                         # slot bytes: each tensor padded to _ALIGN
-    slot: int | None = None                           # set while loading or resident
+    slot: int | None = None                           # set while claimed (queued or loading) or resident
     weights: ExpertWeights | None = None              # set once the slot holds complete data
+    loading: str | None = None                        # "queued" (claimed, read not started) or "running"
     freq: float = 0.0                                 # access count (decayed for lfu-decay)
     last_tick: int = -1                               # access tick of the last use
-    prefetched: bool = False                          # loaded by prefetch and not yet hit
+    hinted: bool = False                              # claimed by a prefetch hint and not yet used
 
 
 class ExpertStore:
     """Expert cache keyed by (layer, expert) with a byte budget, eviction policy and prefetch.
 
     Weights returned by `get` are views into a slot: valid until the same caller's
-    next `get` or `end_layer`. Prefetch never evicts keys marked needed, pinned
-    keys, or the expert `get` handed out last; intended for one consuming thread.
+    next `get` or `end_layer`. Intended for one consuming thread (plus the store's
+    own loader threads).
+
+    Background loads come in two kinds, both claiming their slot at once in the
+    caller's thread (so what is anticipated does not depend on thread timing) and
+    read by loader threads, the current layer's first:
+    - `load_ahead(keys)`: experts the current layer needs next;
+    - `prefetch(keys)`: hints for later layers. A hint never evicts a needed, pinned or
+      in-use expert, nor another unused hint, nor an expert hotter than the hint is worth
+      (one use times the hints' measured precision). An unused hint is protected from
+      demand eviction until its layer runs (or a newer hint for that layer leaves it out),
+      then counts as wasted, so a wrong guess costs its read and one cold slot, no more.
     """
 
     def __init__(self, specs: list[ExpertSpec], budget_bytes: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  policy: str = "lfu-decay", pinned: Iterable[ExpertKey] = (), min_resident: int = 1,
-                 prefetch_threads: int = 1, half_life: float = 256.0, wait_timeout_s: float = 120.0,
+                 loader_threads: int = 2, half_life: float = 256.0, wait_timeout_s: float = 120.0,
                  spill_dir: str | os.PathLike | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
@@ -95,22 +106,24 @@ class ExpertStore:
         self._owner: list[ExpertKey | None] = [None] * self.num_slots
         self._needed: set[ExpertKey] = set()
         self._last_got: ExpertKey | None = None
+        self._hints: dict[int, set[ExpertKey]] = {}   # layer -> unused hints of that layer
         self._tick = 0
         self._cv = threading.Condition()  # the one lock
-        self._c = dict.fromkeys(("hits", "misses", "loads", "bytes_read", "spill_reads", "spill_writes", "bytes_prefetched", "prefetch_hints",
-                                 "prefetch_issued", "prefetch_dropped", "prefetch_used", "prefetch_wasted",
-                                 "evictions", "load_errors"), 0)
+        self._c = dict.fromkeys((
+            "hits", "late_hits", "misses", "loads", "bytes_read", "spill_reads", "spill_writes", "ahead_loads",
+            "bytes_prefetched", "prefetch_hints", "prefetch_issued", "prefetch_dropped", "prefetch_used",
+            "prefetch_wasted", "evictions", "load_errors"), 0)
         self._stall = 0.0
         self._per_layer: dict[int, dict[str, int]] = {}
         self._loaded_tensors: set[str] = set()  # tensor keys ever loaded, for reports
         self._fds: dict[str, int] = {}
         self._local = threading.local()  # per-thread staging buffer
         self._stage_bytes = max((t.nbytes for i in self._infos.values() for t in _tensors(i.spec)), default=0)
-        self._queue: queue.Queue[ExpertKey | None] = queue.Queue()
-        self._queued: set[ExpertKey] = set()
+        self._queue: deque[ExpertKey] = deque()   # claimed keys waiting for a loader (current layer first)
+        self._running = 0                          # reads in progress in loader threads
         self._closed = False
-        self._threads = [threading.Thread(target=self._prefetch_loop, name=f"expert-prefetch-{i}", daemon=True)
-                         for i in range(prefetch_threads)]
+        self._threads = [threading.Thread(target=self._loader_loop, name=f"expert-loader-{i}", daemon=True)
+                         for i in range(max(1, loader_threads))]
         for t in self._threads:
             t.start()
         log.info("ExpertStore: %d experts, %d slots x %d B (budget %s), policy %s, device %s",
@@ -138,41 +151,49 @@ class ExpertStore:
     # ---- public API -------------------------------------------------------------------------
 
     def get(self, key: ExpertKey) -> ExpertWeights:
-        """Return the expert's weights: a hit, a wait on its in-flight prefetch, or a synchronous load."""
+        """Return the expert's weights. A hit: it is resident, or was claimed ahead (by `load_ahead`
+        or a hint) and is still loading, a late hit that waits for the read or, if the read has
+        not started, does it here. A miss: nothing claimed it, so it is loaded here and now."""
         t0 = time.perf_counter()
         with self._cv:
             info = self._info(key)
             self._touch(info)
-            stats = self._per_layer.setdefault(key[0], {"hits": 0, "misses": 0})
-            waited = False
-            while info.slot is not None and info.weights is None:  # being loaded by prefetch
-                waited = True
+            if info.hinted:
+                self._c["prefetch_used"] += 1
+                self._unhint(info)
+            waited = info.loading == "running"
+            while info.loading == "running":  # a loader thread is reading it
                 if not self._cv.wait(self._timeout):
                     raise ExpertLoadError(f"timed out after {self._timeout}s waiting for expert {key} to load")
-            if info.weights is not None:  # a wait on an in-flight prefetch counts as a hit (plus stall)
-                self._c["hits"] += 1
-                stats["hits"] += 1
-                if info.prefetched:
-                    self._c["prefetch_used"] += 1
-                    info.prefetched = False
+            hit = info.slot is not None       # None here: never claimed, or its read just failed
+            stats = self._per_layer.setdefault(key[0], {"hits": 0, "misses": 0})
+            self._c["hits" if hit else "misses"] += 1
+            stats["hits" if hit else "misses"] += 1
+            self._last_got = info.spec.key
+            if info.weights is not None:
                 if waited:
+                    self._c["late_hits"] += 1
                     self._stall += time.perf_counter() - t0
-                self._last_got = info.spec.key
                 return info.weights
-            self._c["misses"] += 1
-            stats["misses"] += 1
-            slot = self._reserve(info, prefetch=False)
+            if hit:  # claimed, read still queued: read it here rather than wait in line
+                self._c["late_hits"] += 1
+                info.loading = "running"
+                slot = info.slot
+            else:
+                slot = self._reserve(info)
         weights = self._load_into(info, slot)
         with self._cv:
-            self._transition(info, slot, weights)
-            self._last_got = info.spec.key
+            self._complete(info, weights)
             self._stall += time.perf_counter() - t0
         return weights
 
     def begin_layer(self, keys: Iterable[ExpertKey]) -> None:
-        """Mark the keys the current layer needs; prefetch will not evict them."""
+        """Mark the keys the current layer needs (no background load evicts them); hints for this
+        layer that it does not need have been wrong: they lose their protection."""
         with self._cv:
             self._needed = {tuple(k) for k in keys} & self._infos.keys()
+            for layer in {k[0] for k in self._needed}:
+                self._expire_hints(layer, keep=self._needed)
 
     def done(self, key: ExpertKey) -> None:
         """The current layer has finished with `key`; it may be evicted for later work."""
@@ -194,17 +215,61 @@ class ExpertStore:
         finally:
             self.end_layer()
 
-    def prefetch(self, keys: Iterable[ExpertKey]) -> None:
-        """Queue non-resident owned keys for background loading (a hint; never blocks)."""
+    def load_ahead(self, keys: Iterable[ExpertKey]) -> int:
+        """Claim slots for keys the current layer will `get` next and read them in the background,
+        ahead of any hint. Returns how many could not be claimed (no evictable slot yet)."""
+        short = 0
         with self._cv:
+            if self._closed:
+                return 0
+            ahead = []
             for k in keys:
-                k = tuple(k)
-                info = self._infos.get(k)
-                if self._closed or info is None or info.slot is not None or k in self._queued:
+                info = self._infos.get(tuple(k))
+                if info is None or info.slot is not None:
                     continue
-                self._queued.add(k)
+                slot = self._reserve(info, background=True)
+                if slot is None:
+                    short += 1
+                    continue
+                self._c["ahead_loads"] += 1
+                ahead.append(info.spec.key)
+            self._queue.extendleft(reversed(ahead))
+            if ahead:
+                self._cv.notify_all()
+        return short
+
+    def prefetch(self, keys: Iterable[ExpertKey]) -> None:
+        """Hints: owned keys expected in later layers. Claims a slot for each that is not resident
+        and may take one (see the class docstring), queues its read, and never blocks. A newer hint
+        for a layer replaces the older ones: those it leaves out lose their protection."""
+        with self._cv:
+            if self._closed:
+                return
+            wanted = [tuple(k) for k in keys if tuple(k) in self._infos]
+            for layer in {k[0] for k in wanted}:
+                self._expire_hints(layer, keep=set(wanted))
+            queued = False
+            for k in wanted:
+                info = self._infos[k]
+                if info.slot is not None:
+                    continue
                 self._c["prefetch_hints"] += 1
-                self._queue.put(k)
+                slot = self._reserve(info, hint=True)
+                if slot is None:
+                    self._c["prefetch_dropped"] += 1
+                    continue
+                self._c["prefetch_issued"] += 1
+                info.hinted = True
+                self._hints.setdefault(k[0], set()).add(k)
+                self._queue.append(k)
+                queued = True
+            if queued:
+                self._cv.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no background read is queued or running; False if `timeout` passed first."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._closed or not (self._queue or self._running), timeout)
 
     def resident_keys(self) -> list[ExpertKey]:
         """Keys whose weights are fully loaded."""
@@ -215,6 +280,12 @@ class ExpertStore:
         """Bytes of expert data in occupied slots (loaded or being loaded); never above the budget."""
         with self._cv:
             return sum(self._infos[k].nbytes for k in self._owner if k is not None)
+
+    @property
+    def all_resident(self) -> bool:
+        """Every owned expert is loaded and none can ever be evicted (the budget holds them all)."""
+        # with a slot per expert nothing is ever evicted, so each expert completes one load
+        return self.num_slots == len(self._infos) and self._c["loads"] >= len(self._infos)
 
     def loaded_tensor_keys(self) -> list[str]:
         """Names of every tensor loaded at least once, sorted."""
@@ -234,13 +305,13 @@ class ExpertStore:
                     "slots_allocated": sum(s is not None for s in self._slots)}
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop prefetch threads (bounded wait), close files and free slots."""
+        """Stop loader threads (bounded wait), close files and free slots."""
         with self._cv:
             if self._closed:
                 return
             self._closed = True
-        for _ in self._threads:
-            self._queue.put(None)
+            self._queue.clear()
+            self._cv.notify_all()
         for t in self._threads:
             t.join(timeout)
         with self._cv:
@@ -270,60 +341,103 @@ class ExpertStore:
             return info.freq
         return info.freq * self._decay ** (self._tick - info.last_tick)
 
-    def _victim(self, prefetch: bool) -> ExpertInfo | None:
-        """Choose a loaded, unpinned expert to evict; prefetch may not touch needed or in-use ones."""
+    def _hint_precision(self) -> float:
+        """Share of hints used by the layer they were for (Laplace-smoothed, so 0.5 before any)."""
+        used, wasted = self._c["prefetch_used"], self._c["prefetch_wasted"]
+        return (used + 1) / (used + wasted + 2)
+
+    def _victim(self, demand: bool, hint_for: ExpertInfo | None = None) -> ExpertInfo | None:
+        """Choose a loaded, unpinned expert to evict, or None.
+
+        Demand (`get`): anything loaded, preferring experts the current layer does not need and
+        then experts no unused hint holds. Background: never a needed expert, the one `get`
+        handed out last, or an unused hint; for a hint (`hint_for`), only one colder than the
+        hint is worth.
+        """
         cands = [i for k in self._owner if k is not None and k not in self._pinned
                  for i in [self._infos[k]] if i.weights is not None]
-        if prefetch:  # nor hints already waiting to be used, so hints cannot churn each other
+        if demand:
+            for keep in (lambda i: i.spec.key not in self._needed and not i.hinted,
+                         lambda i: i.spec.key not in self._needed):
+                if pool := [i for i in cands if keep(i)]:
+                    cands = pool
+                    break
+        else:
             cands = [i for i in cands if i.spec.key not in self._needed and i.spec.key != self._last_got
-                     and not i.prefetched]
-        elif any(i.spec.key not in self._needed for i in cands):
-            cands = [i for i in cands if i.spec.key not in self._needed]
-        return min(cands, key=lambda i: (self._score(i), i.last_tick), default=None)
+                     and not i.hinted]
+        victim = min(cands, key=lambda i: (self._score(i), i.last_tick), default=None)
+        if victim is not None and hint_for is not None \
+                and self._score(victim) >= self._score(hint_for) + self._hint_precision():
+            return None
+        return victim
 
-    def _reserve(self, info: ExpertInfo, prefetch: bool) -> int | None:
-        """Claim a free slot or a victim's slot for `info`; prefetch gives up (None), get waits."""
+    def _reserve(self, info: ExpertInfo, background: bool = False, hint: bool = False) -> int | None:
+        """Claim a free slot or a victim's slot for `info`: queued for a loader thread when
+        `background`/`hint` (None if no slot may be taken), else running here (waits for a slot)."""
         deadline = time.monotonic() + self._timeout
         while True:
-            if None in self._owner:
+            free = self._owner.count(None)
+            # a hint leaves free slots to the current layer's experts that still need one
+            if free and (not hint or free > sum(self._infos[k].slot is None for k in self._needed)):
                 slot = self._owner.index(None)
-            elif (victim := self._victim(prefetch)) is not None:
+            elif (victim := self._victim(not (background or hint), info if hint else None)) is not None:
                 slot = victim.slot
-            elif prefetch:
+            elif background or hint:
                 return None
             else:  # every slot is pinned or mid-load: wait for a load to finish
                 if not self._cv.wait(max(0.0, deadline - time.monotonic())):
                     raise ExpertLoadError(f"no slot freed within {self._timeout}s for expert {info.spec.key}")
                 continue
-            self._transition(info, slot, None)
+            self._claim(info, slot, "queued" if background or hint else "running")
             return slot
 
-    def _transition(self, info: ExpertInfo, slot: int | None, weights: ExpertWeights | None) -> None:
-        """The one method that changes cache state.
+    def _claim(self, info: ExpertInfo, slot: int, loading: str) -> None:
+        """Give `slot` to `info` (evicting its occupant) for a read that is queued or running."""
+        if (old := self._owner[slot]) is not None:
+            victim = self._infos[old]
+            self._c["evictions"] += 1
+            if victim.hinted:
+                self._c["prefetch_wasted"] += 1
+                self._unhint(victim)
+            victim.slot, victim.weights = None, None
+            log.debug("evict %s from slot %d", old, slot)
+        if self._slots[slot] is None:
+            self._slots[slot] = torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+        self._owner[slot] = info.spec.key
+        info.slot, info.weights, info.loading = slot, None, loading
 
-        slot=None: drop `info` from its slot (failed load). weights=None: reserve `slot`
-        for `info`, evicting its occupant. Otherwise: mark the reserved load complete.
-        """
-        if slot is None:
-            self._owner[info.slot] = None
-            info.slot, info.weights, info.prefetched = None, None, False
-        elif weights is None:
-            if (old := self._owner[slot]) is not None:
-                victim = self._infos[old]
-                self._c["evictions"] += 1
-                self._c["prefetch_wasted"] += victim.prefetched
-                victim.slot, victim.weights, victim.prefetched = None, None, False
-                log.debug("evict %s from slot %d", old, slot)
-            if self._slots[slot] is None:
-                self._slots[slot] = torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
-            self._owner[slot] = info.spec.key
-            info.slot, info.weights = slot, None
-        else:
-            info.weights = weights
-            self._c["loads"] += 1
-            self._c["bytes_read"] += info.spec.file_nbytes
-            self._loaded_tensors.update(t.key for t in _tensors(info.spec))
+    def _complete(self, info: ExpertInfo, weights: ExpertWeights) -> None:
+        """The read into the claimed slot finished."""
+        info.weights, info.loading = weights, None
+        self._c["loads"] += 1
+        self._c["bytes_read"] += info.spec.file_nbytes
+        self._loaded_tensors.update(t.key for t in _tensors(info.spec))
         self._cv.notify_all()
+
+    def _release(self, info: ExpertInfo) -> None:
+        """Free the slot of a claim whose read failed or was cancelled."""
+        if info.slot is not None:
+            self._owner[info.slot] = None
+        if info.hinted:
+            self._unhint(info)
+        info.slot, info.weights, info.loading = None, None, None
+        self._cv.notify_all()
+
+    def _unhint(self, info: ExpertInfo) -> None:
+        info.hinted = False
+        self._hints.get(info.spec.key[0], set()).discard(info.spec.key)
+
+    def _expire_hints(self, layer: int, keep: set[ExpertKey]) -> None:
+        """Unused hints of `layer` outside `keep` were wrong: unprotect them (cancel unstarted reads)."""
+        for k in list(self._hints.get(layer, ())):
+            if k in keep:
+                continue
+            info = self._infos[k]
+            self._c["prefetch_wasted"] += 1
+            if info.loading == "queued":
+                self._release(info)
+            else:
+                self._unhint(info)
 
     # ---- loading (outside the lock; the reserved slot is invisible to readers) ---------------
 
@@ -344,7 +458,7 @@ class ExpertStore:
         except BaseException:
             with self._cv:
                 self._c["load_errors"] += 1
-                self._transition(info, None, None)
+                self._release(info)
             raise
 
     def _spill_path(self, info: ExpertInfo) -> Path:
@@ -431,29 +545,35 @@ class ExpertStore:
                         f"{t.file}: cannot open for tensor {t.key!r} of expert {spec.key}: {e}") from e
             return fd
 
-    def _prefetch_loop(self) -> None:
-        while (key := self._queue.get()) is not None:
+    def _loader_loop(self) -> None:
+        """Read claimed slots in queue order; a claim `get` took over or a cancelled one is skipped."""
+        while True:
             with self._cv:
-                self._queued.discard(key)
-                info = self._infos[key]
-                # already there (a get() beat us), closing, or no evictable victim: drop the hint
-                slot = None if self._closed or info.slot is not None else self._reserve(info, prefetch=True)
-                self._c["prefetch_issued" if slot is not None else "prefetch_dropped"] += 1
-            if slot is None:
-                continue
+                self._cv.wait_for(lambda: self._closed or self._queue)
+                if self._closed:
+                    return
+                info = self._infos[self._queue.popleft()]
+                if info.loading != "queued":
+                    continue
+                info.loading = "running"
+                slot, hinted = info.slot, info.hinted
+                self._running += 1
             try:
                 weights = self._load_into(info, slot)
-            except Exception as e:  # a hint failing must not kill the thread; get() will report it
-                log.warning("prefetch of expert %s failed: %s", key, e)
-                continue
+            except Exception as e:  # a background read failing must not kill the thread; get() reports it
+                log.warning("background load of expert %s failed: %s", info.spec.key, e)
+                weights = None
             with self._cv:
-                self._transition(info, slot, weights)
-                info.prefetched = True
-                self._c["bytes_prefetched"] += info.spec.file_nbytes
-                # recency = now so the next hint does not evict it at once (decay folded in first)
-                if self.policy == "lfu-decay":
-                    info.freq = self._score(info)
-                info.last_tick = self._tick
+                self._running -= 1
+                if weights is not None:
+                    self._complete(info, weights)
+                    if hinted:
+                        self._c["bytes_prefetched"] += info.spec.file_nbytes
+                        # recency = now so the next hint does not evict it at once (decay folded in first)
+                        if self.policy == "lfu-decay":
+                            info.freq = self._score(info)
+                        info.last_tick = self._tick
+                self._cv.notify_all()
 
 
 def _tensors(s: ExpertSpec) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
