@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep every expert of these MoE layers resident (never evicted; counts against the budget)")
     gen.add_argument("--spill-dir", default=None, metavar="DIR",
                      help="keep each expert's compute-dtype image here after its first read, for faster reloads")
+    gen.add_argument("--coordinator-threads", type=int, default=None, metavar="T",
+                     help="torch threads of this process (default: the cores left free by expert actors placed on "
+                          "this machine, or unchanged)")
     gen.add_argument("--no-stats", action="store_true", help="do not print the stats table after generating")
     gen.add_argument("--heatmap", metavar="PNG", default=None,
                      help="also write a PNG heatmap of expert activations per layer (needs matplotlib)")
@@ -168,7 +171,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     backend: dict = {}
     if args.workers > 0:
         backend = dict(num_cpus_per_worker=args.cpus_per_worker, num_gpus_per_worker=args.gpus_per_worker,
-                       call_timeout_s=args.call_timeout)
+                       call_timeout_s=args.call_timeout, coordinator_threads=args.coordinator_threads)
+    elif args.coordinator_threads:
+        import torch
+        torch.set_num_threads(args.coordinator_threads)
     sampling = sampling_kwargs(args)
     with Coordinator.from_pretrained(args.checkpoint, num_workers=args.workers, worker_memory=args.worker_memory,
                                      dtype=args.dtype, ray_address=args.ray_address, policy=args.policy,

@@ -237,6 +237,11 @@ class RemoteExperts:
 
     Recovery options (see `recovery.RecoveryPolicy`): `max_call_retries`, `max_generation_retries`,
     `restart_timeout_s`, `takeover_memory` (bytes or "64MB"), `takeover_share`.
+
+    `coordinator_threads`: torch threads for this (the coordinator's) process while the backend is
+    open; None sizes them to the cores that actors placed on this node leave free (fewer only,
+    never more; unchanged when no actor is here), restored at `close()`. Threads that spin on cores
+    the actors need cost more than they compute (docs/performance.md).
     """
 
     def __init__(self, specs: Sequence[ExpertSpec], *, num_workers: int, dtype: str,
@@ -246,13 +251,16 @@ class RemoteExperts:
                  ready_timeout_s: float = 120.0, load: dict[tuple[int, int], float] | None = None,
                  max_call_retries: int = 3, max_generation_retries: int = 10, restart_timeout_s: float = 60.0,
                  takeover_memory: int | str | None = None, takeover_share: float = 0.5,
-                 pinned: Sequence[tuple[int, int]] = (), spill_dir: str | None = None):
+                 pinned: Sequence[tuple[int, int]] = (), spill_dir: str | None = None,
+                 coordinator_threads: int | None = None):
         import ray
 
         from workers.units import parse_bytes
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        if coordinator_threads is not None and coordinator_threads < 1:
+            raise ValueError(f"coordinator_threads must be >= 1, got {coordinator_threads}")
         self.dtype = DTYPES[dtype]
         self.call_timeout_s = call_timeout_s
         self.recovery = RecoveryPolicy(max_call_retries, max_generation_retries, restart_timeout_s,
@@ -300,6 +308,8 @@ class RemoteExperts:
         self._max_calls_per_actor: dict[int, int] = defaultdict(int)
         self._hint_calls = 0
         self._all_resident = [False] * len(self._actors)   # per actor, from its last reply
+        self._threads_before: int | None = None
+        self._share_cores(coordinator_threads)
         log.info("RemoteExperts: %d actors ready on %d node(s)", len(self._actors),
                  len({n["node_id"] for n in self._nodes}))
 
@@ -321,6 +331,23 @@ class RemoteExperts:
         return opts
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    def _share_cores(self, wanted: int | None) -> None:
+        """Set this process's torch threads: `wanted`, or the cores our actors on this node leave free."""
+        import ray
+
+        if wanted is None:
+            here = ray.get_runtime_context().get_node_id()
+            taken = sum(w.num_cpus for w, n in zip(self.plan.workers, self._nodes) if n.get("node_id") == here)
+            if not taken:
+                return
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            wanted = min(torch.get_num_threads(), max(1, cores - math.ceil(taken)))
+        if wanted != torch.get_num_threads():
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(wanted)
+            log.info("coordinator torch threads %d -> %d (expert actors share this node's cores)",
+                     self._threads_before, wanted)
+
     def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
         import ray
 
@@ -364,6 +391,8 @@ class RemoteExperts:
                 ray.kill(a, no_restart=True)
             except Exception as e:  # already dead, or Ray gone
                 log.debug("killing actor: %s", e)
+        if getattr(self, "_threads_before", None) is not None:
+            torch.set_num_threads(self._threads_before)
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import ray
 import torch
 
 ray = pytest.importorskip("ray")
@@ -292,3 +293,24 @@ def test_unsatisfiable_resources_refused_up_front(ray_session, specs):
 def test_plan_that_cannot_fit_is_refused_before_ray(specs):
     with pytest.raises(ClusterError, match=r"the minimum is \d+ bytes"):
         RemoteExperts(specs, num_workers=2, dtype="float32", worker_memory=100, min_resident=3)
+
+
+def test_coordinator_threads_leave_the_actors_their_cores(ray_session, specs):
+    """Actors on this node take cores: the coordinator's torch threads shrink to what is left, then come back."""
+    import os
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        cores = len(os.sched_getaffinity(0))
+        with RemoteExperts(specs, num_workers=2, dtype="float32") as re:
+            assert all(n["node_id"] == ray.get_runtime_context().get_node_id() for n in re._nodes)
+            assert torch.get_num_threads() == min(8, max(1, cores - 2))
+        assert torch.get_num_threads() == 8
+        with RemoteExperts(specs, num_workers=1, dtype="float32", coordinator_threads=3):
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 8
+        with pytest.raises(ValueError, match="coordinator_threads"):
+            RemoteExperts(specs, num_workers=1, dtype="float32", coordinator_threads=0)
+    finally:
+        torch.set_num_threads(before)
