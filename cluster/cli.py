@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep every expert of these MoE layers resident (never evicted; counts against the budget)")
     gen.add_argument("--spill-dir", default=None, metavar="DIR",
                      help="keep each expert's compute-dtype image here after its first read, for faster reloads")
+    gen.add_argument("--transport", choices=("auto", "graph", "calls"), default="auto",
+                     help="how each layer reaches the actors: one Ray Compiled Graph over all of them (graph), "
+                          "plain actor calls (calls), or the graph where it compiles (auto, default)")
     gen.add_argument("--coordinator-threads", type=int, default=None, metavar="T",
                      help="torch threads of this process (default: the cores left free by expert actors placed on "
                           "this machine, or unchanged)")
@@ -171,7 +174,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     backend: dict = {}
     if args.workers > 0:
         backend = dict(num_cpus_per_worker=args.cpus_per_worker, num_gpus_per_worker=args.gpus_per_worker,
-                       call_timeout_s=args.call_timeout, coordinator_threads=args.coordinator_threads)
+                       call_timeout_s=args.call_timeout, coordinator_threads=args.coordinator_threads,
+                       transport=args.transport)
     elif args.coordinator_threads:
         import torch
         torch.set_num_threads(args.coordinator_threads)

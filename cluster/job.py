@@ -89,6 +89,9 @@ def add_job_arguments(p: argparse.ArgumentParser, *, include_debug: bool = True)
     add_sampling_arguments(p)
     p.add_argument("--call-timeout", type=float, default=60.0, metavar="S",
                    help="seconds to wait for an actor's reply before counting it lost (default: 60)")
+    p.add_argument("--transport", choices=("auto", "graph", "calls"), default="auto",
+                   help="each layer's fan-out: a Ray Compiled Graph (graph), plain actor calls (calls), or the graph "
+                        "where it compiles (auto, default)")
     p.add_argument("--ready-timeout", type=float, default=120.0, metavar="S",
                    help="seconds to wait for the actors to start (default: 120)")
     p.add_argument("--retries", type=int, default=1, metavar="R",
@@ -393,7 +396,7 @@ def _run(args: argparse.Namespace) -> int:
                     ckpt.path, num_workers=workers, worker_memory=args.worker_memory, dtype=args.dtype, ray_address=gcs,
                     policy=args.policy, resources=resources, num_cpus_per_worker=args.cpus_per_worker,
                     num_gpus_per_worker=args.gpus_per_worker, call_timeout_s=args.call_timeout,
-                    ready_timeout_s=args.ready_timeout)
+                    ready_timeout_s=args.ready_timeout, transport=args.transport)
                 t0 = time.perf_counter()
                 results = _generate(coord, kind, prompts, args)
                 seconds = time.perf_counter() - t0

@@ -47,9 +47,14 @@ def ray_session():
         ray.shutdown()
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"{n}workers")
+# 1-3 workers on the default transport (the compiled graph), and 2 on plain calls
+@pytest.fixture(scope="module", params=[(1, "auto"), (2, "auto"), (3, "auto"), (2, "calls")],
+                ids=lambda p: f"{p[0]}workers" + ("" if p[1] == "auto" else f"-{p[1]}"))
 def remote(request, ray_session, specs):
-    re = RemoteExperts(specs, num_workers=request.param, dtype="float32", call_timeout_s=60)
+    re = RemoteExperts(specs, num_workers=request.param[0], dtype="float32", call_timeout_s=60,
+                       transport=request.param[1])
+    re.forward(layers_of(specs)[0], torch.randn(1, 32), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
+    assert re.stats()["transport"] == ("calls" if request.param[1] == "calls" else "graph"), re.stats()["graph_error"]
     yield re
     re.close()
 
@@ -129,21 +134,29 @@ def test_each_actor_holds_only_its_own_experts(remote, specs):
 
 
 def test_one_call_per_active_actor_and_none_for_idle(remote, specs):
+    """Active actors get one call per layer with all their rows. Idle ones get no call: with plain calls
+    nothing at all, with the compiled graph (static: every actor, every layer) a message with no rows."""
     layer = layers_of(specs)[1]
     plan = remote.plan
-    before = [r["calls"] for r in remote.reports()]
-    # Route only to actor 0's experts of this layer: the others must get no call at all.
+    graph = remote.stats()["transport"] == "graph"
+
+    def counts():
+        return [(r["calls"], r["idle_messages"]) for r in remote.reports()]
+
+    before = counts()
+    # Route only to actor 0's experts of this layer: the others must do no work for it.
     mine = plan.workers[0].experts_of_layer(layer)
     ids, w, g = routing(9, min(3, len(mine)), 8, seed=3, experts=mine)
     remote.forward(layer, torch.randn(9, 32, generator=g), w, ids)
-    mid = [r["calls"] for r in remote.reports()]
-    assert [m - b for m, b in zip(mid, before)] == [1] + [0] * (len(plan.workers) - 1)
+    mid = counts()
+    idle = 1 if graph else 0
+    assert [(m[0] - b[0], m[1] - b[1]) for m, b in zip(mid, before)] == [(1, 0)] + [(0, idle)] * (len(plan.workers) - 1)
     # Route to every expert: every actor gets exactly one call for the layer.
     ids, w, g = routing(16, 3, 8, seed=4)
     ids[:3] = torch.arange(9).remainder(8).view(3, 3)   # make sure all 8 experts are active
     remote.forward(layer, torch.randn(16, 32, generator=g), w, ids)
-    after = [r["calls"] for r in remote.reports()]
-    assert [a - m for a, m in zip(after, mid)] == [1] * len(plan.workers)
+    after = counts()
+    assert [(a[0] - m[0], a[1] - m[1]) for a, m in zip(after, mid)] == [(1, 0)] * len(plan.workers)
     stats = remote.stats()
     assert stats["backend"] == "ray" and stats["calls"] == sum(a["calls"] for a in stats["actors"])
     assert stats["layers"][layer]["max_calls_per_actor"] == 1

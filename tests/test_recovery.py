@@ -128,18 +128,18 @@ def mid_step(c: Coordinator, schedule: dict[int, tuple[int, str]]):
     count = [0]
     hit: list[int] = []
 
-    def submit(layer, x, w, ids):
+    def submit(layer, x, w, ids, hints=None):
         n = count[0]
         count[0] += 1
         if n not in schedule:
-            return orig(layer, x, w, ids)
+            return orig(layer, x, w, ids, hints)
         i, how = schedule[n]
         if not how.endswith("-inflight"):
             hit.append(fault(c, i, how))
-            return orig(layer, x, w, ids)
+            return orig(layer, x, w, ids, hints)
         p = fault(c, i, "sigstop")
         try:
-            return orig(layer, x, w, ids)
+            return orig(layer, x, w, ids, hints)
         finally:
             if how == "sigkill-inflight":
                 os.kill(p, signal.SIGKILL)
@@ -250,9 +250,26 @@ def test_five_sigkills_in_one_generation(coord, reference, prompts):
     per_actor = coord.stats()["experts"]["actors"]
     assert all(a["alive"] for a in per_actor)
     assert [a["restarts"] for a in per_actor] == [2, 2, 1]          # this is the module's first kill test
+    s = coord.stats()["experts"]
+    assert s["graph_failures"] >= 5 and s["graph_builds"] >= 2, "kills take the compiled graph down; it is rebuilt"
     times = recovered_times(coord, before["events"])
     TIMES.setdefault("SIGKILL", []).extend(times)
     print(f"\n5 SIGKILLs: generation took {took:.1f}s; recovery per kill {', '.join(f'{t:.2f}' for t in times)}s")
+
+
+@pytest.mark.timeout(300)
+def test_five_sigkills_with_plain_calls(ray_session, checkpoint, reference, prompts):
+    """The same faults on the plain-call transport: the same tokens, no graph involved."""
+    ids, mask = prompts
+    with Coordinator.from_pretrained(checkpoint(FAMILY, VARIANT), num_workers=3, dtype="float32", call_timeout_s=20,
+                                     restart_timeout_s=60, transport="calls") as c:
+        schedule = {4: (0, "sigkill"), 14: (1, "sigkill-inflight"), 28: (2, "sigkill"),
+                    41: (0, "sigkill-inflight"), 55: (1, "sigkill")}
+        with mid_step(c, schedule) as hit:
+            out = c.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD_ID)
+        assert len(hit) == 5 and torch.equal(out, reference["greedy"])
+        s = c.stats()["experts"]
+        assert s["restarts"] == 5 and s["transport"] == "calls" and s["graph_builds"] == 0
 
 
 @pytest.mark.timeout(240)

@@ -50,7 +50,7 @@ class ExpertShard:
         self.store = ExpertStore(self.specs, budget_bytes, self.dtype, device, policy,
                                  pinned=[tuple(p) for p in pinned], min_resident=min_resident, spill_dir=spill_dir)
         self.device = self.store.device
-        self._calls = self._rows = 0
+        self._calls = self._rows = self._idle = 0
         self._compute_s = 0.0
 
     def compute(self, layer: int, rows: Tensor, experts: Sequence[int], counts: Sequence[int],
@@ -98,9 +98,12 @@ class ExpertShard:
         finally:
             self.store.end_layer()
         out = out.cpu()
-        self._calls += 1
-        self._rows += rows.shape[0]
-        self._compute_s += time.perf_counter() - t0
+        if rows.shape[0]:
+            self._calls += 1
+            self._rows += rows.shape[0]
+            self._compute_s += time.perf_counter() - t0
+        else:   # a message with no rows (the compiled-graph transport sends one to idle actors): hints only
+            self._idle += 1
         return out
 
     def run_layer(self, msg: bytes) -> bytes:
@@ -133,6 +136,7 @@ class ExpertShard:
             "bytes_resident": self.store.resident_bytes(),
             "budget_bytes": self.budget_bytes,
             "calls": self._calls,
+            "idle_messages": self._idle,
             "rows": self._rows,
             "compute_s": self._compute_s,
             "rss_bytes": psutil.Process().memory_info().rss,
