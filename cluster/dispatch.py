@@ -248,8 +248,12 @@ class RemoteExperts:
 
     `transport`: "graph" sends each layer through one Ray Compiled Graph over all actors
     (`cluster/graph.py`; about 0.3 ms per layer against 1-3 ms for plain calls), "calls" uses plain
-    actor calls, "auto" (default) the graph when it compiles here, else plain calls. Either way a
-    layer that meets a failure finishes with plain calls, and the graph is rebuilt afterwards.
+    actor calls. "auto" (default) uses the graph when no actor shares this process's node: a graph's
+    actors spin on their channels while they wait, which costs nothing on cores of their own but
+    takes the coordinator's cores when they share them (measured: no gain on one 2-core host).
+    Either way a layer that meets a failure finishes with plain calls, and the graph is rebuilt
+    afterwards; after `graph_idle_s` without a layer it is released (`release_graph`), so idle
+    actors stop spinning, and the next layer builds it again (~0.2 s).
 
     `coordinator_threads`: torch threads for this (the coordinator's) process while the backend is
     open; None sizes them to the cores that actors placed on this node leave free (fewer only,
@@ -265,7 +269,7 @@ class RemoteExperts:
                  max_call_retries: int = 3, max_generation_retries: int = 10, restart_timeout_s: float = 60.0,
                  takeover_memory: int | str | None = None, takeover_share: float = 0.5,
                  pinned: Sequence[tuple[int, int]] = (), spill_dir: str | None = None,
-                 coordinator_threads: int | None = None, transport: str = "auto"):
+                 coordinator_threads: int | None = None, transport: str = "auto", graph_idle_s: float = 5.0):
         import ray
 
         from workers.units import parse_bytes
@@ -330,6 +334,12 @@ class RemoteExperts:
         self._teardown: threading.Thread | None = None
         self._graph_builds = self._graph_failures = 0
         self._graph_error: str | None = None      # why the graph could not be compiled ("auto" then stays on calls)
+        self._graph_lock = threading.RLock()      # the idle watchdog and the layer path both change the graph
+        self._in_layer = 0                        # layers submitted and not yet waited on
+        self._last_layer = time.monotonic()
+        self.graph_idle_s = graph_idle_s
+        self._idle_stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
         log.info("RemoteExperts: %d actors ready on %d node(s)", len(self._actors),
                  len({n["node_id"] for n in self._nodes}))
 
@@ -406,6 +416,8 @@ class RemoteExperts:
         self._closed = True
         import ray
 
+        if getattr(self, "_idle_stop", None) is not None:
+            self._idle_stop.set()
         if getattr(self, "_graph", None) is not None:
             self._graph_down(None)
             self._teardown.join(5.0)    # quick with live actors; a hung one is killed next, which ends it
@@ -671,14 +683,18 @@ class RemoteExperts:
                 header["hints"] = shares[a]
             msgs[a] = wire.encode(header, {"rows": rows})
         if graph is not None:
-            try:
-                refs = graph.execute([msgs[a] for a in range(len(self._actors))])
-            except Exception as e:  # the channels failed before anything was sent: this layer goes by calls
-                self._graph_down(f"execute failed: {type(e).__name__}: {e}")
-            else:
-                t = time.perf_counter()
-                return Pending(layer, batch, x, [_Call(a, refs[a], idxs[a], t, msgs[a], self._rec[a].incarnation,
-                                                       graph=True) for a in range(len(self._actors))], t0)
+            with self._graph_lock:
+                refs = None
+                if graph.alive:             # else released by the idle watchdog since _live_graph
+                    try:
+                        refs = graph.execute([msgs[a] for a in range(len(self._actors))])
+                    except Exception as e:  # the channels failed before anything was sent: go by calls
+                        self._graph_down(f"execute failed: {type(e).__name__}: {e}")
+                if refs is not None:
+                    self._in_layer += 1
+                    t = time.perf_counter()
+                    return Pending(layer, batch, x, [_Call(a, refs[a], idxs[a], t, msgs[a], self._rec[a].incarnation,
+                                                           graph=True) for a in range(len(self._actors))], t0)
             for a in sorted(per):
                 self._ensure_live(a, layer)
         for a, share in shares.items():
@@ -702,7 +718,14 @@ class RemoteExperts:
         layer, batch = pending.layer, pending.batch
         y = torch.empty(len(batch.token_idx), pending.x.shape[1], dtype=self.dtype, device=pending.x.device)
         plain = [c for c in pending.calls if not c.graph]
-        plain += self._collect_graph([c for c in pending.calls if c.graph], layer, y)
+        graph_calls = [c for c in pending.calls if c.graph]
+        if graph_calls:
+            try:
+                plain += self._collect_graph(graph_calls, layer, y)
+            finally:
+                with self._graph_lock:
+                    self._in_layer -= 1
+                    self._last_layer = time.monotonic()
         by_ref = {c.ref: c for c in plain}
         while by_ref:
             now = time.perf_counter()
@@ -798,31 +821,64 @@ class RemoteExperts:
         """The compiled graph, built now if it may be: transport allows it, no actor awaits replacement."""
         if self.transport == "calls" or self._graph_error is not None:
             return None
-        if self._graph is not None and self._graph.alive:
+        with self._graph_lock:
+            self._last_layer = time.monotonic()
+            if self._graph is not None and self._graph.alive:
+                return self._graph
+            if self.transport == "auto" and self._actors_here():
+                return None         # they would spin on the cores this process computes on
+            if any(r.broken is not None for r in self._rec) or (self._teardown and self._teardown.is_alive()):
+                return None         # plain calls until the replacement / the old graph's teardown is done
+            try:
+                self._graph = LayerGraph(self._actors, submit_timeout_s=self.call_timeout_s)
+            except Exception as e:
+                if self.transport == "graph":
+                    raise ClusterError(f"cannot compile the expert fan-out as a Ray Compiled Graph: "
+                                       f"{type(e).__name__}: {e}") from e
+                self._graph_error = f"{type(e).__name__}: {e}"[:300]
+                log.warning("Ray Compiled Graph unavailable here, using plain actor calls: %s", self._graph_error)
+                return None
+            self._graph_builds += 1
+            if self._watchdog is None and self.graph_idle_s > 0:
+                self._watchdog = threading.Thread(target=self._release_when_idle, name="moeshard-graph-idle",
+                                                  daemon=True)
+                self._watchdog.start()
             return self._graph
-        if any(r.broken is not None for r in self._rec) or (self._teardown and self._teardown.is_alive()):
-            return None             # plain calls until the replacement / the old graph's teardown is done
-        try:
-            self._graph = LayerGraph(self._actors, submit_timeout_s=self.call_timeout_s)
-        except Exception as e:
-            if self.transport == "graph":
-                raise ClusterError(f"cannot compile the expert fan-out as a Ray Compiled Graph: "
-                                   f"{type(e).__name__}: {e}") from e
-            self._graph_error = f"{type(e).__name__}: {e}"[:300]
-            log.warning("Ray Compiled Graph unavailable here, using plain actor calls: %s", self._graph_error)
-            return None
-        self._graph_builds += 1
-        return self._graph
+
+    def _actors_here(self) -> int:
+        """How many of our actors run on this process's node."""
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        return sum(n.get("node_id") == here for n in self._nodes)
+
+    def release_graph(self) -> None:
+        """Stop the compiled graph's loops on the actors now (they spin while they wait for a layer);
+        the next layer builds it again. Safe to call at any time between layers."""
+        with self._graph_lock:
+            if self._in_layer == 0:
+                self._graph_down(None)
+
+    def _release_when_idle(self) -> None:
+        while not self._idle_stop.wait(min(1.0, self.graph_idle_s)):
+            with self._graph_lock:
+                idle = self._in_layer == 0 and time.monotonic() - self._last_layer > self.graph_idle_s
+                if idle and self._graph is not None:
+                    log.info("releasing the compiled graph after %.0fs without a layer", self.graph_idle_s)
+                    self._graph_down(None)
 
     def _graph_down(self, why: str | None) -> None:
         """Drop the graph after a failure. Its teardown runs in the background (it waits for every actor's
         loop, up to Ray's `teardown_timeout`, e.g. on an unreachable node); a new graph is built at the first
         healthy layer after it has finished."""
-        if self._graph is not None:
+        with self._graph_lock:
+            if self._graph is None:
+                return
             graph, self._graph = self._graph, None
+            graph.alive = False      # a layer about to use it goes by calls instead
             self._teardown = threading.Thread(target=graph.teardown, name="moeshard-graph-teardown", daemon=True)
             self._teardown.start()
-            if why is not None:      # None: closing, not a failure
+            if why is not None:      # None: released or closing, not a failure
                 self._graph_failures += 1
                 log.warning("compiled graph dropped (%s); finishing with plain calls", why[:200])
 
@@ -958,6 +1014,7 @@ class RemoteExperts:
                              transit_s=sum(st.transit_s for st in self._stats),
                              hint_calls=self._hint_calls, layers=layers,
                              transport="graph" if self._graph is not None else "calls",
+                             transport_setting=self.transport,
                              graph_builds=self._graph_builds, graph_failures=self._graph_failures,
                              graph_error=self._graph_error,
                              failures=sum(r.failures for r in rec), restarts=sum(r.restarts for r in rec),

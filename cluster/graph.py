@@ -40,10 +40,8 @@ class LayerGraph:
         return refs if isinstance(refs, list) else [refs]
 
     def teardown(self) -> None:
-        """Stop the graph's loops on the actors (idempotent, never raises). Kill hung actors first:
-        teardown waits for every actor's loop to exit, up to Ray's `teardown_timeout`."""
-        if not self.alive:
-            return
+        """Stop the graph's loops on the actors (never raises; Ray makes a second call a no-op). Kill hung
+        actors first: teardown waits for every actor's loop to exit, up to Ray's `teardown_timeout`."""
         self.alive = False
         try:
             self._graph.teardown()

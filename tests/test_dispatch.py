@@ -47,14 +47,14 @@ def ray_session():
         ray.shutdown()
 
 
-# 1-3 workers on the default transport (the compiled graph), and 2 on plain calls
-@pytest.fixture(scope="module", params=[(1, "auto"), (2, "auto"), (3, "auto"), (2, "calls")],
-                ids=lambda p: f"{p[0]}workers" + ("" if p[1] == "auto" else f"-{p[1]}"))
+# 1-3 workers on the compiled graph, and 2 on plain calls
+@pytest.fixture(scope="module", params=[(1, "graph"), (2, "graph"), (3, "graph"), (2, "calls")],
+                ids=lambda p: f"{p[0]}workers-{p[1]}")
 def remote(request, ray_session, specs):
     re = RemoteExperts(specs, num_workers=request.param[0], dtype="float32", call_timeout_s=60,
                        transport=request.param[1])
     re.forward(layers_of(specs)[0], torch.randn(1, 32), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
-    assert re.stats()["transport"] == ("calls" if request.param[1] == "calls" else "graph"), re.stats()["graph_error"]
+    assert re.stats()["transport"] == request.param[1], re.stats()["graph_error"]
     yield re
     re.close()
 
@@ -195,16 +195,25 @@ def test_bad_routing_is_refused_before_sending(remote):
         remote.forward(0, torch.randn(2, 32, dtype=torch.float64), torch.ones(2, 1), torch.tensor([[1], [0]]))
 
 
-def test_timeout_names_actor_and_layer(remote):
-    ids, w, g = routing(4, 3, 8, seed=1)
-    # no retries: with a 0 s timeout every replacement would time out too (retries: test_recovery.py)
-    saved, remote.call_timeout_s, remote.max_call_retries = remote.call_timeout_s, 0.0, 0
+def test_timeout_names_actor_and_layer(remote, specs):
+    """A stopped actor: the wait ends after call_timeout_s with an error naming actor and layer (no retries
+    here; retries: test_recovery.py), and the next call goes to a replacement."""
+    import os
+    import signal
+
+    layer = layers_of(specs)[1]
+    mine = remote.plan.workers[0].experts_of_layer(layer)
+    ids, w, g = routing(4, min(3, len(mine)), 8, seed=1, experts=mine)
+    x = torch.randn(4, 32, generator=g)
+    want = remote.forward(layer, x, w, ids)
+    os.kill(remote._nodes[0]["pid"], signal.SIGSTOP)
+    saved, remote.call_timeout_s, remote.max_call_retries = remote.call_timeout_s, 1.0, 0
     try:
-        with pytest.raises(ExpertTimeout, match=r"actor \d+ \(node .* layer 2"):
-            remote.forward(2, torch.randn(4, 32, generator=g), w, ids)
+        with pytest.raises(ExpertTimeout, match=rf"actor 0 \(node .* layer {layer}"):
+            remote.forward(layer, x, w, ids)
     finally:
         remote.call_timeout_s, remote.max_call_retries = saved, 3
-    remote.forward(2, torch.randn(4, 32), w, ids)  # the late replies do not disturb later calls
+    assert torch.equal(remote.forward(layer, x, w, ids), want)   # replaced, same result
 
 
 def test_prefetch_is_one_way_and_skips_actors_with_everything_resident(remote):
@@ -327,3 +336,37 @@ def test_coordinator_threads_leave_the_actors_their_cores(ray_session, specs):
             RemoteExperts(specs, num_workers=1, dtype="float32", coordinator_threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_transport_keeps_colocated_actors_on_calls_and_idle_graph_is_released(ray_session, specs):
+    """Actors on this node: "auto" stays on plain calls (a graph's waiting actors spin on the cores this
+    process needs). A graph with nothing to do is released after graph_idle_s, which stops the spinning;
+    the next layer builds it again."""
+    import psutil
+
+    layer = layers_of(specs)[0]
+    args = (layer, torch.randn(1, 32), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
+    with RemoteExperts(specs, num_workers=1, dtype="float32") as re:
+        re.forward(*args)
+        assert re.stats()["transport"] == "calls" and re.stats()["graph_builds"] == 0
+    with RemoteExperts(specs, num_workers=2, dtype="float32", transport="graph", graph_idle_s=1.0) as re:
+        re.forward(*args)
+        assert re.stats()["transport"] == "graph"
+        procs = [psutil.Process(n["pid"]) for n in re._nodes]
+
+        def busy(seconds=1.0):
+            c0 = [sum(p.cpu_times()[:2]) for p in procs]
+            time.sleep(seconds)
+            return max(sum(p.cpu_times()[:2]) - c for p, c in zip(procs, c0)) / seconds
+
+        deadline = time.monotonic() + 30
+        while re.stats()["transport"] == "graph":
+            assert time.monotonic() < deadline, "the idle graph was not released"
+            time.sleep(0.2)
+        time.sleep(0.5)                      # let the teardown finish on the actors
+        assert busy() < 0.3, "actors still spin after the graph was released"
+        re.forward(*args)
+        s = re.stats()
+        assert s["transport"] == "graph" and s["graph_builds"] == 2 and s["graph_failures"] == 0
+        re.release_graph()
+        assert re.stats()["transport"] == "calls"
