@@ -442,9 +442,11 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
                       coordinator_threads: list[int] | None = None, **_: Any) -> dict:
     """Per-layer round trip with 2 actors and trivial expert work, plus peers (see scenario 4).
 
-    Peers, interleaved in blocks (A B C D A B C D ...): moeshard's RemoteExperts with rows
-    for both actors and for one; LocalExperts (no dispatch); a plain Ray call that echoes
-    the same wire message on two actors; and the same echo as a Ray Compiled Graph.
+    Peers, interleaved in blocks (A B C D A B C D ...): moeshard's RemoteExperts on the compiled-graph
+    transport and on plain calls (rows for both actors, and for one); LocalExperts (no dispatch); a plain
+    Ray call that echoes the same wire message on two actors; and the same echo as a Ray Compiled
+    Graph. A compiled graph's actors spin while they wait, so each graph exists only during its own
+    block (built before it, released after it) and never slows the other peers.
     """
     import ray
 
@@ -456,9 +458,12 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
     specs = Checkpoint.open(path).expert_specs()
     H = specs[0].gate.shape[1]
     layer = specs[0].layer
-    remote = RemoteExperts(specs, num_workers=2, dtype="float32", num_cpus_per_worker=1)
+    if not ray.is_initialized():   # room for both backends' actors (one CPU each, as in the other scenarios)
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    graph = RemoteExperts(specs, num_workers=2, dtype="float32", transport="graph", graph_idle_s=0)
+    calls = RemoteExperts(specs, num_workers=2, dtype="float32", transport="calls")
     local = LocalExperts(specs, dtype="float32")
-    owners = remote.plan.owners()
+    owners = graph.plan.owners()
     mine = {a: [e for (l, e), o in sorted(owners.items()) if l == layer and o == a] for a in (0, 1)}
     x = torch.randn(1, H)
     w = torch.tensor([[0.6, 0.4]])
@@ -473,21 +478,39 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
 
     echoes = [Echo.remote(), Echo.remote()]
     ray.get([e.run.remote(msg) for e in echoes])
-    peers = {
-        "moeshard_remote_2actors": lambda: remote.wait(remote.submit(layer, x, w, ids_two)),
-        "moeshard_remote_1actor": lambda: remote.wait(remote.submit(layer, x, w, ids_one)),
-        "moeshard_local": lambda: local.wait(local.submit(layer, x, w, ids_two)),
-        "ray_call_2actors_echo": lambda: ray.get([echoes[0].run.remote(msg), echoes[1].run.remote(msg)]),
-    }
-    cg, cg_error = None, None
-    try:
+    cg: dict[str, Any] = {}
+
+    def echo_graph_up() -> None:
         from ray.dag import InputNode, MultiOutputNode
 
         with InputNode() as inp:
             dag = MultiOutputNode([echoes[0].run.bind(inp), echoes[1].run.bind(inp)])
-        cg = dag.experimental_compile()
-        ray.get(cg.execute(msg))
-        peers["ray_compiled_graph_2actors_echo"] = lambda: ray.get(cg.execute(msg))
+        cg["g"] = dag.experimental_compile()
+
+    def echo_graph_down() -> None:
+        cg.pop("g").teardown()
+
+    def release(remote: Any) -> None:
+        remote.release_graph()
+        if remote._teardown is not None:
+            remote._teardown.join(30)
+
+    # name: (run once, set up before the block, tear down after it)
+    peers: dict[str, tuple[Any, Any, Any]] = {
+        "moeshard_graph_2actors": (lambda: graph.wait(graph.submit(layer, x, w, ids_two)), None, lambda: release(graph)),
+        "moeshard_graph_1actor": (lambda: graph.wait(graph.submit(layer, x, w, ids_one)), None, lambda: release(graph)),
+        "moeshard_calls_2actors": (lambda: calls.wait(calls.submit(layer, x, w, ids_two)), None, None),
+        "moeshard_calls_1actor": (lambda: calls.wait(calls.submit(layer, x, w, ids_one)), None, None),
+        "moeshard_local": (lambda: local.wait(local.submit(layer, x, w, ids_two)), None, None),
+        "ray_call_2actors_echo": (lambda: ray.get([echoes[0].run.remote(msg), echoes[1].run.remote(msg)]), None, None),
+    }
+    cg_error = None
+    try:
+        echo_graph_up()
+        ray.get(cg["g"].execute(msg))
+        echo_graph_down()
+        peers["ray_compiled_graph_2actors_echo"] = (lambda: ray.get(cg["g"].execute(msg)), echo_graph_up,
+                                                     echo_graph_down)
     except Exception as e:  # unsupported here: report why
         cg_error = f"{type(e).__name__}: {e}"[:500]
     res: dict[str, list[float]] = {}
@@ -496,23 +519,23 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
     for _ in range(blocks):
         for th in settings:
             torch.set_num_threads(th)
-            for name, fn in peers.items():
+            for name, (fn, up, down) in peers.items():
                 key = name if th == settings[0] else f"{name}@{th}t"
+                if up is not None:
+                    up()
                 for _ in range(max(1, warmup // blocks)):
                     fn()
                 for _ in range(per_block):
                     t0 = time.perf_counter()
                     fn()
                     res.setdefault(key, []).append(time.perf_counter() - t0)
+                if down is not None:
+                    down()
     torch.set_num_threads(settings[0])
-    if cg is not None:
-        try:
-            cg.teardown()
-        except Exception:
-            pass
     for e in echoes:
         ray.kill(e)
-    remote.close()
+    graph.close()
+    calls.close()
     local.close()
     return {"latencies_s": res, "hidden": H, "experts": {"two": ids_two.tolist(), "one": ids_one.tolist()},
             "compiled_graph_error": cg_error, "coordinator_threads": settings}
