@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 BREAKDOWN_KEYS = ("attention", "routing", "dispatch", "expert_compute", "io_stall")
 

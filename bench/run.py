@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import make_checkpoint as mk
 from . import results as R
-from .common import RESULTS_DIR, env_info, machine_name
+from .common import RESULTS_DIR, env_info
 from .plots import write_plots
 from .scenarios import SCENARIOS, STEPS, Ctx, Params, run_scenario
 
@@ -50,6 +50,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="scenario 2: memory cgroup limit per system (default 3GB)")
     parser.add_argument("--host-memory", type=_size, default=3 * 10**9,
                         help="scenario 3: memory per harness host (default 3GB)")
+    parser.add_argument("--transport", choices=("calls", "graph"), default="calls",
+                        help="moeshard's dispatch transport in runs with workers (default: calls)")
     parser.add_argument("--out", type=Path, default=None, help=f"results directory (default {RESULTS_DIR})")
     parser.add_argument("--machine", default=None, help="machine name in the results file name (default hostname)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
@@ -118,7 +120,8 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     for n in chosen:
         ctx = Ctx(ckpt=ckpt, params=Params.for_mode(args.quick, args.tiny), threads=threads, quick=args.quick,
                   tiny=args.tiny, workers=_ints(args.workers), ooc_memory=args.ooc_memory,
-                  ooc_workers=_ints(args.ooc_workers), host_memory=args.host_memory, doc=doc, progress=progress,
+                  ooc_workers=_ints(args.ooc_workers), host_memory=args.host_memory, transport=args.transport,
+                  doc=doc, progress=progress,
                   log_dir=out_dir / ".logs")
         progress(f"scenario {n}: {SCENARIOS[n][0]}")
         res = run_scenario(n, ctx)

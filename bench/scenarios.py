@@ -6,7 +6,6 @@ medians, ratios are medians of per-round ratios.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -69,6 +68,7 @@ class Ctx:
     ooc_memory: int = 3 * GB
     ooc_workers: tuple[int, ...] = (2, 0)
     host_memory: int = 3 * GB
+    transport: str = "calls"      # RemoteExperts transport for moeshard runs with workers
     doc: dict = field(default_factory=dict)
     progress: Callable[[str], None] = lambda msg: None
     log_dir: Path = Path("/tmp/moeshard-bench-logs")
@@ -149,7 +149,8 @@ def scenario_1(ctx: Ctx) -> dict:
         ctx.progress(f"s1: loading moeshard, {nw} workers (all experts resident)")
         opts = dict(num_workers=nw, worker_memory=None, prefetch_depth=0, pin_all=True, threads=cthreads)
         if nw:
-            opts.update(ray=_ray_opts(max(ctx.threads, nw)), num_cpus_per_worker=max(1, ctx.threads // nw))
+            opts.update(ray=_ray_opts(max(ctx.threads, nw)), num_cpus_per_worker=max(1, ctx.threads // nw),
+                        transport=ctx.transport)
         details[f"moeshard_{tag}_load"] = ms.call("load", system="moeshard", path=str(ctx.ckpt), **opts)
         ms.call("decode", batch=1, prompt_len=P.prompt_len, new_tokens=2, seed=99)
         pair = {"moeshard": ms, "transformers": hf}
@@ -273,7 +274,8 @@ def scenario_2(ctx: Ctx) -> dict:
             ms = ctx.child(f"s2-moeshard-{tag}", cgroup=cg)
             opts = dict(num_workers=nw, worker_memory=budget, prefetch_depth=1, prefetch_extra=0)
             if nw:
-                opts.update(ray=_ray_opts(max(ctx.threads, nw)), num_cpus_per_worker=max(1, ctx.threads // nw))
+                opts.update(ray=_ray_opts(max(ctx.threads, nw)), num_cpus_per_worker=max(1, ctx.threads // nw),
+                        transport=ctx.transport)
             details[f"moeshard_{tag}_load"] = ms.call("load", system="moeshard", path=str(ctx.ckpt), **opts)
             details[f"moeshard_{tag}_budget"] = budget
             ms.call("decode", batch=1, prompt_len=16, new_tokens=2, seed=99)       # warm the expert cache
@@ -357,7 +359,7 @@ def scenario_3(ctx: Ctx) -> dict:
         ms.call("ray_init", init_kwargs=cl.init_kwargs, env=cl.auth_env)
         ctx.progress(f"s3: loading moeshard, 2 actors, budget {budget / GB:.2f} GB each")
         details["load"] = ms.call("load", system="moeshard", path=str(ctx.ckpt), num_workers=2, worker_memory=budget,
-                                  prefetch_depth=1, num_cpus_per_worker=1,
+                                  prefetch_depth=1, num_cpus_per_worker=1, transport=ctx.transport,
                                   resources=[{cl.resource(0): 1}, {cl.resource(1): 1}])
         details["budget_per_actor"] = budget
         ms.call("decode", batch=1, prompt_len=16, new_tokens=2, seed=99)

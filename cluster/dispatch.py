@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import statistics
 import threading
 import time
@@ -38,154 +37,21 @@ import torch
 from coordinator.experts import ExpertBatch, backend_stats, hint_lists
 from workers import wire
 from workers.errors import MoeshardError
-from workers.shard import DTYPES, ExpertShard
+from workers.shard import DTYPES
 from workers.spec import ExpertSpec
 
 from . import recovery
+from .actor import ShardActor
+from .connect import check_capacity, connect_ray
 from .errors import ClusterError, ExpertTimeout, ShardUnavailable
 from .graph import LayerGraph, is_channel_failure
-from .placement import Plan, plan_placement
+from .placement import plan_placement
 from .recovery import ActorRecovery, RecoveryLog, RecoveryPolicy
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 3.0      # TCP probe of a Ray address before ray.init (which retries for minutes)
 LATENCY_WINDOW = 4096      # per-layer dispatch latencies kept for the median
-TRANSPORTS = ("auto", "graph", "calls")
-
-
-class _ShardActor(ExpertShard):
-    """`ExpertShard` plus what only an actor can say about itself: where it runs.
-
-    `takeover` (set for a replacement placed away from its planned node) makes the actor
-    check that it can read the checkpoint files here and size its expert budget to the
-    memory this node has free (`recovery.takeover_budget`), so it pages instead of failing.
-    """
-
-    def __init__(self, specs: list[dict], budget_bytes: int | None = None, *,
-                 takeover: dict[str, Any] | None = None, **kwargs: Any):
-        self.takeover: dict[str, Any] | None = None
-        if takeover is not None:
-            recovery.check_files(t["file"] for d in specs for t in (d["gate"], d["up"], d["down"]))
-            from .placement import expert_nbytes
-
-            itemsize = DTYPES[kwargs.get("dtype", "float32")].itemsize
-            parsed = [ExpertSpec.from_dict(d) for d in specs]
-            slot = max((expert_nbytes(sp, itemsize) for sp in parsed), default=0)
-            machine = recovery.available_memory()        # this process's view (cgroup limits if readable)
-            node = _node_memory_left(takeover.get("held", {}))   # what the cluster says this node has left
-            free = machine if node is None else min(machine, node)
-            planned = budget_bytes
-            budget_bytes = recovery.takeover_budget(slot, len(parsed), planned, takeover.get("memory"),
-                                                    float(takeover.get("share", 0.5)), free)
-            self.takeover = {"free_bytes": free, "machine_free_bytes": machine, "node_memory_left": node,
-                             "planned_budget": planned, "budget_bytes": budget_bytes,
-                             "expert_bytes": slot * len(parsed),
-                             "paged": budget_bytes is not None and budget_bytes < slot * len(parsed)}
-        super().__init__(specs, budget_bytes, **kwargs)
-
-    def node_info(self) -> dict[str, Any]:
-        """Liveness check that also reports the actor's node id, node IP and pid (and any takeover)."""
-        import ray
-
-        self.ping()
-        ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "device": str(self.device), "budget_bytes": self.budget_bytes, "takeover": self.takeover}
-
-
-def _node_memory_left(held: dict[str, int]) -> int | None:
-    """This node's Ray `memory` resource (its memory for tasks and actors; sized from the node's
-    cgroup or the operator's `--memory`) minus what our other actors there hold. None if unknown.
-
-    Inside a harness host `ip netns exec` remounted /sys, so the cgroup files cannot be read
-    from the process itself; Ray's figure for the node is the one that is always available."""
-    import ray
-
-    try:
-        nid = ray.get_runtime_context().get_node_id()
-        total = next((n["Resources"].get("memory") for n in ray.nodes() if n["NodeID"] == nid), None)
-    except Exception:  # GCS unreachable: fall back on the local measurement
-        return None
-    return None if not total else max(0, int(total) - int(held.get(nid, 0)))
-
-
-# ---- Ray connection ------------------------------------------------------------------------------
-
-def _probe(address: str) -> None:
-    """Fail fast with ClusterError if nothing accepts TCP connections at `address` (host:port)."""
-    hostport = address.split("://", 1)[-1]
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ClusterError(f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S):
-            pass
-    except OSError as e:
-        raise ClusterError(f"cannot reach the Ray cluster at {address}: {e.strerror or e} "
-                           f"(is `ray start --head` running there and is the port open?)") from None
-
-
-def _resolve_auto() -> str | None:
-    """The host:port `ray.init(address="auto")` would use, if Ray can tell (else None)."""
-    try:
-        from ray._private.services import canonicalize_bootstrap_address
-        return canonicalize_bootstrap_address("auto")
-    except Exception:  # private API, or no cluster recorded: let ray.init report it
-        return None
-
-
-def connect_ray(address: str | None, *, num_cpus: float, num_gpus: float,
-                resources: dict[str, float]) -> bool:
-    """Make sure this process is connected to Ray; return True if this call started Ray.
-
-    - Ray already initialised (e.g. inside a Ray job, or by the caller): reuse it.
-    - `address` given (or RAY_ADDRESS set): probe it, then `ray.init(address=...)`.
-    - otherwise start a local Ray sized for the plan (CPUs, GPUs and any custom
-      resources the plan pins actors with, so a multi-node plan also runs on one machine).
-    """
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address not in ("local", "auto"):
-        _probe(address)
-    if ray.is_initialized():
-        current = ray.get_runtime_context().gcs_address
-        if address and address not in ("local", "auto") and address.rsplit(":", 1)[-1] != current.rsplit(":", 1)[-1]:
-            raise ClusterError(f"this process is already connected to Ray at {current}; cannot also connect to "
-                               f"{address} (call ray.shutdown() first, or pass no address to reuse {current})")
-        log.info("reusing the Ray connection to %s", current)
-        return False
-    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, include_dashboard=False)
-    if address and address != "local":
-        if address == "auto" and (resolved := _resolve_auto()):
-            _probe(resolved)
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except Exception as e:
-            raise ClusterError(f"cannot connect to the Ray cluster at {address}: {e}") from e
-        log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
-        return False
-    ray.init(address="local", num_cpus=max(1, math.ceil(num_cpus)), num_gpus=None if num_gpus else 0,
-             resources={k: float(max(1, math.ceil(v))) for k, v in resources.items()} or None, **kwargs)
-    log.info("started a local Ray (%g CPUs%s)", max(1, math.ceil(num_cpus)), ", GPUs autodetected" if num_gpus else "")
-    return True
-
-
-def _check_capacity(plan: Plan) -> None:
-    """ClusterError now, rather than actors pending forever, if the cluster lacks the plan's totals."""
-    import ray
-
-    have = ray.cluster_resources()
-    want: dict[str, float] = defaultdict(float)
-    for w in plan.workers:
-        want["CPU"] += w.num_cpus
-        want["GPU"] += w.num_gpus
-        for k, v in w.resources.items():
-            want[k] += v
-    short = [f"{k}: need {v:g}, cluster has {have.get(k, 0):g}" for k, v in want.items() if v > have.get(k, 0) + 1e-9]
-    if short:
-        raise ClusterError(f"the Ray cluster cannot host {len(plan.workers)} expert actors: " + "; ".join(short))
+TRANSPORTS = ("calls", "graph")
 
 
 # ---- the backend ---------------------------------------------------------------------------------
@@ -246,14 +112,14 @@ class RemoteExperts:
     Recovery options (see `recovery.RecoveryPolicy`): `max_call_retries`, `max_generation_retries`,
     `restart_timeout_s`, `takeover_memory` (bytes or "64MB"), `takeover_share`.
 
-    `transport`: "graph" sends each layer through one Ray Compiled Graph over all actors
-    (`cluster/graph.py`; about 0.3 ms per layer against 1-3 ms for plain calls), "calls" uses plain
-    actor calls. "auto" (default) uses the graph when no actor shares this process's node: a graph's
-    actors spin on their channels while they wait, which costs nothing on cores of their own but
-    takes the coordinator's cores when they share them (measured: no gain on one 2-core host).
-    Either way a layer that meets a failure finishes with plain calls, and the graph is rebuilt
-    afterwards; after `graph_idle_s` without a layer it is released (`release_graph`), so idle
-    actors stop spinning, and the next layer builds it again (~0.2 s).
+    `transport`: "calls" (default) sends each layer as plain actor calls, one per actor with rows;
+    "graph" through one Ray Compiled Graph over all actors (`cluster/graph.py`): 1.0 ms per layer
+    against 2.4 ms (scenario 4), but each actor keeps a thread spinning on the graph's channel, which
+    takes a core: a loss where that core is needed for compute and paging (2 one-CPU hosts: 1.61 vs
+    4.39 tok/s) and a wash next to the coordinator on one 2-core host (docs/performance.md). Use it
+    where every actor has a core to spare. A layer that meets a failure finishes with plain calls and
+    the graph is rebuilt afterwards; after `graph_idle_s` without a layer it is released
+    (`release_graph`), so idle actors stop spinning, and the next layer builds it again (~0.2 s).
 
     `coordinator_threads`: torch threads for this (the coordinator's) process while the backend is
     open; None sizes them to the cores that actors placed on this node leave free (fewer only,
@@ -269,7 +135,7 @@ class RemoteExperts:
                  max_call_retries: int = 3, max_generation_retries: int = 10, restart_timeout_s: float = 60.0,
                  takeover_memory: int | str | None = None, takeover_share: float = 0.5,
                  pinned: Sequence[tuple[int, int]] = (), spill_dir: str | None = None,
-                 coordinator_threads: int | None = None, transport: str = "auto", graph_idle_s: float = 5.0):
+                 coordinator_threads: int | None = None, transport: str = "calls", graph_idle_s: float = 5.0):
         import ray
 
         from workers.units import parse_bytes
@@ -314,8 +180,8 @@ class RemoteExperts:
         self._started_ray = connect_ray(ray_address, num_cpus=num_workers * num_cpus_per_worker,
                                         num_gpus=num_workers * num_gpus_per_worker, resources=dict(custom))
         try:
-            _check_capacity(self.plan)
-            self._cls = ray.remote(_ShardActor)
+            check_capacity(self.plan)
+            self._cls = ray.remote(ShardActor)
             for i in range(len(self.plan.workers)):
                 self._actors.append(self._cls.options(**self._planned_options(i)).remote(**self._init_args[i]))
             self._nodes = self._wait_ready(ready_timeout_s)
@@ -333,7 +199,6 @@ class RemoteExperts:
         self._graph: LayerGraph | None = None
         self._teardown: threading.Thread | None = None
         self._graph_builds = self._graph_failures = 0
-        self._graph_error: str | None = None      # why the graph could not be compiled ("auto" then stays on calls)
         self._graph_lock = threading.RLock()      # the idle watchdog and the layer path both change the graph
         self._in_layer = 0                        # layers submitted and not yet waited on
         self._last_layer = time.monotonic()
@@ -819,38 +684,25 @@ class RemoteExperts:
     # -- the compiled graph ------------------------------------------------------------------------
     def _live_graph(self) -> LayerGraph | None:
         """The compiled graph, built now if it may be: transport allows it, no actor awaits replacement."""
-        if self.transport == "calls" or self._graph_error is not None:
+        if self.transport != "graph":
             return None
         with self._graph_lock:
             self._last_layer = time.monotonic()
             if self._graph is not None and self._graph.alive:
                 return self._graph
-            if self.transport == "auto" and self._actors_here():
-                return None         # they would spin on the cores this process computes on
             if any(r.broken is not None for r in self._rec) or (self._teardown and self._teardown.is_alive()):
                 return None         # plain calls until the replacement / the old graph's teardown is done
             try:
                 self._graph = LayerGraph(self._actors, submit_timeout_s=self.call_timeout_s)
             except Exception as e:
-                if self.transport == "graph":
-                    raise ClusterError(f"cannot compile the expert fan-out as a Ray Compiled Graph: "
-                                       f"{type(e).__name__}: {e}") from e
-                self._graph_error = f"{type(e).__name__}: {e}"[:300]
-                log.warning("Ray Compiled Graph unavailable here, using plain actor calls: %s", self._graph_error)
-                return None
+                raise ClusterError(f"cannot compile the expert fan-out as a Ray Compiled Graph: "
+                                   f"{type(e).__name__}: {e} (transport='calls' works without one)") from e
             self._graph_builds += 1
             if self._watchdog is None and self.graph_idle_s > 0:
                 self._watchdog = threading.Thread(target=self._release_when_idle, name="moeshard-graph-idle",
                                                   daemon=True)
                 self._watchdog.start()
             return self._graph
-
-    def _actors_here(self) -> int:
-        """How many of our actors run on this process's node."""
-        import ray
-
-        here = ray.get_runtime_context().get_node_id()
-        return sum(n.get("node_id") == here for n in self._nodes)
 
     def release_graph(self) -> None:
         """Stop the compiled graph's loops on the actors now (they spin while they wait for a layer);
@@ -1016,7 +868,6 @@ class RemoteExperts:
                              transport="graph" if self._graph is not None else "calls",
                              transport_setting=self.transport,
                              graph_builds=self._graph_builds, graph_failures=self._graph_failures,
-                             graph_error=self._graph_error,
                              failures=sum(r.failures for r in rec), restarts=sum(r.restarts for r in rec),
                              retries=sum(r.retries for r in rec), recovery_s=sum(r.recovery_s for r in rec),
                              retry_budget={"max_call_retries": self.recovery.max_call_retries,

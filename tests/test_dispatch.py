@@ -54,7 +54,7 @@ def remote(request, ray_session, specs):
     re = RemoteExperts(specs, num_workers=request.param[0], dtype="float32", call_timeout_s=60,
                        transport=request.param[1])
     re.forward(layers_of(specs)[0], torch.randn(1, 32), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
-    assert re.stats()["transport"] == request.param[1], re.stats()["graph_error"]
+    assert re.stats()["transport"] == request.param[1]
     yield re
     re.close()
 
@@ -338,10 +338,9 @@ def test_coordinator_threads_leave_the_actors_their_cores(ray_session, specs):
         torch.set_num_threads(before)
 
 
-def test_auto_transport_keeps_colocated_actors_on_calls_and_idle_graph_is_released(ray_session, specs):
-    """Actors on this node: "auto" stays on plain calls (a graph's waiting actors spin on the cores this
-    process needs). A graph with nothing to do is released after graph_idle_s, which stops the spinning;
-    the next layer builds it again."""
+def test_default_is_plain_calls_and_an_idle_graph_is_released(ray_session, specs):
+    """Plain calls unless asked (a graph's waiting actors spin on a core each). A graph with nothing to do
+    is released after graph_idle_s, which stops the spinning; the next layer builds it again."""
     import psutil
 
     layer = layers_of(specs)[0]
@@ -349,6 +348,8 @@ def test_auto_transport_keeps_colocated_actors_on_calls_and_idle_graph_is_releas
     with RemoteExperts(specs, num_workers=1, dtype="float32") as re:
         re.forward(*args)
         assert re.stats()["transport"] == "calls" and re.stats()["graph_builds"] == 0
+    with pytest.raises(ValueError, match="transport"):
+        RemoteExperts(specs, num_workers=1, dtype="float32", transport="auto")
     with RemoteExperts(specs, num_workers=2, dtype="float32", transport="graph", graph_idle_s=1.0) as re:
         re.forward(*args)
         assert re.stats()["transport"] == "graph"

@@ -21,10 +21,10 @@ ATOL = 1e-5
 _reference: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def run(path, num_workers: int):
+def run(path, num_workers: int, **options):
     """(padded-batch logits, unpadded logits, greedy tokens) for one coordinator."""
     ids, mask = make_prompts((7, 4, 1), seed=5)
-    with Coordinator.from_pretrained(path, num_workers=num_workers, dtype="float32") as c:
+    with Coordinator.from_pretrained(path, num_workers=num_workers, dtype="float32", **options) as c:
         logits = c.forward(ids, attention_mask=mask)
         plain = c.forward(torch.tensor([[5, 9, 17, 33, 64, 100, 3, 8]]))
         tokens = c.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
@@ -39,12 +39,14 @@ def reference(family: str, path):
     return _reference[family]
 
 
-@pytest.mark.parametrize("num_workers", [1, 2, 3])
+# plain calls (the default) at 1-3 workers, the compiled graph at 2
+@pytest.mark.parametrize("num_workers,transport", [(1, "calls"), (2, "calls"), (3, "calls"), (2, "graph")],
+                         ids=["1", "2", "3", "2-graph"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_distributed_equals_in_process(family, num_workers, checkpoint, ray_session):
+def test_distributed_equals_in_process(family, num_workers, transport, checkpoint, ray_session):
     path = checkpoint(family)
     ref_logits, ref_plain, ref_tokens = reference(family, path)
-    (logits, plain, tokens), stats = run(path, num_workers)
+    (logits, plain, tokens), stats = run(path, num_workers, transport=transport)
     for what, ours, ref in (("padded batch", logits, ref_logits), ("single prompt", plain, ref_plain)):
         diff = (ours - ref).abs().max().item()
         assert diff <= ATOL, f"{family} x{num_workers} {what}: max abs logit diff {diff:.3g}"
@@ -55,3 +57,4 @@ def test_distributed_equals_in_process(family, num_workers, checkpoint, ray_sess
     assert stats["backend"] == "ray" and len(stats["actors"]) == num_workers
     assert all(a["calls"] > 0 for a in stats["actors"])
     assert all(layer["max_calls_per_actor"] == 1 for layer in stats["layers"].values())
+    assert (stats["graph_builds"] >= 1) == (transport == "graph") and stats["graph_failures"] == 0

@@ -66,8 +66,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def coord(ray_session, checkpoint):
-    # the compiled-graph transport (plain calls: test_five_sigkills_with_plain_calls); "auto" would
-    # choose calls here, with the actors on the test's own node
+    # the compiled-graph transport (plain calls, the default: test_five_sigkills_with_plain_calls)
     c = Coordinator.from_pretrained(checkpoint(FAMILY, VARIANT), num_workers=3, dtype="float32",
                                     call_timeout_s=20, restart_timeout_s=60, transport="graph")
     yield c
