@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DeepseekV3Config, ModelConfig
-from .layers import RMSNorm, Rotary, apply_rope, apply_rope_interleaved
+from .layers import RMSNorm, apply_rope, apply_rope_interleaved
 
 
 class KVCache(nn.Module):

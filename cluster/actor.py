@@ -1,0 +1,65 @@
+"""The expert-shard actor: `ExpertShard` plus what only a Ray actor can say about itself."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from workers.shard import DTYPES, ExpertShard
+from workers.spec import ExpertSpec
+
+from . import recovery
+from .placement import expert_nbytes
+
+
+class ShardActor(ExpertShard):
+    """`ExpertShard` plus what only an actor can say about itself: where it runs.
+
+    `takeover` (set for a replacement placed away from its planned node) makes the actor
+    check that it can read the checkpoint files here and size its expert budget to the
+    memory this node has free (`recovery.takeover_budget`), so it pages instead of failing.
+    """
+
+    def __init__(self, specs: list[dict], budget_bytes: int | None = None, *,
+                 takeover: dict[str, Any] | None = None, **kwargs: Any):
+        self.takeover: dict[str, Any] | None = None
+        if takeover is not None:
+            recovery.check_files(t["file"] for d in specs for t in (d["gate"], d["up"], d["down"]))
+            itemsize = DTYPES[kwargs.get("dtype", "float32")].itemsize
+            parsed = [ExpertSpec.from_dict(d) for d in specs]
+            slot = max((expert_nbytes(sp, itemsize) for sp in parsed), default=0)
+            machine = recovery.available_memory()        # this process's view (cgroup limits if readable)
+            node = _node_memory_left(takeover.get("held", {}))   # what the cluster says this node has left
+            free = machine if node is None else min(machine, node)
+            planned = budget_bytes
+            budget_bytes = recovery.takeover_budget(slot, len(parsed), planned, takeover.get("memory"),
+                                                    float(takeover.get("share", 0.5)), free)
+            self.takeover = {"free_bytes": free, "machine_free_bytes": machine, "node_memory_left": node,
+                             "planned_budget": planned, "budget_bytes": budget_bytes,
+                             "expert_bytes": slot * len(parsed),
+                             "paged": budget_bytes is not None and budget_bytes < slot * len(parsed)}
+        super().__init__(specs, budget_bytes, **kwargs)
+
+    def node_info(self) -> dict[str, Any]:
+        """Liveness check that also reports the actor's node id, node IP and pid (and any takeover)."""
+        import ray
+
+        self.ping()
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "device": str(self.device), "budget_bytes": self.budget_bytes, "takeover": self.takeover}
+
+
+def _node_memory_left(held: dict[str, int]) -> int | None:
+    """This node's Ray `memory` resource (its memory for tasks and actors; sized from the node's
+    cgroup or the operator's `--memory`) minus what our other actors there hold. None if unknown.
+
+    Inside a harness host `ip netns exec` remounted /sys, so the cgroup files cannot be read
+    from the process itself; Ray's figure for the node is the one that is always available."""
+    import ray
+
+    try:
+        nid = ray.get_runtime_context().get_node_id()
+        total = next((n["Resources"].get("memory") for n in ray.nodes() if n["NodeID"] == nid), None)
+    except Exception:  # GCS unreachable: fall back on the local measurement
+        return None
+    return None if not total else max(0, int(total) - int(held.get(nid, 0)))
