@@ -644,6 +644,9 @@ class RemoteExperts:
             for i, (call, e) in enumerate(failed):
                 if call.actor in hung:
                     self._kill_quietly(call.actor)      # a hung one must go, or the teardown waits for it
+                    if isinstance(e, _GraphDown):       # its own reply only said the channel failed
+                        failed[i] = (call, ShardUnavailable(f"{self._where(call.actor)}, layer {layer}: no answer to "
+                                                            f"a ping after the compiled graph failed ({e})"))
                 elif not isinstance(e, _GraphDown):
                     failed[i] = (call, _GraphDown(f"{self._where(call.actor)}, layer {layer}: reply lost with the "
                                                   f"compiled graph ({type(e).__name__})"))
