@@ -66,7 +66,9 @@ class Coordinator:
         compute-dtype image on local disk after its first read (see docs/memory.md). lock_timeout_s bounds how long a call waits for
         another thread's running call (None: until it finishes). With workers, backend_options
         also take the recovery settings: max_call_retries, max_generation_retries,
-        restart_timeout_s, takeover_memory (see cluster/recovery.py).
+        restart_timeout_s, takeover_memory (see cluster/recovery.py), and `transport` ("calls" or
+        "graph"), `coordinator_threads`, `call_timeout_s` and placement options (see
+        cluster.dispatch.RemoteExperts).
         """
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
