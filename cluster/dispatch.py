@@ -417,8 +417,7 @@ class RemoteExperts:
             raise ShardUnavailable(f"{self._where(i)}: {err}")
         self._actors[i] = handle
         self._nodes[i] = info
-        if i < len(self._all_resident):
-            self._all_resident[i] = False     # a new actor starts empty
+        self._all_resident[i] = False         # a new actor starts empty
         rec.incarnation += 1
         rec.restarts += 1
         rec.broken = None
@@ -481,12 +480,16 @@ class RemoteExperts:
                     # call already failed on, unless nothing else can host the actor
                     suspect = set(call.failed_nodes) if call.attempt > 1 else set()
                     self._replace(a, self._bad_nodes(a), f"{failure.kind} in layer {layer}", suspect)
-                t = time.perf_counter()
-                return _Call(a, self._actors[a].run_layer.remote(call.msg), call.idx, t, call.msg,
-                             rec.incarnation, call.attempt, call.t_failed, call.failed_nodes)
+                return self._resend(call)
             except ShardUnavailable as e:       # the replacement itself failed: that costs a retry too
                 error = e
                 node = self._nodes[a].get("node_id")
+
+    def _resend(self, call: _Call) -> _Call:
+        """The same message as a plain call to the actor's current incarnation (its failure record kept)."""
+        a = call.actor
+        return _Call(a, self._actors[a].run_layer.remote(call.msg), call.idx, time.perf_counter(), call.msg,
+                     self._rec[a].incarnation, call.attempt, call.t_failed, call.failed_nodes)
 
     def _kill_quietly(self, i: int) -> None:
         """ray.kill actor i without restart; never raises (it may be dead already, or unreachable)."""
@@ -560,8 +563,7 @@ class RemoteExperts:
                     t = time.perf_counter()
                     return Pending(layer, batch, x, [_Call(a, refs[a], idxs[a], t, msgs[a], self._rec[a].incarnation,
                                                            graph=True) for a in range(len(self._actors))], t0)
-            for a in sorted(per):
-                self._ensure_live(a, layer)
+            # no actor to replace: a graph is built only while none is marked broken
         for a, share in shares.items():
             if a not in per:
                 for hinted_layer, experts in share:
@@ -657,9 +659,7 @@ class RemoteExperts:
         for call, e in failed:
             if isinstance(e, _GraphDown):
                 if len(call.idx):   # an actor with no rows only lost its hints
-                    plain.append(_Call(call.actor, self._actors[call.actor].run_layer.remote(call.msg), call.idx,
-                                       time.perf_counter(), call.msg, self._rec[call.actor].incarnation,
-                                       call.attempt, call.t_failed, call.failed_nodes))
+                    plain.append(self._resend(call))
             else:
                 plain.append(self._retry(call, layer, _Failure(e, "timeout" if isinstance(e, ExpertTimeout)
                                                                else "died")))
