@@ -530,7 +530,7 @@ class RemoteExperts:
             experts.append(e)
             counts.append(t - s)
             spans.append(torch.arange(s, t, device=batch.token_idx.device))
-        graph = self._live_graph()
+        graph = self._live_graph(layer)
         if graph is None:
             for a in sorted(per):
                 self._ensure_live(a, layer)
@@ -685,8 +685,12 @@ class RemoteExperts:
             self._log.add(kind="recovered", actor=call.actor, layer=layer, seconds=took, retries=call.attempt)
 
     # -- the compiled graph ------------------------------------------------------------------------
-    def _live_graph(self) -> LayerGraph | None:
-        """The compiled graph, built now if it may be: transport allows it, no actor awaits replacement."""
+    def _live_graph(self, layer: int) -> LayerGraph | None:
+        """The compiled graph, built now if it may be: transport allows it, no actor awaits replacement.
+
+        A build that fails because an actor died since the last layer (nobody has called it since)
+        marks that actor broken, like a failed call would, and this layer goes by plain calls, which
+        replace it; a build that fails with every actor answering is a real error."""
         if self.transport != "graph":
             return None
         with self._graph_lock:
@@ -698,8 +702,20 @@ class RemoteExperts:
             try:
                 self._graph = LayerGraph(self._actors, submit_timeout_s=self.call_timeout_s)
             except Exception as e:
-                raise ClusterError(f"cannot compile the expert fan-out as a Ray Compiled Graph: "
-                                   f"{type(e).__name__}: {e} (transport='calls' works without one)") from e
+                lost = self._unresponsive(list(range(len(self._actors))))
+                if not lost:
+                    raise ClusterError(f"cannot compile the expert fan-out as a Ray Compiled Graph: "
+                                       f"{type(e).__name__}: {e} (transport='calls' works without one)") from e
+                for a in sorted(lost):
+                    rec = self._rec[a]
+                    rec.failures += 1
+                    rec.broken = rec.broken or f"died before layer {layer}"
+                    self._log.add(kind="died", actor=a, layer=layer, node=self._nodes[a].get("node_id"),
+                                  ip=self._nodes[a].get("ip"), attempt=0,
+                                  error=f"no answer while the compiled graph was built: {type(e).__name__}")
+                log.warning("compiled graph not built for layer %d: actors %s are gone; plain calls replace them",
+                            layer, sorted(lost))
+                return None
             self._graph_builds += 1
             if self._watchdog is None and self.graph_idle_s > 0:
                 self._watchdog = threading.Thread(target=self._release_when_idle, name="moeshard-graph-idle",

@@ -371,3 +371,25 @@ def test_default_is_plain_calls_and_an_idle_graph_is_released(ray_session, specs
         assert s["transport"] == "graph" and s["graph_builds"] == 2 and s["graph_failures"] == 0
         re.release_graph()
         assert re.stats()["transport"] == "calls"
+
+
+def test_actor_dead_while_no_graph_exists_is_replaced_and_the_graph_rebuilt(ray_session, specs):
+    """An actor killed between layers after the graph was released: building the next graph fails on it;
+    that layer goes by plain calls on a replacement (same result), and the following one by a new graph."""
+    import os
+    import signal
+
+    layer = layers_of(specs)[0]
+    ids, w, g = routing(8, 3, 8, seed=11)
+    x = torch.randn(8, 32, generator=g)
+    ids[:3] = torch.arange(9).remainder(8).view(3, 3)   # every actor has rows
+    with RemoteExperts(specs, num_workers=2, dtype="float32", transport="graph", call_timeout_s=30) as re:
+        want = re.forward(layer, x, w, ids)
+        re.release_graph()
+        re._teardown.join(30)
+        os.kill(re._nodes[1]["pid"], signal.SIGKILL)
+        assert torch.equal(re.forward(layer, x, w, ids), want)
+        s = re.stats()
+        assert s["restarts"] == 1 and s["failures"] >= 1 and s["actors"][1]["incarnation"] == 1
+        assert torch.equal(re.forward(layer, x, w, ids), want)
+        assert re.stats()["transport"] == "graph"
