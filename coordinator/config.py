@@ -53,6 +53,11 @@ class ModelConfig:
     def moe_layer_ids(self) -> list[int]:
         return [i for i, m in enumerate(self.moe_layers) if m]
 
+    @property
+    def max_positions(self) -> int:
+        """How many positions (prompt + generated) the model is defined for."""
+        return self.max_position_embeddings
+
 
 @dataclass(frozen=True)
 class DeepseekV3Config(ModelConfig):
