@@ -123,6 +123,7 @@ class Coordinator:
         ids = self._check_ids(ids)
         B, T = ids.shape
         mask = _check_mask(attention_mask, ids)
+        self._check_context(T, 0)
         positions = torch.arange(T).expand(B, T) if position_ids is None else position_ids
         positions = _check_positions(positions, ids, self.config.max_positions)
         with self._serialised("forward"):
