@@ -226,3 +226,16 @@ def test_typed_options_equal_the_keywords():
 def test_temperature_zero_is_greedy(coord):
     greedy = coord.generate(IDS_T, max_new_tokens=4)
     assert torch.equal(coord.generate(IDS_T, max_new_tokens=4, do_sample=True, temperature=0.0, seed=1), greedy)
+
+
+def test_repeated_prompt_is_a_batch_equal_to_each_prompt_alone(capsys):
+    """`--prompt A --prompt B` generates both (one left-padded batch), as the job does; each completion
+    equals that prompt generated alone."""
+    base = ["generate", MODEL, "--max-new-tokens", "6", "--no-stats"]
+    assert main(base + ["--prompt", "The for statement", "--prompt", "A list"]) == 0
+    batch = capsys.readouterr().out.strip().splitlines()
+    assert len(batch) == 2 and batch[0].startswith("[1] 'The for statement' -> ") and batch[1].startswith("[2] 'A list'")
+    for i, prompt in enumerate(("The for statement", "A list")):
+        assert main(base + ["--prompt", prompt]) == 0
+        alone = capsys.readouterr().out.rstrip("\n")
+        assert batch[i].split(" -> ", 1)[1] == repr(alone)
