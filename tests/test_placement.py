@@ -159,7 +159,7 @@ def test_cli_plan_prints_per_actor_split(checkpoint, capsys):
     per_layer = [next(c for c in r if c.count("/") == 2) for r in rows]
     assert sorted(sum(map(int, p.split("/"))) for p in per_layer) == [8, 8, 8]
     assert all(set(p.split("/")) <= {"2", "3"} for p in per_layer)
-    assert "55.3 KB" in out  # resident: 3 slots of 18.4 KB fit in 60 KB; the rest is paged
+    assert "54 KiB" in out  # resident: 3 slots of 18 KiB (18432 B) fit in 60 KB; the rest is paged
 
 
 def test_cli_plan_refuses_with_minimum_and_exit_2(checkpoint, capsys):
