@@ -11,6 +11,7 @@ tensor), used only when converting dtypes or copying to CUDA.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -22,7 +23,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .errors import BudgetError, ExpertLoadError
+from .budget import SlotLayout, check_budget, slot_bytes, slot_layout
+from .errors import ExpertLoadError
 from .kernels import ExpertWeights, activation_fn
 from .spec import DTYPE_SIZES, ExpertKey, ExpertSpec, TensorSpec
 
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("lru", "lfu", "lfu-decay")
 FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_ALIGN = 64  # tensor offsets inside a slot, so every view is vector-aligned
 
 
 @dataclass
@@ -38,9 +39,9 @@ class ExpertInfo:
     """Cache bookkeeping for one owned expert (resident or not)."""
 
     spec: ExpertSpec
-    layout: list[tuple[int, int, tuple[int, ...]]]  # (byte offset in slot, nbytes, shape) per gate/up/down
+    layout: SlotLayout                                # (byte offset in slot, nbytes, shape) per gate/up/down
     nbytes: int                                       # data bytes in the compute dtype
-    span: int                                         # slot bytes: each tensor padded to _ALIGN
+    span: int                                         # slot bytes: each tensor padded to SLOT_ALIGN
     slot: int | None = None                           # set while claimed (queued or loading) or resident
     weights: ExpertWeights | None = None              # set once the slot holds complete data
     loading: str | None = None                        # "queued" (claimed, read not started) or "running"
@@ -91,17 +92,11 @@ class ExpertStore:
         self._pinned = frozenset(tuple(k) for k in pinned)
         if unknown := self._pinned - self._infos.keys():
             raise ValueError(f"pinned experts {sorted(unknown)} are not owned by this store")
-        self.slot_bytes = max((i.span for i in self._infos.values()), default=0)
+        owned = [i.spec for i in self._infos.values()]
+        self.slot_bytes = slot_bytes(owned, dtype.itemsize)
         n = len(self._infos)
-        need = min(n, len(self._pinned) + max(min_resident, 1))
-        self.num_slots = n if budget_bytes is None else min(n, budget_bytes // max(self.slot_bytes, 1))
-        if self.num_slots < need:
-            mb = need * self.slot_bytes / 2**20
-            raise BudgetError(
-                f"budget of {budget_bytes} bytes holds {self.num_slots} experts but at least {need} must fit "
-                f"({len(self._pinned)} pinned + min_resident {min_resident}); the minimum is "
-                f"{need * self.slot_bytes} bytes ({mb:,.2f} MB) at {self.slot_bytes} bytes per expert in {dtype}. "
-                f"Raise budget_bytes, pin fewer experts, or spread experts over more shards.")
+        self.num_slots = check_budget(owned, dtype.itemsize, budget_bytes, min_resident=min_resident,
+                                      pinned=self._pinned)
         self._slots: list[torch.Tensor | None] = [None] * self.num_slots  # uint8 [slot_bytes]
         self._owner: list[ExpertKey | None] = [None] * self.num_slots
         self._needed: set[ExpertKey] = set()
@@ -136,17 +131,13 @@ class ExpertStore:
         if not (all(len(x) == 2 for x in shapes) and shapes[0] == shapes[1] == shapes[2][::-1]):
             raise ValueError(f"expert {s.key}: shapes gate {s.gate.shape}, up {s.up.shape}, down {s.down.shape} "
                              "are not [I,H], [I,H], [H,I]")
-        layout, off = [], 0
         for t in _tensors(s):
             if t.dtype not in FILE_DTYPES:
                 raise ValueError(f"expert {s.key} tensor {t.key}: unsupported file dtype {t.dtype}")
-            numel = t.shape[0] * t.shape[1]
-            if t.nbytes != numel * DTYPE_SIZES[t.dtype]:
+            if t.nbytes != math.prod(t.shape) * DTYPE_SIZES[t.dtype]:
                 raise ValueError(f"expert {s.key} tensor {t.key}: nbytes {t.nbytes} != {t.shape} x {t.dtype}")
-            layout.append((off, numel * self.dtype.itemsize, tuple(t.shape)))
-            off = (off + layout[-1][1] + _ALIGN - 1) // _ALIGN * _ALIGN
-        # span = every tensor padded to 64 bytes (cluster/placement.py sizes experts the same way)
-        return ExpertInfo(s, layout, nbytes=sum(nb for _, nb, _ in layout), span=off)
+        layout, span = slot_layout(s, self.dtype.itemsize)
+        return ExpertInfo(s, layout, nbytes=sum(nb for _, nb, _ in layout), span=span)
 
     # ---- public API -------------------------------------------------------------------------
 
