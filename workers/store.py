@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from . import spill
 from .budget import SlotLayout, check_budget, slot_bytes, slot_layout
 from .errors import ExpertLoadError
 from .kernels import ExpertWeights, activation_fn
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("lru", "lfu", "lfu-decay")
 FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# spill lookups: a hit, no file yet (the read writes one), a file from another source (replaced)
+_SPILL_COUNTER = {"hit": "spill_reads", "absent": "spill_misses", "stale": "spill_stale"}
 
 
 @dataclass
@@ -82,8 +85,8 @@ class ExpertStore:
         self._decay = 0.5 ** (1.0 / half_life)  # per access tick
         self._timeout = wait_timeout_s
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
-        if self.spill_dir is not None:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self._spill = spill.SpillDir(self.spill_dir) if self.spill_dir is not None else None
+        self._dtype_name = str(dtype).removeprefix("torch.")
         self._infos: dict[ExpertKey, ExpertInfo] = {}
         for s in specs:
             if s.key in self._infos:
@@ -105,7 +108,8 @@ class ExpertStore:
         self._tick = 0
         self._cv = threading.Condition()  # the one lock
         self._c = dict.fromkeys((
-            "hits", "late_hits", "misses", "loads", "bytes_read", "spill_reads", "spill_writes", "ahead_loads",
+            "hits", "late_hits", "misses", "loads", "bytes_read", "spill_reads", "spill_misses", "spill_stale",
+            "spill_writes", "ahead_loads",
             "bytes_prefetched", "prefetch_hints", "prefetch_issued", "prefetch_dropped", "prefetch_used",
             "prefetch_wasted", "evictions", "load_errors"), 0)
         self._stall = 0.0
@@ -440,10 +444,13 @@ class ExpertStore:
         """
         try:
             buf = self._slots[slot]
-            if not self._read_spill(info, buf):
+            spilling = self._spill is not None and buf.device.type == "cpu"  # CUDA slots are not spilled
+            digest = self._spill_digest(info) if spilling else b""
+            if not (spilling and self._read_spill(info, buf, digest)):
                 for t, (off, nb, _) in zip(_tensors(info.spec), info.layout):
                     self._read_tensor(info.spec, t, buf[off:off + nb])
-                self._write_spill(info, buf)
+                if spilling:
+                    self._write_spill(info, buf, digest)
             views = [buf[off:off + nb].view(self.dtype).view(shape) for off, nb, shape in info.layout]
             return ExpertWeights(*views, activation=info.spec.activation)
         except BaseException:
@@ -452,43 +459,22 @@ class ExpertStore:
                 self._release(info)
             raise
 
-    def _spill_path(self, info: ExpertInfo) -> Path:
-        layer, expert = info.spec.key
-        return self.spill_dir / f"L{layer}-E{expert}-{str(self.dtype).removeprefix('torch.')}.bin"
+    def _spill_digest(self, info: ExpertInfo) -> bytes:
+        """The source digest of the expert's spill file: the checkpoint files as opened for reading."""
+        files = {t.file: os.fstat(self._fd(info.spec, t)) for t in _tensors(info.spec)}
+        return spill.source_digest(info.spec, info.layout, self._dtype_name, files)
 
-    def _read_spill(self, info: ExpertInfo, buf: torch.Tensor) -> bool:
-        """Fill the slot from the spill file if there is a whole one (CPU slots only)."""
-        if self.spill_dir is None or buf.device.type != "cpu":
-            return False
-        path = self._spill_path(info)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            if os.fstat(fd).st_size != info.span:
-                return False  # a partial write from a crash: read the checkpoint again
-            self._pread(fd, buf[:info.span], str(path), 0, info.span, f"spilled expert {info.spec.key}")
-        finally:
-            os.close(fd)
+    def _read_spill(self, info: ExpertInfo, buf: torch.Tensor, digest: bytes) -> bool:
+        """Fill the slot from a spill file made from this checkpoint; False on a miss."""
+        found = self._spill.read(info.spec.key, self._dtype_name, digest, memoryview(buf[:info.span].numpy()))
         with self._cv:
-            self._c["spill_reads"] += 1
-        return True
+            self._c[_SPILL_COUNTER[found]] += 1
+        return found == "hit"
 
-    def _write_spill(self, info: ExpertInfo, buf: torch.Tensor) -> None:
-        if self.spill_dir is None or buf.device.type != "cpu":
-            return
-        path = self._spill_path(info)
-        tmp = path.with_suffix(f".tmp{threading.get_ident()}")
-        with open(tmp, "wb") as f:  # written whole, then renamed: a reader never sees half a file
-            f.write(memoryview(buf[:info.span].numpy()))
-            f.flush()
-            if hasattr(os, "posix_fadvise"):
-                os.fdatasync(f.fileno())
-                os.posix_fadvise(f.fileno(), 0, info.span, os.POSIX_FADV_DONTNEED)
-        os.replace(tmp, path)
-        with self._cv:
-            self._c["spill_writes"] += 1
+    def _write_spill(self, info: ExpertInfo, buf: torch.Tensor, digest: bytes) -> None:
+        if self._spill.write(info.spec.key, self._dtype_name, digest, memoryview(buf[:info.span].numpy())):
+            with self._cv:
+                self._c["spill_writes"] += 1
 
     def _read_tensor(self, spec: ExpertSpec, t: TensorSpec, dst: torch.Tensor) -> None:
         """Fill dst (uint8 bytes of the slot) with tensor t converted to the compute dtype."""
