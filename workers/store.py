@@ -440,7 +440,8 @@ class ExpertStore:
         """Read the expert's three tensors into its slot; on failure free the slot and raise.
 
         With a spill directory, an expert is read from the checkpoint once, then written there
-        as its slot image (compute dtype, one contiguous span) and read back with one pread.
+        as its slot image (compute dtype, one contiguous span) and read back with one preadv;
+        a spill file made from other bytes (workers/spill.py) is a miss and is rewritten.
         """
         try:
             buf = self._slots[slot]
