@@ -14,6 +14,7 @@ from cluster.gen_common import (RUN_OPTIONS, OneLineParser, add_option_arguments
                                 add_sampling_arguments, check_writable, generate_for_prompts, print_stats,
                                 read_prompts, run_options, sampling_options)
 from coordinator.options import OptionError, UnknownOption, cli_message
+from workers.errors import BudgetError
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     pinned = pinned_experts(cfg, (), opts.store.pin_layers)
     try:
         plan = plan_placement(specs, opts.placement.num_workers, dtype_bytes=DTYPES[opts.dtype].itemsize,
-                              worker_memory=opts.store.budget_bytes, min_resident=min_resident,
+                              worker_memory=opts.store.budget_bytes, min_resident=min_resident, pinned=pinned,
                               num_cpus=opts.placement.num_cpus, num_gpus=opts.placement.num_gpus)
     except ClusterError as e:
-        raise Refused(f"cannot place {len(specs)} experts on {opts.placement.num_workers} actor(s): {e}") from e
+        raise Refused(f"cannot place {len(specs)} experts on {opts.placement.num_workers} actor(s): "
+                      f"{cli_message(e)}") from e
     layers = sorted({s.layer for s in specs})
     print(f"{ckpt.path}: {len(specs)} routed experts ({cfg.num_experts} per layer x {len(layers)} MoE layers, "
           f"top-{cfg.top_k}), dtype {opts.dtype}, min_resident {min_resident}"
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"moeshard: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    except (OptionError, UnknownOption) as e:
+    except (OptionError, UnknownOption, BudgetError) as e:
         if args.debug:
             raise
         print(f"moeshard: error: {cli_message(e)}", file=sys.stderr)

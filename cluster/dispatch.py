@@ -146,7 +146,7 @@ class RemoteExperts:
         self.recovery = recovery
         worker_memory, spill_dir = store.budget_bytes, store.spill_dir
         self.plan = plan_placement(list(specs), num_workers, dtype_bytes=self.dtype.itemsize,
-                                   worker_memory=worker_memory, min_resident=min_resident, load=load,
+                                   worker_memory=worker_memory, min_resident=min_resident, load=load, pinned=pinned,
                                    num_cpus=placement.num_cpus, num_gpus=placement.num_gpus,
                                    resources=None if placement.resources is None else list(placement.resources))
         self._owner: dict[int, dict[int, int]] = defaultdict(dict)   # layer -> expert -> actor

@@ -45,6 +45,7 @@ from cluster.gen_common import (RUN_OPTIONS, OneLineParser, add_option_arguments
 from cluster.gen_common import check_writable
 from cluster.gen_common import read_prompts as _read_prompts
 from coordinator.options import OptionError, RunOptions, UnknownOption, cli_message
+from workers.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class NodeSlot:
         return 1_000_000 if n == math.inf else int(n)
 
     def describe(self) -> str:
-        mem = f", {self.memory / 1e9:.1f} GB memory" if self.memory else ""
+        mem = f", {format_bytes(self.memory)} memory" if self.memory else ""
         return f"{self.ip} ({self.cpus:g} CPUs, {self.gpus:g} GPUs{mem})"
 
 
@@ -219,7 +220,7 @@ def assign_nodes(nodes: Sequence[NodeSlot], resident: Sequence[int], cpus: float
             extra = f"; alive nodes that cannot hold one: {'; '.join(refused)}" if refused else ""
             raise JobFailure(EXIT_TOO_SMALL, (
                 f"the cluster is too small for {len(resident)} expert actors asking {cpus:g} CPU(s), {gpus:g} GPU(s) "
-                f"and up to {max(resident) / 1e9:.3g} GB of resident experts each: it holds only {i}. Nodes that "
+                f"and up to {format_bytes(max(resident))} of resident experts each: it holds only {i}. Nodes that "
                 f"can hold an actor: {have}{extra}. Use fewer --workers, smaller --cpus-per-worker/--worker-memory, "
                 f"or add nodes"))
         best = min(fits, key=lambda n: count[n.ip])  # stable: ties keep node order
@@ -231,22 +232,22 @@ def assign_nodes(nodes: Sequence[NodeSlot], resident: Sequence[int], cpus: float
 
 # ---- the job -----------------------------------------------------------------------------------
 
-def _plan(specs, workers: int, opts: RunOptions, top_k: int):
+def _plan(specs, workers: int, opts: RunOptions, top_k: int, pinned):
     from cluster.errors import ClusterError
     from cluster.placement import PlacementBudgetError, plan_placement
     from workers.shard import DTYPES
 
     try:
         return plan_placement(specs, workers, dtype_bytes=DTYPES[opts.dtype].itemsize,
-                              worker_memory=opts.store.budget_bytes, min_resident=top_k,
+                              worker_memory=opts.store.budget_bytes, min_resident=top_k, pinned=pinned,
                               num_cpus=opts.placement.num_cpus, num_gpus=opts.placement.num_gpus)
     except PlacementBudgetError as e:
-        raise JobFailure(EXIT_TOO_SMALL, f"the plan does not fit: {e}") from None
+        raise JobFailure(EXIT_TOO_SMALL, f"the plan does not fit: {cli_message(e)}") from None
     except (ClusterError, ValueError) as e:
         raise JobFailure(EXIT_ERROR, f"cannot plan {workers} expert actors: {e}") from None
 
 
-def _place(args: argparse.Namespace, opts: RunOptions, specs, top_k: int, workers: int | None,
+def _place(args: argparse.Namespace, opts: RunOptions, specs, top_k: int, pinned, workers: int | None,
            suspects: set[str]) -> tuple[int, list[dict] | None, list[str]]:
     """(workers, `resources=` per actor or None for SPREAD, target IPs) on the cluster as it is now."""
     cpus, gpus = opts.placement.num_cpus, opts.placement.num_gpus
@@ -257,7 +258,7 @@ def _place(args: argparse.Namespace, opts: RunOptions, specs, top_k: int, worker
             f"{'; '.join(refused) or 'none'}"))
     if workers is None:
         workers = len(nodes)
-    plan = _plan(specs, workers, opts, top_k)
+    plan = _plan(specs, workers, opts, top_k, pinned)
     ips = assign_nodes(nodes, [w.resident_bytes for w in plan.workers], cpus, gpus, refused)
     if args.placement == "spread":
         return workers, None, ips
@@ -290,6 +291,7 @@ def _lost_ips(coord) -> set[str]:
 def _run(args: argparse.Namespace) -> int:
     from cluster.errors import ShardUnavailable
     from coordinator import Coordinator
+    from coordinator.api import pinned_experts
     from coordinator.checkpoint import Checkpoint
     from coordinator.errors import CheckpointError, UnsupportedModelError
 
@@ -315,6 +317,7 @@ def _run(args: argparse.Namespace) -> int:
     if kind == "text" and not (ckpt.path / "tokenizer.json").is_file():
         raise JobFailure(EXIT_NO_MODEL, f"{ckpt.path} has no tokenizer.json, which text prompts need; "
                                         "pass token ids with --ids instead")
+    pinned = pinned_experts(ckpt.config, opts.store.pin, opts.store.pin_layers)
 
     import ray
 
@@ -325,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
         workers, suspects, attempt = args.num_workers, set(), 0
         while True:
             try:
-                workers, resources, ips = _place(args, opts, specs, ckpt.config.top_k, workers, suspects)
+                workers, resources, ips = _place(args, opts, specs, ckpt.config.top_k, pinned, workers, suspects)
             except JobFailure as e:
                 if attempt:  # the cluster shrank under us: that is the actor loss we report
                     raise JobFailure(EXIT_ACTOR_LOST, f"{lost_msg}; and then {e}") from None

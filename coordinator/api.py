@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from workers.errors import MoeshardError
+from workers.budget import check_budget
 from workers.shard import DTYPES
 
 from .checkpoint import Checkpoint
@@ -87,6 +88,9 @@ class Coordinator:
         store = options.store
         specs = ckpt.expert_specs()
         pinned = pinned_experts(cfg, store.pin, store.pin_layers)
+        if not options.distributed:     # the distributed planner checks each actor's share the same way
+            check_budget(specs, DTYPES[options.dtype].itemsize, store.budget_bytes, min_resident=cfg.top_k,
+                         pinned=pinned, option="worker_memory")
         threads = _CoordinatorThreads(options.coordinator_threads if not options.distributed else None)
         try:
             if not options.distributed:

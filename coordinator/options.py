@@ -295,13 +295,19 @@ def flag_of(name: str) -> str:
     return opt.flag if opt is not None and opt.flag else name
 
 
-def cli_message(e: OptionError | UnknownOption) -> str:
-    """The error in the CLI's terms: flags instead of Python names."""
-    detail = e.detail
+def in_cli_terms(text: str) -> str:
+    """`text` with every option's Python name replaced by its CLI flag."""
     for opt in OPTIONS:
-        if opt.flag and opt.name in detail:
-            detail = re.sub(rf"(?<![\w-]){opt.name}(?![\w-])", opt.flag, detail)
-    return f"{flag_of(e.option)}: {detail}"
+        if opt.flag and opt.name in text:
+            text = re.sub(rf"(?<![\w-]){opt.name}(?![\w-])", opt.flag, text)
+    return text
+
+
+def cli_message(e: Exception) -> str:
+    """An error in the CLI's terms: flags instead of Python names (and the flag first, for an option's error)."""
+    if isinstance(e, (OptionError, UnknownOption)):
+        return f"{flag_of(e.option)}: {in_cli_terms(e.detail)}"
+    return in_cli_terms(" ".join(str(e).split()))
 
 
 def check_option(name: str, value: Any) -> Any:
