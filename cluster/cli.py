@@ -19,7 +19,8 @@ from workers.errors import BudgetError
 log = logging.getLogger(__name__)
 
 EXIT_ERROR, EXIT_REFUSED = 1, 2
-PLAN_OPTIONS = ("worker_memory", "dtype", "num_cpus_per_worker", "num_gpus_per_worker", "pin_layers")
+PLAN_OPTIONS = ("worker_memory", "dtype", "num_cpus_per_worker", "num_gpus_per_worker", "pin_layers",
+                "expert_dtype", "group_size")
 
 
 class Refused(Exception):
@@ -103,6 +104,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from cluster.placement import plan_placement
     from coordinator.api import pinned_experts
     from coordinator.checkpoint import Checkpoint
+    from workers.quant import describe
     from workers.shard import DTYPES
 
     opts = run_options(args, ("num_workers", *PLAN_OPTIONS))
@@ -111,7 +113,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.min_resident is not None and args.min_resident < 1:
         raise ValueError(f"--min-resident: must be an integer >= 1, got {args.min_resident}")
     ckpt = Checkpoint.open(args.checkpoint)
-    specs = ckpt.expert_specs()
+    specs = ckpt.expert_specs(opts.store.expert_dtype, opts.store.group_size)
     cfg = ckpt.config
     min_resident = args.min_resident if args.min_resident is not None else cfg.top_k
     pinned = pinned_experts(cfg, (), opts.store.pin_layers)
@@ -124,7 +126,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       f"{cli_message(e)}") from e
     layers = sorted({s.layer for s in specs})
     print(f"{ckpt.path}: {len(specs)} routed experts ({cfg.num_experts} per layer x {len(layers)} MoE layers, "
-          f"top-{cfg.top_k}), dtype {opts.dtype}, min_resident {min_resident}"
+          f"top-{cfg.top_k}), dtype {opts.dtype}, experts {describe(specs[0].expert_dtype, specs[0].group_size)}, "
+          f"min_resident {min_resident}"
           + (f", {len(pinned)} pinned" if pinned else ""))
     for line in plan.table():
         print(line)

@@ -86,7 +86,7 @@ class Coordinator:
         ckpt = Checkpoint.open(path)
         cfg = ckpt.config
         store = options.store
-        specs = ckpt.expert_specs()
+        specs = ckpt.expert_specs(store.expert_dtype, store.group_size)
         pinned = pinned_experts(cfg, store.pin, store.pin_layers)
         if not options.distributed:     # the distributed planner checks each actor's share the same way
             check_budget(specs, DTYPES[options.dtype].itemsize, store.budget_bytes, min_resident=cfg.top_k,

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from workers.formats import held_as, stored_tensors
+from workers.quant import DEFAULT_GROUP_SIZE, stored_quantization
 from workers.spec import DTYPE_SIZES, ExpertSpec, TensorSpec
 
 from .config import ModelConfig, load_config
@@ -99,6 +101,12 @@ class Checkpoint:
         self.path = path
         self.config = config
         self.tensors = tensors
+        # (expert_dtype, group_size) of a `moeshard quantize`d checkpoint, else None (docs/quantization.md)
+        try:
+            self.quantization = stored_quantization(json.loads((path / "config.json").read_text()),
+                                                    str(path / "config.json"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(str(e)) from None
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
@@ -131,6 +139,11 @@ class Checkpoint:
                     raise CheckpointError(f"tensor {name} is listed in {index} under {fname} but is not in that file")
         ckpt = cls(root, config, tensors)
         ckpt.expert_specs()  # validates every expert's presence, shape and dtype without reading data
+        experts = ckpt.expert_names()
+        for name, t in tensors.items():  # I8/U8 are only for a quantized checkpoint's experts
+            if t.dtype not in TORCH_DTYPES and name not in experts:
+                raise CheckpointError(f"tensor {name} in {t.file} has unsupported dtype {t.dtype}; moeshard reads "
+                                      f"{', '.join(TORCH_DTYPES)} outside quantized experts: convert the checkpoint")
         return ckpt
 
     def info(self, name: str, shape: tuple[int, ...] | None = None) -> TensorInfo:
@@ -147,23 +160,37 @@ class Checkpoint:
         fam = self.config.model_type if self.config.model_type in EXPERT_NAMES else "default"
         return tuple(EXPERT_NAMES[fam].format(l=layer, e=expert, w=w) for w in EXPERT_PARTS[fam])
 
-    def expert_specs(self) -> list[ExpertSpec]:
-        """Every routed expert as plain data: file, absolute offset, dtype, shape of its three weights."""
+    def expert_specs(self, expert_dtype: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> list[ExpertSpec]:
+        """Every routed expert as plain data: file, absolute offset, dtype, shape of its three weights
+        (and their scales in a quantized checkpoint), held as `expert_dtype` (None: as stored)."""
         c = self.config
         H, I = c.hidden_size, c.moe_intermediate_size
+        q = self.quantization
         specs = []
         for layer in c.moe_layer_ids:
             for e in range(c.num_experts):
-                parts = []
+                parts, scales = [], []
                 for name, shape in zip(self.expert_tensor_names(layer, e), ((I, H), (I, H), (H, I))):
-                    t = self.info(name, shape)
-                    parts.append(TensorSpec(str(t.file.resolve()), name, t.dtype, t.shape, t.offset, t.nbytes))
-                specs.append(ExpertSpec(layer, e, *parts, activation=c.hidden_act))
-        return specs
+                    weight, *extra = [self._tensor_spec(n, s) for n, s in stored_tensors(q, name, shape)]
+                    parts.append(weight)
+                    scales += extra
+                specs.append(ExpertSpec(layer, e, *parts, activation=c.hidden_act, stored=q and q[0],
+                                        group_size=q[1] if q else 0, scales=tuple(scales)))
+        try:
+            return held_as(specs, expert_dtype, group_size)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+
+    def _tensor_spec(self, name: str, shape: tuple[int, ...]) -> TensorSpec:
+        t = self.info(name, shape)
+        return TensorSpec(str(t.file.resolve()), name, t.dtype, t.shape, t.offset, t.nbytes)
 
     def expert_names(self) -> set[str]:
-        c = self.config
-        return {n for l in c.moe_layer_ids for e in range(c.num_experts) for n in self.expert_tensor_names(l, e)}
+        c, q = self.config, self.quantization
+        H, I = c.hidden_size, c.moe_intermediate_size
+        return {n for l in c.moe_layer_ids for e in range(c.num_experts)
+                for name, shape in zip(self.expert_tensor_names(l, e), ((I, H), (I, H), (H, I)))
+                for n, _ in stored_tensors(q, name, shape)}
 
     def load_dense(self, model: torch.nn.Module) -> set[str]:
         """Fill every parameter and buffer of `model` from the checkpoint; return the checkpoint names loaded.

@@ -207,8 +207,8 @@ def test_unknown_and_inapplicable_options_are_type_errors_in_both_backends():
     for workers in (0, 1):
         with pytest.raises(TypeError, match="bogus"):
             Coordinator.from_pretrained(MODEL, num_workers=workers, bogus=1)
-        with pytest.raises(TypeError, match="expert_dtype"):
-            Coordinator.from_pretrained(MODEL, num_workers=workers, expert_dtype="int8")
+        with pytest.raises(TypeError, match="kv_cache_dtype"):
+            Coordinator.from_pretrained(MODEL, num_workers=workers, kv_cache_dtype="int8")
     with pytest.raises(TypeError, match="transport: applies only to expert actors"):
         Coordinator.from_pretrained(MODEL, num_workers=0, transport="graph")
     with pytest.raises(TypeError, match="not both"):
