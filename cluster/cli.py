@@ -62,6 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
+    qz = sub.add_parser("quantize", help="write a copy of a checkpoint whose routed experts are int8 or int4",
+                        description="Quantize the routed-expert tensors of SRC into DST (layout: docs/quantization.md); "
+                                    "the dense part is copied unchanged. Streams one tensor at a time; nothing is left "
+                                    "half-written on error. The result loads like any checkpoint.")
+    qz.add_argument("src", help="directory of a Hugging Face MoE checkpoint")
+    qz.add_argument("dst", help="directory to write (refused if it exists, unless --force)")
+    add_option_arguments(qz, ("expert_dtype", "group_size"))
+    qz.add_argument("--force", action="store_true", help="replace DST if it exists (only once the new one is complete)")
+    qz.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser("eval", help="print the perplexity of a checkpoint over a text file",
+                        description="Load the checkpoint as `generate` would and print `perplexity: X` over the text "
+                                    "of FILE, with a sliding window (transformers' perplexity guide).")
+    ev.add_argument("checkpoint", help="directory of a Hugging Face MoE checkpoint (with tokenizer.json)")
+    ev.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score (at least two tokens)")
+    ev.add_argument("--max-length", type=int, default=None, metavar="N",
+                    help="tokens per window (default: the model's context, at most 1024)")
+    ev.add_argument("--stride", type=int, default=None, metavar="N", help="tokens between windows (default: half the window)")
+    add_option_arguments(ev, RUN_OPTIONS)
+    ev.set_defaults(func=cmd_eval)
+
     har = sub.add_parser("harness", help="start/stop a local multi-host test cluster (up, down, list)",
                          description="Multi-host Ray cluster on one machine, for testing distribution.")
     try:
@@ -153,6 +174,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from cluster.report import write_heatmap
             if (path := write_heatmap(coord.expert_activations(), args.heatmap)) is not None:
                 print(f"heatmap written to {path}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write the quantized checkpoint; print where and how much smaller its experts are."""
+    from cluster.quantize import quantize_checkpoint
+    from workers.quant import describe
+    from workers.units import format_bytes
+
+    opts = run_options(args, ("expert_dtype", "group_size"))
+    if opts.store.expert_dtype is None:
+        raise OptionError("expert_dtype", "quantize needs --expert-dtype int8 or int4")
+    r = quantize_checkpoint(args.src, args.dst, opts.store.expert_dtype, opts.store.group_size, force=args.force)
+    print(f"{r.path}: {r.expert_tensors} expert weights as {describe(opts.store.expert_dtype, opts.store.group_size)}, "
+          f"{format_bytes(r.bytes_in)} -> {format_bytes(r.bytes_out)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Print `perplexity: X` of the checkpoint over --text."""
+    from coordinator import Coordinator
+
+    options = run_options(args)              # every flag checked before anything loads
+    for flag, v in (("--max-length", args.max_length), ("--stride", args.stride)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag}: must be an integer >= 1, got {v}")
+    try:
+        text = open(args.text, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--text: cannot read {args.text}: {e}") from None
+    if not text.strip():
+        raise ValueError(f"--text: {args.text} is empty; give a text of at least two tokens")
+    with Coordinator.open(args.checkpoint, options) as coord:
+        ppl = coord.perplexity(text, max_length=args.max_length, stride=args.stride)
+    print(f"perplexity: {ppl:.4f}")
     return 0
 
 

@@ -45,7 +45,7 @@ class ExpertShard:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
         self.dtype = DTYPES[dtype]
         self.specs = [ExpertSpec.from_dict(d) for d in specs]
-        self._hidden = {s.key: s.gate.shape[1] for s in self.specs}
+        self._hidden = {s.key: s.hidden_size for s in self.specs}
         self.budget_bytes = budget_bytes
         self.store = ExpertStore(self.specs, budget_bytes, self.dtype, device, policy,
                                  pinned=[tuple(p) for p in pinned], min_resident=min_resident, spill_dir=spill_dir)
