@@ -72,7 +72,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.n_kv * D, cfg.rms_norm_eps, dtype)
         self.clip = cfg.clip_qkv
         self.window = cfg.sliding_window[layer]
-        self.scale = D ** -0.5
+        self.scale = cfg.softmax_scale
 
     def forward(self, x: torch.Tensor, a: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -98,8 +98,14 @@ class Attention(nn.Module):
         return KVCache(batch, self.n_kv, max_len, self.head_dim, self.head_dim, dtype)
 
 
+LATENT_NORM_EPS = 1e-6
+
+
 class LatentAttention(nn.Module):
-    """DeepSeek-V3 multi-head latent attention. The cache holds expanded per-head keys and values."""
+    """DeepSeek-V2/V3 multi-head latent attention. The cache holds expanded per-head keys and values.
+
+    V2's reference rotates pairs as complex numbers and keeps them interleaved; V3's de-interleaves
+    them. Both apply the same permutation to q and k, so q·k and the outputs are the same."""
 
     def __init__(self, cfg: DeepseekV3Config, layer: int, dtype: torch.dtype):
         super().__init__()
@@ -111,14 +117,15 @@ class LatentAttention(nn.Module):
             self.q_proj = nn.Linear(H, nh * qk, bias=False, dtype=dtype)
         else:
             self.q_a_proj = nn.Linear(H, self.q_rank, bias=cfg.attention_bias, dtype=dtype)
-            self.q_a_layernorm = RMSNorm(self.q_rank, cfg.rms_norm_eps, dtype)
+            # The reference builds both latent norms with RMSNorm's default eps, not rms_norm_eps.
+            self.q_a_layernorm = RMSNorm(self.q_rank, LATENT_NORM_EPS, dtype)
             self.q_b_proj = nn.Linear(self.q_rank, nh * qk, bias=False, dtype=dtype)
         self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_rank + self.rope, bias=cfg.attention_bias, dtype=dtype)
-        self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.rms_norm_eps, dtype)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS, dtype)
         self.kv_b_proj = nn.Linear(self.kv_rank, nh * (self.nope + self.v_dim), bias=False, dtype=dtype)
         self.o_proj = nn.Linear(nh * self.v_dim, H, bias=cfg.attention_bias, dtype=dtype)
         self.rope_fn = apply_rope_interleaved if cfg.rope_interleave else apply_rope
-        self.scale = qk ** -0.5
+        self.scale = cfg.softmax_scale
 
     def forward(self, x: torch.Tensor, a: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape

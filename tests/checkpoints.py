@@ -36,7 +36,12 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe")
+
+# YaRN as the releases spell it (DeepSeek-V3/R1: mscale = mscale_all_dim = 1), shrunk: a 64-position
+# original context stretched 4x to the fixtures' 256 max_position_embeddings.
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
 # Special tokens, inside the vocab for every family.
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -97,8 +102,27 @@ _BASE: dict[str, dict[str, Any]] = {
         q_lora_rank=24, kv_lora_rank=16,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
         rope_interleave=True, attention_bias=False,
-        num_nextn_predict_layers=0,
+        # As released: one multi-token-prediction layer, stored at model.layers.{num_hidden_layers}.
+        num_nextn_predict_layers=1,
         rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    ),
+    "deepseek_v2": dict(  # V2-Lite shape: no q_lora, greedy softmax routing, 2 shared experts
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1,
+        topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+        attention_bias=False,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    ),
+    "glm4_moe": dict(  # GLM-4.5-Air shape: q/k/v bias, partial RoPE, head_dim != hidden / heads
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True,
+        attention_bias=True, use_qk_norm=False, partial_rotary_factor=0.5,
+        num_nextn_predict_layers=1,
+        rope_parameters={"rope_theta": 1000000.0, "rope_type": "default", "partial_rotary_factor": 0.5},
     ),
 }
 
@@ -116,6 +140,13 @@ _VARIANT_DEFS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "legacy": {"_legacy": True},
         "sliding": dict(sliding_window=5),
+        # head_dim explicit: transformers' YaRN reads config.head_dim, which Mixtral leaves None
+        "yarn": dict(head_dim=8, rope_parameters={"rope_theta": 10000.0, **YARN, "mscale": None,
+                                                  "mscale_all_dim": None}),
+        "linear": {"_legacy": True, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": 3.0}},
+        # max_position_embeddings 16: generation runs past it, so the NTK base grows step by step
+        "dynamic": dict(max_position_embeddings=16, head_dim=8,
+                        rope_parameters={"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0}),
     },
     "qwen2_moe": {
         "base": {},
@@ -136,6 +167,9 @@ _VARIANT_DEFS: dict[str, dict[str, dict[str, Any]]] = {
         "mlp_only": dict(num_hidden_layers=3, mlp_only_layers=[1]),
         "tied": dict(tie_word_embeddings=True),
         "legacy": {"_legacy": True},
+        # Qwen3's documented long-context setting, legacy spelling; attention_factor given explicitly
+        "yarn_legacy": {"_legacy": True, "rope_parameters": {"rope_theta": 1000000.0, **YARN, "mscale": None,
+                                                             "mscale_all_dim": None, "attention_factor": 1.2}},
     },
     "olmoe": {
         "base": {},
@@ -154,6 +188,31 @@ _VARIANT_DEFS: dict[str, dict[str, dict[str, Any]]] = {
         "top3_scale1_nonorm": dict(num_experts_per_tok=3, routed_scaling_factor=1.0, norm_topk_prob=False),
         "tied": dict(tie_word_embeddings=True),
         "legacy": {"_legacy": True},
+        # the released spelling: rope_theta + rope_scaling {type: yarn, ...} (DeepSeek-V3/R1)
+        "yarn_legacy": {"_legacy": True, "rope_parameters": {"rope_theta": 10000.0, **YARN}},
+        # transformers 5 spelling; mscale != mscale_all_dim also scales cos/sin
+        "yarn": dict(rope_parameters={"rope_theta": 10000.0, **YARN, "mscale": 0.707, "mscale_all_dim": 1.0}),
+        "no_mtp": dict(num_nextn_predict_layers=0),
+    },
+    "deepseek_v2": {
+        "base": {},
+        # DeepSeek-V2 (not Lite): q_lora, group-limited greedy routing, large routed scaling
+        "group_limited": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, q_lora_rank=24,
+                              routed_scaling_factor=16.0, num_experts_per_tok=3),
+        "tied": dict(tie_word_embeddings=True),
+        "legacy": {"_legacy": True},
+        # V2-Lite's released YaRN: mscale = mscale_all_dim = 0.707
+        "yarn_legacy": {"_legacy": True, "rope_parameters": {"rope_theta": 10000.0, **YARN, "mscale": 0.707,
+                                                             "mscale_all_dim": 0.707}},
+    },
+    "glm4_moe": {
+        "base": {},
+        # GLM-4.5 (not Air): qk-norm; grouped routing exercised too
+        "qk_norm_grouped": dict(use_qk_norm=True, n_group=4, topk_group=2, routed_scaling_factor=2.5),
+        "tied": dict(tie_word_embeddings=True),
+        "legacy": {"_legacy": True},
+        "yarn": dict(rope_parameters={"rope_theta": 1000000.0, **YARN, "mscale": None, "mscale_all_dim": None,
+                                      "partial_rotary_factor": 0.5}),
     },
 }
 
@@ -178,6 +237,8 @@ def _config_class(family: str):
         "qwen3_moe": tf.Qwen3MoeConfig,
         "olmoe": tf.OlmoeConfig,
         "deepseek_v3": tf.DeepseekV3Config,
+        "deepseek_v2": tf.DeepseekV2Config,
+        "glm4_moe": tf.Glm4MoeConfig,
     }[family]
 
 
@@ -299,9 +360,67 @@ def make_checkpoint(
         raise RuntimeError(f"expected a sharded checkpoint in {out}, got {files}")
     if shards <= 1 and files != ["model.safetensors"]:
         raise RuntimeError(f"expected a single model.safetensors in {out}, got {files}")
+    mtp = kw.get("num_nextn_predict_layers") or 0
+    if mtp:
+        add_mtp_layers(out, model, mtp, seed)
     if legacy:
         to_legacy_config(out)
     return out
+
+
+@torch.no_grad()
+def add_mtp_layers(path: Path, model: torch.nn.Module, count: int, seed: int) -> list[str]:
+    """Write `count` multi-token-prediction layers into the checkpoint's files, as DeepSeek-V3/R1 and
+    GLM-4.5 ship them: at model.layers.{num_hidden_layers + i}, a full decoder layer (shaped like the
+    last one, experts included) plus embed_tokens, enorm, hnorm, eh_proj and shared_head.{norm, head}.
+    They go into the last shard (and the index), where the releases keep them. Returns their names."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed + 104729)
+    n = model.config.num_hidden_layers
+    last = f"model.layers.{n - 1}."
+    H, V = model.config.hidden_size, model.config.vocab_size
+    dtype = model.model.embed_tokens.weight.dtype
+    index_path = path / "model.safetensors.index.json"
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    target = files[-1]
+    tensors = load_file(str(path / target))
+    on_disk = set()
+    for fname in files:  # the saved (per-expert) names of the last layer, whatever the in-memory layout
+        with safe_open(str(path / fname), "pt") as f:
+            on_disk |= {k for k in f.keys() if k.startswith(last)}
+    added = []
+    for i in range(count):
+        pre = f"model.layers.{n + i}."
+        extra = {"embed_tokens.weight": (V, H), "enorm.weight": (H,), "hnorm.weight": (H,),
+                 "eh_proj.weight": (H, 2 * H), "shared_head.norm.weight": (H,), "shared_head.head.weight": (V, H)}
+        for name in sorted(on_disk):
+            src = _saved_tensor(path, files, name)
+            extra[name[len(last):]] = (tuple(src.shape), src.dtype)
+        for short, spec in extra.items():
+            shape, dt = spec if isinstance(spec[0], tuple) else (spec, dtype)
+            t = torch.randn(shape, generator=g) * 0.15
+            if short.endswith("norm.weight") or short.endswith("layernorm.weight"):
+                t = 1 + t
+            tensors[pre + short] = t.to(dt).contiguous()
+            added.append(pre + short)
+    save_file(tensors, str(path / target), metadata={"format": "pt"})
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"].update({name: target for name in added})
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return added
+
+
+def _saved_tensor(path: Path, files: list[str], name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    for fname in files:
+        with safe_open(str(path / fname), "pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    raise KeyError(name)
 
 
 def to_legacy_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -319,10 +438,13 @@ def to_legacy_config(path: str | os.PathLike) -> dict[str, Any]:
         rp = dict(rp)
         cfg["rope_theta"] = rp.pop("rope_theta")
         rtype = rp.pop("rope_type", "default")
+        partial = rp.pop("partial_rotary_factor", None)
+        if partial is not None:  # released GLM-4.5 configs keep it at the top level
+            cfg["partial_rotary_factor"] = partial
         if rtype == "default" and not rp:
             cfg["rope_scaling"] = None
-        else:
-            cfg["rope_scaling"] = {"type": rtype, "rope_type": rtype, **rp}
+        else:  # as released: only "type", no "rope_type"
+            cfg["rope_scaling"] = {"type": rtype, **{k: v for k, v in rp.items() if v is not None}}
     if "dtype" in cfg:
         cfg["torch_dtype"] = cfg.pop("dtype")
     if cfg.get("model_type") == "qwen3_moe" and "num_local_experts" in cfg:
@@ -375,7 +497,7 @@ def moe_layers(family: str, variant: str = "base", **overrides) -> list[int]:
     n = kw["num_hidden_layers"]
     if family in ("mixtral", "olmoe"):
         return list(range(n))
-    if family == "deepseek_v3":
+    if family in ("deepseek_v3", "deepseek_v2", "glm4_moe"):
         return list(range(kw["first_k_dense_replace"], n))
     step, only = kw.get("decoder_sparse_step", 1), set(kw.get("mlp_only_layers", []))
     return [i for i in range(n) if i not in only and (i + 1) % step == 0]
