@@ -123,3 +123,35 @@ def test_fp8_release_loads(name, tmp_path):
     ids = random_ids(2, 11)
     with open_coordinator(path) as c:
         assert_close(c.forward(ids), hf_logits(ref, ids), f"{name} FP8 forward")
+
+
+# The releases issue 12 names for its distributed and paged checks (FP8 / MXFP4 ones stripped for now).
+SPREAD = ["deepseek-v3", "glm-4.5-air", "deepseek-v2-lite"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["2-actors", "paged-15%"])
+@pytest.mark.parametrize("name", SPREAD)
+def test_released_checkpoint_spread_and_paged_matches_transformers(name, how, released, ray_session):
+    from coordinator.checkpoint import Checkpoint
+
+    path = released(name)
+    ref = released_reference(path)
+    if how == "2-actors":
+        options = dict(num_workers=2)
+    else:
+        # the store holds experts in the compute dtype (float32 here)
+        total = sum(s.numel() * 4 for s in Checkpoint.open(path).expert_specs())
+        options = dict(worker_memory=int(0.15 * total))
+    ids, mask = make_prompts((9, 5, 1), seed=11)
+    expected, scores = hf_greedy(ref, ids, mask, new_tokens=16, with_scores=True)
+    with open_coordinator(path, **options) as c:
+        real = mask.bool()
+        assert_close(c.forward(ids, attention_mask=mask)[real], hf_logits(ref, ids, mask)[real], f"{name} {how}")
+        out = c.generate(ids, max_new_tokens=16, do_sample=False, attention_mask=mask, eos_token_id=None)
+        stats = c.stats()["experts"]
+    assert_same_tokens(out, expected, f"{name} {how} greedy", scores)
+    if how == "2-actors":
+        assert stats["backend"] == "ray" and len(stats["actors"]) == 2
+    else:
+        assert stats["evictions"] > 0, "a 15% budget must page experts"
