@@ -157,6 +157,7 @@ _VARIANT_DEFS: dict[str, dict[str, dict[str, Any]]] = {
         "tied": dict(tie_word_embeddings=True),
         "legacy": {"_legacy": True, "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}},
         "sliding": dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=2),
+        "yarn": dict(rope_parameters={"rope_theta": 1000000.0, **YARN, "mscale": None, "mscale_all_dim": None}),
     },
     "qwen3_moe": {
         "base": {},
@@ -178,6 +179,10 @@ _VARIANT_DEFS: dict[str, dict[str, dict[str, Any]]] = {
         "gqa": dict(num_key_value_heads=2, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"}),
         "tied": dict(tie_word_embeddings=True),
         "legacy": {"_legacy": True, "clip_qkv": 1.0},
+        "yarn_legacy": {"_legacy": True, "rope_parameters": {"rope_theta": 10000.0, **YARN, "mscale": None,
+                                                             "mscale_all_dim": None, "truncate": False}},
+        "dynamic": dict(max_position_embeddings=16,
+                        rope_parameters={"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 3.0}),
     },
     "deepseek_v3": {
         "base": {},
