@@ -187,6 +187,10 @@ def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling]:
     p = d.get("rope_scaling") or d.get("rope_parameters") or {}
     if not isinstance(p, dict):
         raise CheckpointError(f"config rope_scaling/rope_parameters must be an object, got {p!r}")
+    nested = sorted(k for k, v in p.items() if isinstance(v, dict))
+    if nested:  # transformers 5 nests RoPE per layer type for some models (e.g. sliding vs full layers)
+        raise UnsupportedModelError(f"per-layer-type RoPE parameters ({', '.join(nested)} in config "
+                                    "rope_parameters) are not implemented; moeshard reads one RoPE setting per model")
     kind = p.get("rope_type", p.get("type")) or "default"
     theta = p.get("rope_theta", d.get("rope_theta"))
     theta = float(theta if theta is not None else 10000.0)

@@ -141,6 +141,14 @@ def test_unimplemented_rope_type_is_named(fresh_checkpoint, style, kind):
     assert "Remove" not in str(err) and "\n" not in str(err), f"wrong advice or not one line: {err}"
 
 
+def test_per_layer_type_rope_parameters_are_refused(fresh_checkpoint):
+    _, UnsupportedModelError = errors()
+    path = fresh_checkpoint("qwen3_moe")
+    edit_config(path, rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    expect_error(UnsupportedModelError, path, "full_attention, sliding_attention", "per-layer-type")
+
+
 @pytest.mark.parametrize("kind", ["yarn", "linear", "dynamic"])
 def test_rope_scaling_without_factor(fresh_checkpoint, kind):
     CheckpointError, _ = errors()
