@@ -52,8 +52,23 @@ class AttentionInputs:
         return self.masks[window][..., :kv_len]
 
 
+def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      sinks: torch.Tensor) -> torch.Tensor:
+    """gpt-oss attention: each head's softmax also covers a learned sink logit, which takes
+    probability mass and contributes no value. q [B, h, T, D], k/v [B, kv, S, D] -> [B, h, T, D]."""
+    B, h, T, _ = q.shape
+    rep = h // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)        # kv head i serves heads i*rep..
+    logits = torch.matmul(q, k.transpose(2, 3)) * scale + mask                       # [B, h, T, S]
+    combined = torch.cat([logits, sinks.view(1, h, 1, 1).expand(B, h, T, 1).to(logits.dtype)], dim=-1)
+    # the reference subtracts the row max before its softmax; done the same way for the same rounding
+    probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 class Attention(nn.Module):
-    """Grouped-query attention (Mixtral, Qwen2/3-MoE, OLMoE) with the families' q/k norms and clipping."""
+    """Grouped-query attention (Mixtral, Qwen2/3-MoE, OLMoE, GLM-4.5, gpt-oss) with the families' q/k norms,
+    clipping, partial RoPE and attention sinks."""
 
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
         super().__init__()
@@ -73,6 +88,8 @@ class Attention(nn.Module):
         self.clip = cfg.clip_qkv
         self.window = cfg.sliding_window[layer]
         self.scale = cfg.softmax_scale
+        if cfg.attention == "gqa_sinks":
+            self.sinks = nn.Parameter(torch.zeros(self.n_heads, dtype=dtype))   # one learned logit per head
 
     def forward(self, x: torch.Tensor, a: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -90,8 +107,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
         if cache is not None:
             k, v = cache.update(a.input_pos, k, v)                            # [B, kv, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask(self.window, q.dtype, k.shape[2]), scale=self.scale,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        mask = a.mask(self.window, q.dtype, k.shape[2])
+        if hasattr(self, "sinks"):
+            y = attend_with_sinks(q, k, v, mask, self.scale, self.sinks)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:

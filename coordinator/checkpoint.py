@@ -40,7 +40,11 @@ RENAMES = {
     "deepseek_v3": [(".mlp.shared_expert.", ".mlp.shared_experts.")],
     "deepseek_v2": [(".mlp.shared_expert.", ".mlp.shared_experts.")],
     "glm4_moe": [(".mlp.shared_expert.", ".mlp.shared_experts.")],
+    "gpt_oss": [(".mlp.gate.", ".mlp.router.")],
 }
+
+# Families whose routed experts are fused per layer into 3-D tensors (these names under mlp.experts).
+FUSED_EXPERTS = {"gpt_oss": ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
 
 # What each quantization method is, for the one-line refusal until its loader exists (issue 12).
 PENDING_QUANT = {"fp8": "FP8 block-quantized weights", "mxfp4": "MXFP4 experts"}
@@ -160,6 +164,10 @@ class Checkpoint:
     def expert_specs(self) -> list[ExpertSpec]:
         """Every routed expert as plain data: file, absolute offset, dtype, shape of its three weights."""
         c = self.config
+        if c.model_type in FUSED_EXPERTS:
+            raise UnsupportedModelError(
+                f"{c.model_type} experts fused per layer (mlp.experts.{', '.join(FUSED_EXPERTS[c.model_type])}; "
+                "biases, clamped SwiGLU) are not yet supported by the expert workers (issue 12 item 3)")
         H, I = c.hidden_size, c.moe_intermediate_size
         specs = []
         for layer in c.moe_layer_ids:
@@ -173,6 +181,8 @@ class Checkpoint:
 
     def expert_names(self) -> set[str]:
         c = self.config
+        if c.model_type in FUSED_EXPERTS:
+            return {f"model.layers.{l}.mlp.experts.{w}" for l in c.moe_layer_ids for w in FUSED_EXPERTS[c.model_type]}
         return {n for l in c.moe_layer_ids for e in range(c.num_experts) for n in self.expert_tensor_names(l, e)}
 
     def load_dense(self, model: torch.nn.Module) -> set[str]:

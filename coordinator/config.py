@@ -174,13 +174,25 @@ class DeepseekV2Config(DeepseekV3Config):
 
 
 @dataclass(frozen=True)
+class GptOssConfig(ModelConfig):
+    """gpt-oss: grouped-query attention with per-head sinks and alternating sliding/full layers, a biased
+    router softmaxed over its top-k logits, experts with biases and a clamped SwiGLU."""
+
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+
+    attention: str = field(default="gqa_sinks", init=False)
+    router: str = field(default="topk_softmax", init=False)
+
+
+@dataclass(frozen=True)
 class Glm4MoeConfig(ModelConfig):
     """GLM-4.5/4.5-Air: grouped-query attention with partial RoPE, DeepSeek-V3's sigmoid routing."""
 
     router: str = field(default="sigmoid_grouped", init=False)
 
 
-def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling]:
+def _rope(d: dict[str, Any], default_theta: float = 10000.0) -> tuple[float, RopeScaling]:
     """(rope_theta, scaling) from either spelling: released checkpoints write `rope_theta` and
     `rope_scaling` ({type: ...}); transformers 5 writes `rope_parameters` ({rope_type, rope_theta, ...}).
     Like transformers, `rope_scaling` wins when both are present."""
@@ -193,7 +205,7 @@ def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling]:
                                     "rope_parameters) are not implemented; moeshard reads one RoPE setting per model")
     kind = p.get("rope_type", p.get("type")) or "default"
     theta = p.get("rope_theta", d.get("rope_theta"))
-    theta = float(theta if theta is not None else 10000.0)
+    theta = float(theta if theta is not None else default_theta)
     if kind not in ROPE_TYPES:
         raise UnsupportedModelError(
             f"RoPE type {kind!r} (config rope_scaling/rope_parameters) is not implemented; "
@@ -254,9 +266,9 @@ def _num_experts(d: dict[str, Any]) -> int:
     raise KeyError("num_local_experts / num_experts / n_routed_experts")
 
 
-def _common(d: dict[str, Any], head_dim: int | None = None) -> dict[str, Any]:
+def _common(d: dict[str, Any], head_dim: int | None = None, default_theta: float = 10000.0) -> dict[str, Any]:
     heads = d["num_attention_heads"]
-    rope_theta, rope = _rope(d)
+    rope_theta, rope = _rope(d, default_theta)
     return dict(
         model_type=d["model_type"],
         vocab_size=d["vocab_size"],
@@ -402,9 +414,27 @@ def _glm4_moe(d):
     )
 
 
+def _gpt_oss(d):
+    # transformers' GptOssConfig: theta 150000 and alternating sliding/full layers when the config omits them
+    c = _common(d, default_theta=150000.0)
+    n = c["num_layers"]
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+        raise CheckpointError(f"config layer_types must list {n} of 'sliding_attention' / 'full_attention', "
+                              f"got {types}")
+    window = d.get("sliding_window")
+    bias = d.get("attention_bias", True)
+    return GptOssConfig(
+        **c, attention_bias=bias, o_bias=bias, norm_topk_prob=True,
+        sliding_window=tuple(window if t == "sliding_attention" else None for t in types),
+        moe_layers=(True,) * n, swiglu_limit=float(d.get("swiglu_limit", 7.0)),
+        swiglu_alpha=float(d.get("swiglu_alpha", 1.702)),
+    )
+
+
 FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe,
             "deepseek_v3": _deepseek_v3, "kimi_k2": _deepseek_v3, "deepseek_v2": _deepseek_v2,
-            "glm4_moe": _glm4_moe}
+            "glm4_moe": _glm4_moe, "gpt_oss": _gpt_oss}
 
 
 def config_from_dict(d: dict[str, Any]) -> ModelConfig:

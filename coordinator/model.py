@@ -13,7 +13,7 @@ from .attention import Attention, AttentionInputs, KVCache, LatentAttention
 from .config import ModelConfig
 from .experts import RoutingStats, RoutedExperts
 from .layers import MLP, RMSNorm, Rotary
-from .routing import route_sigmoid_grouped, route_softmax, route_softmax_grouped
+from .routing import route_sigmoid_grouped, route_softmax, route_softmax_grouped, route_topk_softmax
 
 
 class MoEBlock(nn.Module):
@@ -28,8 +28,8 @@ class MoEBlock(nn.Module):
             self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=torch.float32)
             if cfg.router == "sigmoid_grouped":
                 self.gate.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
-        else:
-            self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype)
+        else:  # gpt-oss's router has a bias
+            self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router == "topk_softmax", dtype=dtype)
         if cfg.shared_expert_size:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size, cfg.hidden_act, dtype)
             if cfg.shared_expert_gated:
@@ -47,6 +47,8 @@ class MoEBlock(nn.Module):
             groups = (c.n_group, c.topk_group) if c.topk_method == "group_limited_greedy" else (1, 1)
             return route_softmax_grouped(logits, min(c.top_k + extra, c.num_experts), *groups,
                                          c.routed_scaling_factor)
+        if c.router == "topk_softmax":
+            return route_topk_softmax(self.gate(x), min(c.top_k + extra, c.num_experts))
         return route_softmax(self.gate(x), min(c.top_k + extra, c.num_experts), c.norm_topk_prob)
 
     def forward(self, x: torch.Tensor, hints: dict[int, torch.Tensor] | None = None) -> torch.Tensor:

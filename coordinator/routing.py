@@ -59,3 +59,12 @@ def route_softmax_grouped(logits: torch.Tensor, top_k: int, n_group: int, topk_g
         scores = scores.masked_fill(~expert_mask, 0.0)   # the reference zeroes, it does not use -inf
     weights, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)
     return weights * scaling, ids
+
+
+def route_topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss: top-k of the (biased) router logits, then softmax over just those k, in the logits' dtype.
+
+    logits [T, E] -> weights [T, k] float32, ids [T, k].
+    """
+    top, ids = torch.topk(logits, top_k, dim=-1)
+    return torch.softmax(top, dim=-1, dtype=top.dtype).float(), ids
