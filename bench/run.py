@@ -29,7 +29,45 @@ from .scenarios import SCENARIOS, STEPS, Ctx, Params, run_scenario
 
 def _size(v: str) -> int:
     from workers.units import parse_bytes
-    return int(parse_bytes(v))
+    try:
+        n = parse_bytes(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not n or n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive size like 3GB, got {v!r}")
+    return int(n)
+
+
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v!r}")
+    return n
+
+
+def _counts(v: str) -> str:
+    """A comma list of worker counts (integers >= 0), kept as written."""
+    try:
+        ok = all(int(x) >= 0 for x in v.split(",") if x.strip()) and any(x.strip() for x in v.split(","))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"must be a comma list of integers >= 0 like 0,2, got {v!r}")
+    return v
+
+
+def _out_dir(v: str) -> Path:
+    """A results folder that exists or can be created (its nearest existing parent is a writable folder)."""
+    path = Path(v)
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if (path.exists() and not path.is_dir()) or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write results into {v!r}: {parent} is not a writable folder")
+    return path
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,17 +80,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="benchmark this checkpoint instead of the generated mix8x32 (written on demand into "
                              f"{mk.CACHE_DIR})")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch threads for every system (default: all cores of this machine)")
-    parser.add_argument("--workers", default="0,2", help="scenario 1: moeshard worker counts (default 0,2)")
-    parser.add_argument("--ooc-workers", default="2,0", help="scenario 2: moeshard worker counts (default 2,0)")
+    parser.add_argument("--workers", type=_counts, default="0,2", help="scenario 1: moeshard worker counts (default 0,2)")
+    parser.add_argument("--ooc-workers", type=_counts, default="2,0", help="scenario 2: moeshard worker counts (default 2,0)")
     parser.add_argument("--ooc-memory", type=_size, default=3 * 10**9,
                         help="scenario 2: memory cgroup limit per system (default 3GB)")
     parser.add_argument("--host-memory", type=_size, default=3 * 10**9,
                         help="scenario 3: memory per harness host (default 3GB)")
     parser.add_argument("--transport", choices=("calls", "graph"), default="calls",
                         help="moeshard's dispatch transport in runs with workers (default: calls)")
-    parser.add_argument("--out", type=Path, default=None, help=f"results directory (default {RESULTS_DIR})")
+    parser.add_argument("--out", type=_out_dir, default=None, help=f"results directory (default {RESULTS_DIR})")
     parser.add_argument("--machine", default=None, help="machine name in the results file name (default hostname)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

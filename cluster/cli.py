@@ -10,43 +10,24 @@ import logging
 import sys
 from typing import Sequence
 
-from cluster.gen_common import add_sampling_arguments, sampling_kwargs
+from cluster.gen_common import (RUN_OPTIONS, OneLineParser, add_option_arguments, add_output_arguments, add_prompt_arguments,
+                                add_sampling_arguments, check_writable, generate_for_prompts, print_stats,
+                                read_prompts, run_options, sampling_options)
+from coordinator.options import OptionError, UnknownOption, cli_message
 
 log = logging.getLogger(__name__)
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 EXIT_ERROR, EXIT_REFUSED = 1, 2
+PLAN_OPTIONS = ("worker_memory", "dtype", "num_cpus_per_worker", "num_gpus_per_worker", "pin_layers")
 
 
 class Refused(Exception):
     """The request is understood but cannot be honoured (exit status 2)."""
 
 
-# ---- arguments ---------------------------------------------------------------------------------
-
-def _add_placement_args(p: argparse.ArgumentParser, *, workers_default: int | None) -> None:
-    p.add_argument("checkpoint", help="directory of a Hugging Face MoE checkpoint (config.json + *.safetensors)")
-    if workers_default is None:
-        p.add_argument("--workers", type=int, required=True, metavar="N",
-                       help="number of expert-shard actors to spread the routed experts over")
-    else:
-        p.add_argument("--workers", type=int, default=workers_default, metavar="N",
-                       help="number of Ray expert-shard actors; 0 (default) keeps every expert in this process")
-    p.add_argument("--worker-memory", default=None, metavar="SIZE",
-                   help="memory budget for routed-expert weights per actor, e.g. 2GB, 512MiB or bytes; experts "
-                        "beyond it are paged from the checkpoint files (default: no limit, all resident)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="compute dtype; expert sizes are counted in it (default: float32)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
-                   help="Ray CPUs each actor asks for; also its torch thread count (default: 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
-                   help="Ray GPUs each actor asks for; >0 runs its experts on CUDA (default: 0)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of `moeshard` (every flag documented in --help)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="moeshard",
         description="Run Mixture-of-Experts language models with the routed experts sharded over Ray actors "
                     "and paged from disk.")
@@ -59,45 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print the placement of a checkpoint's routed experts over N actors: experts, "
                                       "bytes, and the resident vs paged split per actor. Exits 2 if the plan cannot "
                                       "fit the memory budget, saying the minimum. Needs no Ray.")
-    _add_placement_args(plan, workers_default=None)
+    plan.add_argument("checkpoint", help="directory of a Hugging Face MoE checkpoint (config.json + *.safetensors)")
+    plan.add_argument("--workers", dest="num_workers", type=int, required=True, metavar="N",
+                      help="number of expert-shard actors to spread the routed experts over")
+    add_option_arguments(plan, PLAN_OPTIONS)
     plan.add_argument("--min-resident", type=int, default=None, metavar="K",
                       help="experts each actor must be able to hold at once (default: the model's top-k)")
     plan.set_defaults(func=cmd_plan)
 
     gen = sub.add_parser("generate", help="generate tokens from a prompt, streaming them, then print run stats",
                          description="Load the checkpoint (dense part here, routed experts in this process or on "
-                                     "--workers Ray actors), generate, stream the new tokens to stdout, then print "
-                                     "the per-actor stats table.")
-    _add_placement_args(gen, workers_default=0)
-    prompt = gen.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--ids", action="append", metavar="I,J,K",
-                        help="prompt as comma-separated token ids; repeat for a batch (left-padded)")
-    prompt.add_argument("--prompt", metavar="TEXT", help="prompt text (needs tokenizer.json in the checkpoint)")
+                                     "--workers Ray actors), generate for the prompts (repeat --prompt or --ids for "
+                                     "a batch), stream the new tokens of a single prompt to stdout, then print the "
+                                     "per-actor stats table. Every flag is checked before anything loads.")
+    gen.add_argument("checkpoint", help="directory of a Hugging Face MoE checkpoint (config.json + *.safetensors)")
+    add_option_arguments(gen, RUN_OPTIONS)
+    add_prompt_arguments(gen)
     add_sampling_arguments(gen)
-    gen.add_argument("--ray-address", default=None, metavar="HOST:PORT",
-                     help="join this Ray cluster (default: RAY_ADDRESS, else start a local Ray when --workers > 0)")
-    gen.add_argument("--call-timeout", type=float, default=60.0, metavar="S",
-                     help="seconds to wait for an actor's reply before failing (default: 60)")
-    gen.add_argument("--policy", choices=("lfu-decay", "lfu", "lru"), default="lfu-decay",
-                     help="which resident expert to evict when paging (default: lfu-decay)")
-    gen.add_argument("--prefetch-depth", type=int, default=1, metavar="D",
-                     help="how many next layers' routers predict experts to prefetch (0 = off; default: 1)")
-    gen.add_argument("--prefetch-extra", type=int, default=0, metavar="X",
-                     help="candidates beyond top-k each prediction prefetches (default: 0)")
-    gen.add_argument("--pin-layers", type=lambda v: [int(x) for x in v.split(",")], default=[], metavar="L,M",
-                     help="keep every expert of these MoE layers resident (never evicted; counts against the budget)")
-    gen.add_argument("--spill-dir", default=None, metavar="DIR",
-                     help="keep each expert's compute-dtype image here after its first read, for faster reloads")
-    gen.add_argument("--transport", choices=("calls", "graph"), default="calls",
-                     help="how each layer reaches the actors: plain actor calls (calls, default) or one Ray Compiled "
-                          "Graph over all of them (graph: ~1 ms less per layer, but each actor keeps a core busy "
-                          "waiting; for actors with a core to spare)")
-    gen.add_argument("--coordinator-threads", type=int, default=None, metavar="T",
-                     help="torch threads of this process (default: the cores left free by expert actors placed on "
-                          "this machine, or unchanged)")
-    gen.add_argument("--no-stats", action="store_true", help="do not print the stats table after generating")
-    gen.add_argument("--heatmap", metavar="PNG", default=None,
-                     help="also write a PNG heatmap of expert activations per layer (needs matplotlib)")
+    add_output_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     har = sub.add_parser("harness", help="start/stop a local multi-host test cluster (up, down, list)",
@@ -140,80 +100,55 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Print the placement; refuse (exit 2) when it cannot fit."""
     from cluster.errors import ClusterError
     from cluster.placement import plan_placement
+    from coordinator.api import pinned_experts
     from coordinator.checkpoint import Checkpoint
-    from workers.units import parse_bytes
+    from workers.shard import DTYPES
 
+    opts = run_options(args, ("num_workers", *PLAN_OPTIONS))
+    if opts.placement.num_workers < 1:
+        raise OptionError("num_workers", f"must be an integer >= 1 for a plan, got {opts.placement.num_workers}")
+    if args.min_resident is not None and args.min_resident < 1:
+        raise ValueError(f"--min-resident: must be an integer >= 1, got {args.min_resident}")
     ckpt = Checkpoint.open(args.checkpoint)
     specs = ckpt.expert_specs()
     cfg = ckpt.config
     min_resident = args.min_resident if args.min_resident is not None else cfg.top_k
+    pinned = pinned_experts(cfg, (), opts.store.pin_layers)
     try:
-        plan = plan_placement(specs, args.workers, dtype_bytes=DTYPE_BYTES[args.dtype],
-                              worker_memory=parse_bytes(args.worker_memory), min_resident=min_resident,
-                              num_cpus=args.cpus_per_worker, num_gpus=args.gpus_per_worker)
+        plan = plan_placement(specs, opts.placement.num_workers, dtype_bytes=DTYPES[opts.dtype].itemsize,
+                              worker_memory=opts.store.budget_bytes, min_resident=min_resident,
+                              num_cpus=opts.placement.num_cpus, num_gpus=opts.placement.num_gpus)
     except ClusterError as e:
-        raise Refused(f"cannot place {len(specs)} experts on {args.workers} actor(s): {e}") from e
+        raise Refused(f"cannot place {len(specs)} experts on {opts.placement.num_workers} actor(s): {e}") from e
     layers = sorted({s.layer for s in specs})
     print(f"{ckpt.path}: {len(specs)} routed experts ({cfg.num_experts} per layer x {len(layers)} MoE layers, "
-          f"top-{cfg.top_k}), dtype {args.dtype}, min_resident {min_resident}")
+          f"top-{cfg.top_k}), dtype {opts.dtype}, min_resident {min_resident}"
+          + (f", {len(pinned)} pinned" if pinned else ""))
     for line in plan.table():
         print(line)
     return 0
 
 
-def _parse_ids(values: Sequence[str], pad_id: int):
-    """Comma-separated id lists -> left-padded ids [B, T] and attention mask [B, T]."""
-    from cluster.gen_common import parse_ids
-
-    return parse_ids(values, pad_id)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate with `Coordinator`, streaming tokens to stdout, then print the stats table."""
+    """Generate with `Coordinator`, streaming a single prompt's tokens to stdout, then print the stats table."""
     from coordinator import Coordinator
 
-    backend: dict = {}
-    if args.workers > 0:
-        backend = dict(num_cpus_per_worker=args.cpus_per_worker, num_gpus_per_worker=args.gpus_per_worker,
-                       call_timeout_s=args.call_timeout, coordinator_threads=args.coordinator_threads,
-                       transport=args.transport)
-    elif args.coordinator_threads:
-        import torch
-        torch.set_num_threads(args.coordinator_threads)
-    sampling = sampling_kwargs(args)
-    with Coordinator.from_pretrained(args.checkpoint, num_workers=args.workers, worker_memory=args.worker_memory,
-                                     dtype=args.dtype, ray_address=args.ray_address, policy=args.policy,
-                                     prefetch_depth=args.prefetch_depth, prefetch_extra=args.prefetch_extra,
-                                     pin_layers=args.pin_layers, spill_dir=args.spill_dir, **backend) as coord:
-        if args.prompt is not None:
-            coord.generate_text(args.prompt, max_new_tokens=args.max_new_tokens,
-                                on_text=lambda s: print(s, end="", flush=True), **sampling)
-            print()
-        else:
-            pad = coord.config.pad_token_id if getattr(coord.config, "pad_token_id", None) is not None else 0
-            ids, mask = _parse_ids(args.ids, pad)
-            single = ids.shape[0] == 1
-            stream = (lambda step: print(int(step[0]), end=" ", flush=True)) if single else None
-            out = coord.generate(ids, max_new_tokens=args.max_new_tokens, attention_mask=mask,
-                                 pad_token_id=pad, on_token=stream, **sampling)
-            if single:
-                print()
-            else:
-                for row in out[:, ids.shape[1]:].tolist():
-                    print(" ".join(map(str, row)))
+    options = run_options(args)              # every flag checked before anything loads
+    sampling = sampling_options(args)
+    kind, prompts = read_prompts(args)
+    check_writable(args.heatmap, "--heatmap")
+    with Coordinator.open(args.checkpoint, options) as coord:
+        results = generate_for_prompts(coord, kind, prompts, sampling, stream=True)
+        if len(results) > 1:
+            for i, (p, c) in enumerate(results, 1):
+                print(f"[{i}] {p} -> {c}")
         if not args.no_stats:
-            _print_stats(coord.stats())
+            print_stats(coord.stats())
         if args.heatmap:
             from cluster.report import write_heatmap
             if (path := write_heatmap(coord.expert_activations(), args.heatmap)) is not None:
                 print(f"heatmap written to {path}")
     return 0
-
-
-def _print_stats(stats: dict) -> None:
-    from cluster.gen_common import print_stats
-
-    print_stats(stats)
 
 
 def cmd_harness(args: argparse.Namespace) -> int:
@@ -247,6 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"moeshard: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except (OptionError, UnknownOption) as e:
+        if args.debug:
+            raise
+        print(f"moeshard: error: {cli_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("moeshard: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,7 @@ and per request; an actor that could not be recovered is replaced at its next ca
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -35,6 +36,8 @@ from typing import Any, Sequence
 import torch
 
 from coordinator.experts import ExpertBatch, backend_stats, hint_lists
+from coordinator.options import (PlacementOptions, RecoveryOptions, RunOptions, StoreOptions, TransportOptions,
+                                 UnknownOption)
 from workers import wire
 from workers.errors import MoeshardError
 from workers.shard import DTYPES
@@ -46,12 +49,11 @@ from .connect import check_capacity, connect_ray
 from .errors import ClusterError, ExpertTimeout, ShardUnavailable
 from .graph import LayerGraph, is_channel_failure
 from .placement import plan_placement
-from .recovery import ActorRecovery, RecoveryLog, RecoveryPolicy
+from .recovery import ActorRecovery, RecoveryLog
 
 log = logging.getLogger(__name__)
 
 LATENCY_WINDOW = 4096      # per-layer dispatch latencies kept for the median
-TRANSPORTS = ("calls", "graph")
 
 
 # ---- the backend ---------------------------------------------------------------------------------
@@ -109,8 +111,9 @@ class _Failure:
 class RemoteExperts:
     """Routed experts spread over `num_workers` Ray actors (see module docstring).
 
-    Recovery options (see `recovery.RecoveryPolicy`): `max_call_retries`, `max_generation_retries`,
-    `restart_timeout_s`, `takeover_memory` (bytes or "64MB"), `takeover_share`.
+    Options are typed (coordinator/options.py): where actors go (`PlacementOptions`), each actor's
+    memory (`StoreOptions`), the transport and its timeout (`TransportOptions`) and how hard recovery
+    tries (`RecoveryOptions`); `build()` takes them as the API's flat keywords.
 
     `transport`: "calls" (default) sends each layer as plain actor calls, one per actor with rows;
     "graph" through one Ray Compiled Graph over all actors (`cluster/graph.py`): 1.0 ms per layer
@@ -127,33 +130,25 @@ class RemoteExperts:
     the actors need cost more than they compute (docs/performance.md).
     """
 
-    def __init__(self, specs: Sequence[ExpertSpec], *, num_workers: int, dtype: str,
-                 worker_memory: int | None = None, min_resident: int = 1, ray_address: str | None = None,
-                 num_cpus_per_worker: float = 1, num_gpus_per_worker: float = 0,
-                 resources: list[dict] | None = None, call_timeout_s: float = 60.0, policy: str = "lfu-decay",
-                 ready_timeout_s: float = 120.0, load: dict[tuple[int, int], float] | None = None,
-                 max_call_retries: int = 3, max_generation_retries: int = 10, restart_timeout_s: float = 60.0,
-                 takeover_memory: int | str | None = None, takeover_share: float = 0.5,
-                 pinned: Sequence[tuple[int, int]] = (), spill_dir: str | None = None,
-                 coordinator_threads: int | None = None, transport: str = "calls", graph_idle_s: float = 5.0):
+    def __init__(self, specs: Sequence[ExpertSpec], *, dtype: str, placement: PlacementOptions,
+                 store: StoreOptions = StoreOptions(), transport: TransportOptions = TransportOptions(),
+                 recovery: RecoveryOptions = RecoveryOptions(), min_resident: int = 1,
+                 pinned: Sequence[tuple[int, int]] = (), coordinator_threads: int | None = None,
+                 load: dict[tuple[int, int], float] | None = None):
         import ray
-
-        from workers.units import parse_bytes
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-        if coordinator_threads is not None and coordinator_threads < 1:
-            raise ValueError(f"coordinator_threads must be >= 1, got {coordinator_threads}")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
-        self.transport = transport
+        num_workers = placement.num_workers
+        self.transport = transport.transport
         self.dtype = DTYPES[dtype]
-        self.call_timeout_s = call_timeout_s
-        self.recovery = RecoveryPolicy(max_call_retries, max_generation_retries, restart_timeout_s,
-                                       parse_bytes(takeover_memory), takeover_share)
+        self.call_timeout_s = transport.call_timeout_s
+        self.recovery = recovery
+        worker_memory, spill_dir = store.budget_bytes, store.spill_dir
         self.plan = plan_placement(list(specs), num_workers, dtype_bytes=self.dtype.itemsize,
                                    worker_memory=worker_memory, min_resident=min_resident, load=load,
-                                   num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, resources=resources)
+                                   num_cpus=placement.num_cpus, num_gpus=placement.num_gpus,
+                                   resources=None if placement.resources is None else list(placement.resources))
         self._owner: dict[int, dict[int, int]] = defaultdict(dict)   # layer -> expert -> actor
         for (layer, expert), a in self.plan.owners().items():
             self._owner[layer][expert] = a
@@ -164,7 +159,7 @@ class RemoteExperts:
         pinned_keys = set(map(tuple, pinned))
         # What each actor is created with, so a replacement is the same actor (plan order).
         self._init_args = [dict(specs=[by_key[k].to_dict() for k in w.experts], budget_bytes=worker_memory,
-                                dtype=dtype, device="cuda" if w.num_gpus > 0 else None, policy=policy,
+                                dtype=dtype, device="cuda" if w.num_gpus > 0 else None, policy=store.policy,
                                 min_resident=min_resident, num_threads=max(1, int(w.num_cpus)),
                                 pinned=[k for k in w.experts if k in pinned_keys],
                                 spill_dir=None if spill_dir is None else os.path.join(spill_dir, f"actor-{w.index}"))
@@ -177,14 +172,14 @@ class RemoteExperts:
         for w in self.plan.workers:
             for k, v in w.resources.items():
                 custom[k] += v
-        self._started_ray = connect_ray(ray_address, num_cpus=num_workers * num_cpus_per_worker,
-                                        num_gpus=num_workers * num_gpus_per_worker, resources=dict(custom))
+        self._started_ray = connect_ray(placement.ray_address, num_cpus=num_workers * placement.num_cpus,
+                                        num_gpus=num_workers * placement.num_gpus, resources=dict(custom))
         try:
             check_capacity(self.plan)
             self._cls = ray.remote(ShardActor)
             for i in range(len(self.plan.workers)):
                 self._actors.append(self._cls.options(**self._planned_options(i)).remote(**self._init_args[i]))
-            self._nodes = self._wait_ready(ready_timeout_s)
+            self._nodes = self._wait_ready(placement.ready_timeout_s)
         except BaseException:
             self.close()
             raise
@@ -202,7 +197,7 @@ class RemoteExperts:
         self._graph_lock = threading.RLock()      # the idle watchdog and the layer path both change the graph
         self._in_layer = 0                        # layers submitted and not yet waited on
         self._last_layer = time.monotonic()
-        self.graph_idle_s = graph_idle_s
+        self.graph_idle_s = transport.graph_idle_s
         self._idle_stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         log.info("RemoteExperts: %d actors ready on %d node(s)", len(self._actors),
@@ -210,11 +205,27 @@ class RemoteExperts:
 
     # retry budgets are plain attributes of the policy; these make them settable on the backend too
     max_call_retries = property(lambda self: self.recovery.max_call_retries,
-                                lambda self, v: setattr(self.recovery, "max_call_retries", int(v)))
+                                lambda self, v: self._set_recovery(max_call_retries=v))
     max_generation_retries = property(lambda self: self.recovery.max_generation_retries,
-                                      lambda self, v: setattr(self.recovery, "max_generation_retries", int(v)))
+                                      lambda self, v: self._set_recovery(max_generation_retries=v))
     restart_timeout_s = property(lambda self: self.recovery.restart_timeout_s,
-                                 lambda self, v: setattr(self.recovery, "restart_timeout_s", float(v)))
+                                 lambda self, v: self._set_recovery(restart_timeout_s=v))
+
+    def _set_recovery(self, **change: Any) -> None:
+        self.recovery = dataclasses.replace(self.recovery, **change)   # checked again, like any RecoveryOptions
+
+    @classmethod
+    def build(cls, specs: Sequence[ExpertSpec], *, dtype: str, min_resident: int = 1,
+              pinned: Sequence[tuple[int, int]] = (), load: dict[tuple[int, int], float] | None = None,
+              **options: Any) -> "RemoteExperts":
+        """The backend from `Coordinator.from_pretrained`'s flat keywords (num_workers=2, call_timeout_s=30,
+        ...), checked by `RunOptions.from_kwargs`: unknown or out-of-range options are errors."""
+        run = RunOptions.from_kwargs(**options)
+        if not run.distributed:
+            raise UnknownOption("num_workers", "RemoteExperts needs num_workers >= 1")
+        return cls(specs, dtype=dtype, placement=run.placement, store=run.store, transport=run.transport,
+                   recovery=run.recovery, min_resident=min_resident, pinned=pinned,
+                   coordinator_threads=run.coordinator_threads, load=load)
 
     def _planned_options(self, i: int) -> dict[str, Any]:
         w = self.plan.workers[i]
@@ -308,6 +319,11 @@ class RemoteExperts:
     def actors(self) -> list[Any]:
         """The actor handles, in plan order (actor i owns `plan.workers[i].experts`)."""
         return list(self._actors)
+
+    @property
+    def nodes(self) -> list[dict[str, Any]]:
+        """Where each actor runs now ({node_id, ip, pid, device, ...}), in plan order."""
+        return [dict(n) for n in self._nodes]
 
     def _where(self, i: int) -> str:
         n = self._nodes[i] if i < len(self._nodes) else {}

@@ -31,6 +31,7 @@ Every failure is one line on stderr and an exit status:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -39,13 +40,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from cluster.gen_common import add_sampling_arguments, left_pad, pad_token_id, parse_id_lists, sampling_kwargs
+from cluster.gen_common import (RUN_OPTIONS, OneLineParser, add_option_arguments, add_output_arguments, add_prompt_arguments,
+                                add_sampling_arguments, generate_for_prompts, run_options, sampling_options)
+from cluster.gen_common import check_writable
+from cluster.gen_common import read_prompts as _read_prompts
+from coordinator.options import OptionError, RunOptions, UnknownOption, cli_message
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_NO_MODEL, EXIT_TOO_SMALL, EXIT_ACTOR_LOST = 0, 1, 2, 3, 4
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 PROG = "moeshard job"
+JOB_OPTIONS = RUN_OPTIONS
 
 
 class JobFailure(Exception):
@@ -67,59 +72,27 @@ def add_job_arguments(p: argparse.ArgumentParser, *, include_debug: bool = True)
     p.add_argument("--model", required=True, metavar="PATH",
                    help="checkpoint directory (config.json + *.safetensors); the same absolute path must exist on "
                         "every node, since actors page experts from the files")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="expert-shard actors (default: one per node that can hold one)")
-    p.add_argument("--worker-memory", default=None, metavar="SIZE",
-                   help="resident expert bytes per actor, e.g. 2GB or 512MiB; experts beyond it are paged from "
-                        "the checkpoint files (default: no limit, all resident)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (default: float32)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
-                   help="Ray CPUs each actor asks for; also its torch thread count (default: 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
-                   help="Ray GPUs each actor asks for; >0 runs its experts on CUDA (default: 0)")
+    add_option_arguments(p, JOB_OPTIONS, defaults={"num_workers": "one per node that can hold one",
+                                                   "ray_address": "auto"})
     p.add_argument("--placement", choices=("nodes", "spread"), default="nodes",
                    help="nodes: pin actors to nodes with node:<ip> resources, one per node where possible "
                         "(default); spread: let Ray's SPREAD strategy choose")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="prompt text (needs tokenizer.json in the checkpoint); repeat for a batch")
-    p.add_argument("--prompts-file", default=None, metavar="FILE",
-                   help="file with one text prompt per line (blank lines skipped); added after --prompt")
-    p.add_argument("--ids", action="append", default=[], metavar="I,J,K",
-                   help="prompt as comma-separated token ids; repeat for a batch (not with text prompts)")
+    add_prompt_arguments(p)
     add_sampling_arguments(p)
-    p.add_argument("--call-timeout", type=float, default=60.0, metavar="S",
-                   help="seconds to wait for an actor's reply before counting it lost (default: 60)")
-    p.add_argument("--transport", choices=("calls", "graph"), default="calls",
-                   help="each layer's fan-out: plain actor calls (calls, default) or one Ray Compiled Graph (graph: ~1 ms "
-                        "less per layer, but each actor keeps a core busy waiting; for actors with a core to spare)")
-    p.add_argument("--ready-timeout", type=float, default=120.0, metavar="S",
-                   help="seconds to wait for the actors to start (default: 120)")
     p.add_argument("--retries", type=int, default=1, metavar="R",
                    help="after losing an actor, place fresh actors on the nodes still alive and regenerate, up "
                         "to R times (default: 1); then exit 4")
     p.add_argument("--wait-for-nodes", type=float, default=0.0, metavar="S",
                    help="wait up to S seconds for one node per actor to join, e.g. while `ray up` workers boot "
                         "(default: 0, use the nodes there now)")
-    p.add_argument("--policy", choices=("lfu-decay", "lfu", "lru"), default="lfu-decay",
-                   help="which resident expert to evict when paging (default: lfu-decay)")
-    p.add_argument("--ray-address", default="auto", metavar="ADDR",
-                   help="Ray cluster to join (default: auto = RAY_ADDRESS, which `ray job submit` sets, else the "
-                        "cluster `ray start` recorded on this machine)")
-    p.add_argument("--no-stats", action="store_true", help="do not print the stats table")
-    p.add_argument("--heatmap", metavar="PNG", default=None,
-                   help="also write a PNG heatmap of expert activations per layer (needs matplotlib)")
+    add_output_arguments(p)
     if include_debug:
         p.add_argument("--debug", action="store_true",
                        help="tracebacks instead of one-line errors; forward actor logs to this driver")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints usage + error; keep it to one line
-        self.exit(EXIT_NO_MODEL, f"{self.prog}: error: {message} (--help for usage)\n")
-
-
 def build_parser(prog: str = "python -m cluster.job") -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog=prog, description="Run an MoE model on the Ray cluster this job runs in: expert actors one per node, "
                                "generate for the prompts, print completions and the stats table.")
     add_job_arguments(parser)
@@ -130,25 +103,10 @@ def build_parser(prog: str = "python -m cluster.job") -> argparse.ArgumentParser
 
 def read_prompts(args: argparse.Namespace) -> tuple[str, list]:
     """("text", [str, ...]) or ("ids", [[int, ...], ...]) from --prompt/--prompts-file/--ids."""
-    texts = list(args.prompt or [])
-    if args.prompts_file:
-        try:
-            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise JobFailure(EXIT_ERROR, f"cannot read --prompts-file {args.prompts_file}: {e.strerror or e}") from None
-        texts += [line for line in lines if line.strip()]
-        if not texts:
-            raise JobFailure(EXIT_ERROR, f"--prompts-file {args.prompts_file} has no prompts")
-    if texts and args.ids:
-        raise JobFailure(EXIT_ERROR, "give text prompts (--prompt/--prompts-file) or --ids, not both")
-    if texts:
-        return "text", texts
-    if args.ids:
-        try:
-            return "ids", parse_id_lists(args.ids)
-        except ValueError as e:
-            raise JobFailure(EXIT_ERROR, str(e)) from None
-    raise JobFailure(EXIT_ERROR, "nothing to generate: give --prompt TEXT, --prompts-file FILE or --ids I,J,K")
+    try:
+        return _read_prompts(args)
+    except ValueError as e:
+        raise JobFailure(EXIT_ERROR, str(e)) from None
 
 
 # ---- cluster -----------------------------------------------------------------------------------
@@ -273,36 +231,34 @@ def assign_nodes(nodes: Sequence[NodeSlot], resident: Sequence[int], cpus: float
 
 # ---- the job -----------------------------------------------------------------------------------
 
-def _plan(specs, workers: int, args: argparse.Namespace, top_k: int):
+def _plan(specs, workers: int, opts: RunOptions, top_k: int):
     from cluster.errors import ClusterError
     from cluster.placement import PlacementBudgetError, plan_placement
     from workers.shard import DTYPES
-    from workers.units import parse_bytes
 
     try:
-        return plan_placement(specs, workers, dtype_bytes=DTYPES[args.dtype].itemsize,
-                              worker_memory=parse_bytes(args.worker_memory), min_resident=top_k,
-                              num_cpus=args.cpus_per_worker, num_gpus=args.gpus_per_worker)
+        return plan_placement(specs, workers, dtype_bytes=DTYPES[opts.dtype].itemsize,
+                              worker_memory=opts.store.budget_bytes, min_resident=top_k,
+                              num_cpus=opts.placement.num_cpus, num_gpus=opts.placement.num_gpus)
     except PlacementBudgetError as e:
         raise JobFailure(EXIT_TOO_SMALL, f"the plan does not fit: {e}") from None
     except (ClusterError, ValueError) as e:
         raise JobFailure(EXIT_ERROR, f"cannot plan {workers} expert actors: {e}") from None
 
 
-def _place(args: argparse.Namespace, specs, top_k: int, workers: int | None,
+def _place(args: argparse.Namespace, opts: RunOptions, specs, top_k: int, workers: int | None,
            suspects: set[str]) -> tuple[int, list[dict] | None, list[str]]:
     """(workers, `resources=` per actor or None for SPREAD, target IPs) on the cluster as it is now."""
-    nodes, refused = wait_for_nodes(workers, args.wait_for_nodes, args.cpus_per_worker, args.gpus_per_worker,
-                                    suspects)
+    cpus, gpus = opts.placement.num_cpus, opts.placement.num_gpus
+    nodes, refused = wait_for_nodes(workers, args.wait_for_nodes, cpus, gpus, suspects)
     if not nodes:
         raise JobFailure(EXIT_TOO_SMALL, (
-            f"no alive node can hold an expert actor asking {args.cpus_per_worker:g} CPU(s) and "
-            f"{args.gpus_per_worker:g} GPU(s); alive nodes: {'; '.join(refused) or 'none'}"))
+            f"no alive node can hold an expert actor asking {cpus:g} CPU(s) and {gpus:g} GPU(s); alive nodes: "
+            f"{'; '.join(refused) or 'none'}"))
     if workers is None:
         workers = len(nodes)
-    plan = _plan(specs, workers, args, top_k)
-    ips = assign_nodes(nodes, [w.resident_bytes for w in plan.workers], args.cpus_per_worker,
-                       args.gpus_per_worker, refused)
+    plan = _plan(specs, workers, opts, top_k)
+    ips = assign_nodes(nodes, [w.resident_bytes for w in plan.workers], cpus, gpus, refused)
     if args.placement == "spread":
         return workers, None, ips
     return workers, [{f"node:{ip}": 0.001} for ip in ips], ips
@@ -310,42 +266,24 @@ def _place(args: argparse.Namespace, specs, top_k: int, workers: int | None,
 
 def _generate(coord, kind: str, prompts: list, args: argparse.Namespace) -> list[tuple[str, str]]:
     """Generate for all prompts in one left-padded batch; [(prompt, completion)] as printable text."""
-    pad = pad_token_id(coord.config)
-    sampling = sampling_kwargs(args)
-    if kind == "text":
-        tok = coord.tokenizer
-        rows = [tok.encode(p).ids for p in prompts]
-        for p, r in zip(prompts, rows):
-            if not r:
-                raise JobFailure(EXIT_ERROR, f"prompt {p!r} encodes to no tokens")
-        eos = coord.config.eos_token_id
-        eos_set = set([eos] if isinstance(eos, int) else (eos or []))
-        ids, mask = left_pad(rows, pad)
-        out = coord.generate(ids, max_new_tokens=args.max_new_tokens, attention_mask=mask, eos_token_id=eos,
-                             pad_token_id=pad, **sampling)
-        results = []
-        for p, new in zip(prompts, out[:, ids.shape[1]:].tolist()):
-            cut = next((j for j, t in enumerate(new) if t in eos_set), len(new))
-            results.append((repr(p), repr(tok.decode(new[:cut]))))
-        return results
-    ids, mask = left_pad(prompts, pad)
-    out = coord.generate(ids, max_new_tokens=args.max_new_tokens, attention_mask=mask, pad_token_id=pad, **sampling)
-    return [(",".join(map(str, p)), ",".join(map(str, new))) for p, new in zip(prompts, out[:, ids.shape[1]:].tolist())]
+    try:
+        return generate_for_prompts(coord, kind, prompts, sampling_options(args))
+    except ValueError as e:
+        if isinstance(e, OptionError):
+            raise
+        raise JobFailure(EXIT_ERROR, str(e)) from None
 
 
 def _lost_ips(coord) -> set[str]:
     """IPs of this coordinator's actors that no longer answer (where to place fresh ones last)."""
     import ray
 
-    experts = coord.experts
     lost = set()
-    for i, actor in enumerate(getattr(experts, "actors", [])):
+    for actor, node in zip(coord.experts.actors, coord.experts.nodes):
         try:
             ray.get(actor.node_info.remote(), timeout=5)
         except Exception:  # noqa: BLE001 - dead, unreachable or slow: all count as lost
-            nodes = getattr(experts, "_nodes", [])
-            if i < len(nodes):
-                lost.add(nodes[i]["ip"])
+            lost.add(node["ip"])
     return lost
 
 
@@ -355,7 +293,20 @@ def _run(args: argparse.Namespace) -> int:
     from coordinator.checkpoint import Checkpoint
     from coordinator.errors import CheckpointError, UnsupportedModelError
 
+    # every flag checked before anything connects or loads (the worker count is known once placed)
+    opts = run_options(args, JOB_OPTIONS, num_workers=args.num_workers or 1)
+    sampling_options(args)
+    if args.retries < 0:
+        raise JobFailure(EXIT_ERROR, f"--retries must be >= 0, got {args.retries}")
+    if not args.wait_for_nodes >= 0 or args.wait_for_nodes == float("inf"):
+        raise JobFailure(EXIT_ERROR, f"--wait-for-nodes must be a finite number >= 0, got {args.wait_for_nodes}")
+    if args.num_workers is not None and args.num_workers < 1:
+        raise JobFailure(EXIT_ERROR, f"--workers must be at least 1, got {args.num_workers}")
     kind, prompts = read_prompts(args)
+    try:
+        check_writable(args.heatmap, "--heatmap")
+    except ValueError as e:
+        raise JobFailure(EXIT_ERROR, str(e)) from None
     try:
         ckpt = Checkpoint.open(args.model)
         specs = ckpt.expert_specs()
@@ -364,21 +315,17 @@ def _run(args: argparse.Namespace) -> int:
     if kind == "text" and not (ckpt.path / "tokenizer.json").is_file():
         raise JobFailure(EXIT_NO_MODEL, f"{ckpt.path} has no tokenizer.json, which text prompts need; "
                                         "pass token ids with --ids instead")
-    if args.workers is not None and args.workers < 1:
-        raise JobFailure(EXIT_ERROR, f"--workers must be at least 1, got {args.workers}")
-    if args.retries < 0:
-        raise JobFailure(EXIT_ERROR, f"--retries must be >= 0, got {args.retries}")
 
     import ray
 
     debug = getattr(args, "debug", False)
-    connected = connect(args.ray_address, debug=debug)
+    connected = connect(opts.placement.ray_address or "auto", debug=debug)
     gcs = ray.get_runtime_context().gcs_address if ray.is_initialized() else None  # the backend reuses it
     try:
-        workers, suspects, attempt = args.workers, set(), 0
+        workers, suspects, attempt = args.num_workers, set(), 0
         while True:
             try:
-                workers, resources, ips = _place(args, specs, ckpt.config.top_k, workers, suspects)
+                workers, resources, ips = _place(args, opts, specs, ckpt.config.top_k, workers, suspects)
             except JobFailure as e:
                 if attempt:  # the cluster shrank under us: that is the actor loss we report
                     raise JobFailure(EXIT_ACTOR_LOST, f"{lost_msg}; and then {e}") from None
@@ -392,11 +339,9 @@ def _run(args: argparse.Namespace) -> int:
                   flush=True)
             coord = None
             try:
-                coord = Coordinator.from_pretrained(
-                    ckpt.path, num_workers=workers, worker_memory=args.worker_memory, dtype=args.dtype, ray_address=gcs,
-                    policy=args.policy, resources=resources, num_cpus_per_worker=args.cpus_per_worker,
-                    num_gpus_per_worker=args.gpus_per_worker, call_timeout_s=args.call_timeout,
-                    ready_timeout_s=args.ready_timeout, transport=args.transport)
+                placement = dataclasses.replace(opts.placement, num_workers=workers, ray_address=gcs,
+                                                resources=None if resources is None else tuple(resources))
+                coord = Coordinator.open(ckpt.path, dataclasses.replace(opts, placement=placement))
                 t0 = time.perf_counter()
                 results = _generate(coord, kind, prompts, args)
                 seconds = time.perf_counter() - t0
@@ -454,6 +399,10 @@ def run_job(args: argparse.Namespace) -> int:
     except Exception as e:
         if debug:
             raise
+        if isinstance(e, (OptionError, UnknownOption)):
+            sys.stdout.flush()
+            print(f"{PROG}: error: {cli_message(e)}", file=sys.stderr, flush=True)
+            return EXIT_ERROR
         if isinstance(e, JobFailure):
             code = e.code
         elif isinstance(e, ShardUnavailable):

@@ -10,7 +10,7 @@ What `RemoteExperts` does with these (see cluster/dispatch.py and the README sec
   unreachable (`node_reachable`): then it is placed on a surviving node and, if that
   node cannot hold the experts, it sizes its own budget to the memory it finds there
   (`takeover_budget`) and pages the rest from the checkpoint files;
-- retries are bounded per call and per request (`RecoveryPolicy`); every wait is bounded.
+- retries are bounded per call and per request (`coordinator.options.RecoveryOptions`); every wait is bounded.
 
 This module imports neither torch nor Ray at import time.
 """
@@ -29,34 +29,6 @@ from workers.errors import ExpertLoadError
 NODE_PROBE_TIMEOUT_S = 1.0
 #: recovery events kept for `stats()` (oldest dropped first)
 EVENTS_KEPT = 256
-
-
-@dataclass
-class RecoveryPolicy:
-    """How hard `RemoteExperts` tries before it gives up.
-
-    max_call_retries: resends of one layer call to a replacement actor (0 = fail at once).
-    max_generation_retries: resends across one request (`begin_request()`; the Coordinator
-        starts one per `generate`/`forward`).
-    restart_timeout_s: bound on a replacement actor becoming ready (process start, imports).
-    takeover_memory: expert budget, in bytes, of an actor that takes over on another node
-        because its own node is gone; None = measure: `takeover_share` of the memory that node
-        has free (cgroup limits included), capped by the planned budget.
-    """
-
-    max_call_retries: int = 3
-    max_generation_retries: int = 10
-    restart_timeout_s: float = 60.0
-    takeover_memory: int | None = None
-    takeover_share: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.max_call_retries < 0 or self.max_generation_retries < 0:
-            raise ValueError("max_call_retries and max_generation_retries must be >= 0")
-        if not self.restart_timeout_s > 0:
-            raise ValueError(f"restart_timeout_s must be > 0, got {self.restart_timeout_s}")
-        if not 0 < self.takeover_share <= 1:
-            raise ValueError(f"takeover_share must be in (0, 1], got {self.takeover_share}")
 
 
 @dataclass

@@ -11,16 +11,17 @@ from typing import Any, Callable, Iterable
 import torch
 
 from workers.errors import MoeshardError
-from workers.units import parse_bytes
+from workers.shard import DTYPES
 
 from .checkpoint import Checkpoint
 from .experts import LocalExperts, RoutedExperts
 from .generation import generate
 from .model import MoETransformer
+from .options import OptionError, RunOptions, SamplingOptions, UnknownOption
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 
 class CoordinatorBusy(MoeshardError, TimeoutError):
@@ -47,56 +48,73 @@ class Coordinator:
         self._tokenizer = None
         self._counters = {"forward_calls": 0, "generated_tokens": 0, "generate_seconds": 0.0}
         self._closed = False
+        self.options = RunOptions(dtype=dtype)
+        self._threads = _CoordinatorThreads(None)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, num_workers: int = 0, worker_memory: int | str | None = None,
-                        dtype: str = "float32", ray_address: str | None = None, *, prefetch_depth: int = 1,
-                        prefetch_extra: int = 0, policy: str = "lfu-decay", pin: Iterable[tuple[int, int]] = (),
-                        pin_layers: Iterable[int] = (), spill_dir: str | None = None,
-                        lock_timeout_s: float | None = None, **backend_options: Any) -> "Coordinator":
+                        dtype: str = "float32", ray_address: str | None = None, *,
+                        options: RunOptions | None = None, **kwargs: Any) -> "Coordinator":
         """Load a Hugging Face MoE checkpoint.
 
         num_workers=0 keeps routed experts in this process; N > 0 spreads them over N Ray
-        actors (`ray_address` to join a cluster, else a local Ray is started).
-        worker_memory caps resident expert bytes per expert holder ("2GB" or bytes);
-        experts beyond it are paged from the checkpoint files. prefetch_depth/extra set how
-        many next layers' routers predict experts to load ahead, and how many candidates
-        beyond top-k each prediction takes. `pin` ((layer, expert) pairs) and `pin_layers`
-        (every expert of those layers) are never evicted; `spill_dir` keeps each expert's
-        compute-dtype image on local disk after its first read (see docs/memory.md). lock_timeout_s bounds how long a call waits for
-        another thread's running call (None: until it finishes). With workers, backend_options
-        also take the recovery settings: max_call_retries, max_generation_retries,
-        restart_timeout_s, takeover_memory (see cluster/recovery.py), and `transport` ("calls" or
-        "graph"), `coordinator_threads`, `call_timeout_s` and placement options (see
-        cluster.dispatch.RemoteExperts).
+        actors (`ray_address` to join a cluster, else a local Ray is started). worker_memory caps
+        resident expert bytes per expert holder ("2GB" or bytes); experts beyond it are paged from
+        the checkpoint files.
+
+        The other keywords are the options of `coordinator/options.py` (every one is listed, with
+        its allowed values, in docs/options.md): prefetch_depth, prefetch_extra, policy, pin,
+        pin_layers, spill_dir, lock_timeout_s, coordinator_threads; with workers also the
+        placement (num_cpus_per_worker, num_gpus_per_worker, resources, ready_timeout_s), transport
+        (transport, call_timeout_s, graph_idle_s) and recovery (max_call_retries,
+        max_generation_retries, restart_timeout_s, takeover_memory, takeover_share) options.
+        `options=RunOptions(...)` gives them typed instead. Every value is checked before anything
+        starts: an unknown option, or one that does not apply with num_workers=0, raises
+        UnknownOption (TypeError); a value out of range OptionError (ValueError).
         """
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if options is None:
+            options = RunOptions.from_kwargs(num_workers=num_workers, worker_memory=worker_memory, dtype=dtype,
+                                             ray_address=ray_address, **kwargs)
+        elif kwargs or (num_workers, worker_memory, dtype, ray_address) != (0, None, "float32", None):
+            raise UnknownOption("options", "give either options=RunOptions(...) or keyword options, not both")
+        return cls.open(path, options)
+
+    @classmethod
+    def open(cls, path: str | Path, options: RunOptions) -> "Coordinator":
+        """`from_pretrained` with typed options."""
         ckpt = Checkpoint.open(path)
         cfg = ckpt.config
-        budget = parse_bytes(worker_memory)
+        store = options.store
         specs = ckpt.expert_specs()
-        pinned = _pinned_experts(cfg, pin, pin_layers)
-        store = dict(policy=policy, pinned=pinned, spill_dir=None if spill_dir is None else str(spill_dir))
-        if num_workers == 0:
-            experts: RoutedExperts = LocalExperts(specs, dtype=dtype, budget_bytes=budget, min_resident=cfg.top_k,
-                                                  **store)
-        else:
-            # The one place the coordinator reaches up to cluster/: only when Ray is asked for.
-            from cluster.dispatch import RemoteExperts
-            experts = RemoteExperts(specs, num_workers=num_workers, dtype=dtype, worker_memory=budget,
-                                    min_resident=cfg.top_k, ray_address=ray_address, **store, **backend_options)
+        pinned = pinned_experts(cfg, store.pin, store.pin_layers)
+        threads = _CoordinatorThreads(options.coordinator_threads if not options.distributed else None)
         try:
-            model = MoETransformer(cfg, experts, DTYPES[dtype], prefetch_depth=prefetch_depth,
-                                   prefetch_extra=prefetch_extra)
+            if not options.distributed:
+                experts: RoutedExperts = LocalExperts(specs, dtype=options.dtype, budget_bytes=store.budget_bytes,
+                                                      min_resident=cfg.top_k, policy=store.policy, pinned=pinned,
+                                                      spill_dir=store.spill_dir)
+            else:
+                # The one place the coordinator reaches up to cluster/: only when Ray is asked for.
+                from cluster.dispatch import RemoteExperts
+                experts = RemoteExperts(specs, dtype=options.dtype, placement=options.placement, store=store,
+                                        transport=options.transport, recovery=options.recovery,
+                                        min_resident=cfg.top_k, pinned=pinned,
+                                        coordinator_threads=options.coordinator_threads)
+        except BaseException:
+            threads.restore()
+            raise
+        try:
+            model = MoETransformer(cfg, experts, DTYPES[options.dtype], prefetch_depth=store.prefetch_depth,
+                                   prefetch_extra=store.prefetch_extra)
             ckpt.load_dense(model)
             model.eval()
         except BaseException:
             experts.close()
+            threads.restore()
             raise
-        return cls(ckpt, model, experts, dtype, lock_timeout_s=lock_timeout_s)
+        coord = cls(ckpt, model, experts, options.dtype, lock_timeout_s=options.lock_timeout_s)
+        coord.options, coord._threads = options, threads
+        return coord
 
     # -- inference ---------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -104,8 +122,10 @@ class Coordinator:
         """Logits [B, T, V] (float32) for ids [B, T], without a cache. Positions default to 0..T-1."""
         ids = self._check_ids(ids)
         B, T = ids.shape
-        mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        mask = _check_mask(attention_mask, ids)
+        self._check_context(T, 0)
         positions = torch.arange(T).expand(B, T) if position_ids is None else position_ids
+        positions = _check_positions(positions, ids, self.config.max_positions)
         with self._serialised("forward"):
             self._counters["forward_calls"] += 1
             return self.model(ids, positions, torch.arange(T), mask)
@@ -118,15 +138,31 @@ class Coordinator:
         """Generate for a (left-padded) batch; returns [B, T + new] including the prompt.
 
         Greedy by default; `do_sample` with `temperature`/`top_p` samples, reproducibly
-        when `seed` is given. Stops rows at `eos_token_id` (none by default). `on_token`
+        when `seed` is given (temperature 0 is greedy). The prompt plus `max_new_tokens` must fit
+        the model's context (`config.max_positions`); padding must be on the left. Stops rows at `eos_token_id` (none by default). `on_token`
         receives each step's new tokens [B] (for streaming).
         """
         ids = self._check_ids(ids)
+        sampling = SamplingOptions(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                   top_p=top_p, seed=seed)
+        mask = _check_mask(attention_mask, ids)
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError(f"attention_mask: row {int((~mask.any(dim=1)).nonzero()[0])} has no tokens")
+        if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+            row = int((mask[:, :-1] & ~mask[:, 1:]).any(dim=1).nonzero()[0])
+            raise ValueError(f"attention_mask: row {row} is padded on the right (or in the middle); generate "
+                             "supports left padding only: put the pad tokens before the prompt")
+        self._check_context(int(mask.sum(dim=1).max()), sampling.max_new_tokens)
+        eos_token_id = self._check_token("eos_token_id", eos_token_id)
+        pad_token_id = self._check_token("pad_token_id", pad_token_id)
+        if on_token is not None and not callable(on_token):
+            raise TypeError(f"on_token must be callable, got {type(on_token).__name__}")
         with self._serialised("generate"):
             t0 = time.perf_counter()
-            out = generate(self.model, ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                           temperature=temperature, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-                           pad_token_id=pad_token_id, on_token=on_token)
+            out = generate(self.model, ids, mask, max_new_tokens=sampling.max_new_tokens,
+                           do_sample=sampling.do_sample and sampling.temperature > 0,
+                           temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                           eos_token_id=eos_token_id, pad_token_id=pad_token_id, on_token=on_token)
             self._counters["generate_seconds"] += time.perf_counter() - t0
             self._counters["generated_tokens"] += (out.shape[1] - ids.shape[1]) * ids.shape[0]
         return out
@@ -145,8 +181,12 @@ class Coordinator:
     def generate_text(self, prompt: str, max_new_tokens: int = 64, on_text: Callable[[str], None] | None = None,
                       **kwargs: Any) -> str:
         """Encode `prompt` with the checkpoint's tokenizer, generate, and return the new text."""
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
         tok = self.tokenizer
-        ids = torch.tensor([tok.encode(prompt).ids])
+        ids = torch.tensor([tok.encode(prompt).ids], dtype=torch.long)
+        if ids.shape[1] == 0:
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens")
         new: list[int] = []
         shown = ""
 
@@ -178,7 +218,10 @@ class Coordinator:
         """Release the expert backend (actors it created, threads, files). Idempotent."""
         if not self._closed:
             self._closed = True
-            self.experts.close()
+            try:
+                self.experts.close()
+            finally:
+                self._threads.restore()
 
     def __enter__(self) -> "Coordinator":
         return self
@@ -218,18 +261,90 @@ class Coordinator:
             ids = ids[None]
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor [B, T], got {tuple(ids.shape)} {ids.dtype}")
+        if ids.numel() == 0:
+            raise ValueError(f"ids is empty (shape {tuple(ids.shape)}): give at least one token per row")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got range "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         return ids.long()
 
+    def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:
+        """The prompt and what is generated must fit the positions the model is defined for."""
+        limit = self.config.max_positions
+        if prompt_len > limit:
+            raise ValueError(f"the prompt has {prompt_len} tokens, more than the model's context of {limit} "
+                             f"positions (config.json max_position_embeddings); shorten it")
+        if prompt_len + max_new_tokens > limit:
+            raise OptionError("max_new_tokens", (
+                f"the prompt has {prompt_len} tokens, and {prompt_len} + {max_new_tokens} new tokens exceed the "
+                f"model's context of {limit} positions; ask for at most {limit - prompt_len}"))
 
-def _pinned_experts(cfg, pin: Iterable[tuple[int, int]], pin_layers: Iterable[int]) -> list[tuple[int, int]]:
+    def _check_token(self, name: str, value: int | list[int] | None) -> int | list[int] | None:
+        if value is None:
+            return None
+        values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < self.config.vocab_size for v in values):
+            raise ValueError(f"{name} must be a token id or a list of ids in [0, {self.config.vocab_size}), "
+                             f"got {value!r}")
+        return value
+
+
+class _CoordinatorThreads:
+    """Torch threads of this process set for a Coordinator's life (None: left as they are), then restored."""
+
+    def __init__(self, threads: int | None):
+        self._before = None
+        if threads is not None and threads != torch.get_num_threads():
+            self._before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+    def restore(self) -> None:
+        if self._before is not None:
+            torch.set_num_threads(self._before)
+            self._before = None
+
+
+def _check_mask(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """attention_mask [B, T] of 0/1 (or bool) -> bool; default all ones."""
+    if mask is None:
+        return torch.ones(ids.shape, dtype=torch.bool)
+    mask = torch.as_tensor(mask)
+    if mask.dim() == 1 and ids.shape[0] == 1:
+        mask = mask[None]
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but ids has {tuple(ids.shape)}; they must "
+                         "match")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 and 1 (or booleans)")
+        mask = mask.bool()
+    return mask
+
+
+def _check_positions(positions: torch.Tensor, ids: torch.Tensor, limit: int) -> torch.Tensor:
+    positions = torch.as_tensor(positions)
+    if positions.dim() == 1:
+        positions = positions.expand(ids.shape)
+    if tuple(positions.shape) != tuple(ids.shape) or positions.is_floating_point() or positions.dtype == torch.bool:
+        raise ValueError(f"position_ids must be an integer tensor of the ids' shape {tuple(ids.shape)}, got "
+                         f"{tuple(positions.shape)} {positions.dtype}")
+    if bool((positions < 0).any()) or bool((positions >= limit).any()):
+        raise ValueError(f"position_ids must be in [0, {limit}) (the model's context), got range "
+                         f"[{int(positions.min())}, {int(positions.max())}]")
+    return positions.long()
+
+
+def pinned_experts(cfg, pin: Iterable[tuple[int, int]], pin_layers: Iterable[int]) -> list[tuple[int, int]]:
     """Resolve the pinning options to (layer, expert) keys, refusing ones the model does not have."""
     keys = {(int(l), int(e)) for l, e in pin}
     keys |= {(int(l), e) for l in pin_layers for e in range(cfg.num_experts)}
+    bad_layers = sorted({l for l in pin_layers if l not in cfg.moe_layer_ids})
+    if bad_layers:
+        raise OptionError("pin_layers", f"layers {bad_layers} have no routed experts; this model's MoE layers are "
+                                        f"{cfg.moe_layer_ids}")
     bad = sorted(k for k in keys if k[0] not in cfg.moe_layer_ids or not 0 <= k[1] < cfg.num_experts)
     if bad:
-        raise ValueError(f"cannot pin {bad[:5]}: routed experts are layers {cfg.moe_layer_ids} x experts "
-                         f"0..{cfg.num_experts - 1}")
+        raise OptionError("pin", f"cannot pin {bad[:5]}: routed experts are layers {cfg.moe_layer_ids} x experts "
+                                 f"0..{cfg.num_experts - 1}")
     return sorted(keys)

@@ -112,7 +112,7 @@ class ModelConfig:
 
     @property
     def max_positions(self) -> int:
-        """The longest context the config supports, scaling included.
+        """How many positions (prompt + generated) the model is defined for, RoPE scaling included.
 
         transformers itself enforces no limit; like vLLM's derived max length, YaRN allows
         factor * original_max_position_embeddings and linear/dynamic factor * max_position_embeddings

@@ -144,8 +144,9 @@ _VARIANT_DEFS: dict[str, dict[str, dict[str, Any]]] = {
         "yarn": dict(head_dim=8, rope_parameters={"rope_theta": 10000.0, **YARN, "mscale": None,
                                                   "mscale_all_dim": None}),
         "linear": {"_legacy": True, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": 3.0}},
-        # max_position_embeddings 16: generation runs past it, so the NTK base grows step by step
-        "dynamic": dict(max_position_embeddings=16, head_dim=8,
+        # max_position_embeddings 24: generation runs past it (the context is factor x 24), so the NTK
+        # base grows step by step
+        "dynamic": dict(max_position_embeddings=24, head_dim=8,
                         rope_parameters={"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0}),
     },
     "qwen2_moe": {

@@ -51,7 +51,7 @@ def ray_session():
 @pytest.fixture(scope="module", params=[(1, "graph"), (2, "graph"), (3, "graph"), (2, "calls")],
                 ids=lambda p: f"{p[0]}workers-{p[1]}")
 def remote(request, ray_session, specs):
-    re = RemoteExperts(specs, num_workers=request.param[0], dtype="float32", call_timeout_s=60,
+    re = RemoteExperts.build(specs, num_workers=request.param[0], dtype="float32", call_timeout_s=60,
                        transport=request.param[1])
     re.forward(layers_of(specs)[0], torch.randn(1, 32), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
     assert re.stats()["transport"] == request.param[1]
@@ -78,7 +78,7 @@ def test_starts_and_stops_its_own_ray(specs, local):
     if ray.is_initialized():
         pytest.skip("Ray already initialised by an earlier module")
     t0 = time.perf_counter()
-    re = RemoteExperts(specs, num_workers=2, dtype="float32")
+    re = RemoteExperts.build(specs, num_workers=2, dtype="float32")
     started = time.perf_counter() - t0
     try:
         assert ray.is_initialized()
@@ -238,7 +238,7 @@ def test_paged_actors_prefetch_and_match_local(ray_session, specs, local):
     from cluster.placement import expert_nbytes
 
     budget = 4 * expert_nbytes(specs[0], 4)
-    with RemoteExperts(specs, num_workers=2, dtype="float32", worker_memory=budget, min_resident=3) as re:
+    with RemoteExperts.build(specs, num_workers=2, dtype="float32", worker_memory=budget, min_resident=3) as re:
         assert all(w.paged_bytes == 2 * budget for w in re.plan.workers)
         re.prefetch(2, torch.arange(8))
         reports = re.reports()                      # runs after the hints on each actor
@@ -256,7 +256,7 @@ def test_paged_actors_prefetch_and_match_local(ray_session, specs, local):
 def test_bfloat16_parity(ray_session, specs):
     le = LocalExperts(specs, dtype="bfloat16")
     try:
-        with RemoteExperts(specs, num_workers=2, dtype="bfloat16") as re:
+        with RemoteExperts.build(specs, num_workers=2, dtype="bfloat16") as re:
             ids, w, g = routing(10, 3, 8, seed=21)
             x = torch.randn(10, 32, generator=g).bfloat16()
             ours, ref = re.forward(1, x, w, ids), le.submit(1, x, w, ids)
@@ -269,7 +269,7 @@ def test_bfloat16_parity(ray_session, specs):
 def test_pinned_actors_dead_actor_and_close(ray_session, specs):
     # Pin actor i to the "node" advertising host_{i+1} (both on this machine here). No retries, so the
     # dead actor is an error here (replacement and retry are tested in test_recovery.py).
-    re = RemoteExperts(specs, num_workers=2, dtype="float32", call_timeout_s=30,
+    re = RemoteExperts.build(specs, num_workers=2, dtype="float32", call_timeout_s=30,
                        resources=[{"host_1": 0.01}, {"host_2": 0.01}], max_call_retries=0)
     actors = re.actors
     try:
@@ -293,28 +293,28 @@ def test_actor_that_fails_to_start_is_named_with_the_remote_reason(ray_session, 
 
     bad = [dataclasses.replace(s, activation="bogus") for s in specs]
     with pytest.raises(ShardUnavailable, match=r"expert actor 0 failed to start: ValueError: unknown activation"):
-        RemoteExperts(bad, num_workers=1, dtype="float32")
+        RemoteExperts.build(bad, num_workers=1, dtype="float32")
 
 
 def test_unreachable_address_fails_fast(ray_session, specs):
     t0 = time.perf_counter()
     with pytest.raises(ClusterError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
-        RemoteExperts(specs, num_workers=1, dtype="float32", ray_address="127.0.0.1:1")
+        RemoteExperts.build(specs, num_workers=1, dtype="float32", ray_address="127.0.0.1:1")
     assert time.perf_counter() - t0 < 5
     with pytest.raises(ClusterError, match="host:port"):
-        RemoteExperts(specs, num_workers=1, dtype="float32", ray_address="no-port-here")
+        RemoteExperts.build(specs, num_workers=1, dtype="float32", ray_address="no-port-here")
 
 
 def test_unsatisfiable_resources_refused_up_front(ray_session, specs):
     with pytest.raises(ClusterError, match="host_9: need 0.01, cluster has 0"):
-        RemoteExperts(specs, num_workers=2, dtype="float32", resources=[{}, {"host_9": 0.01}])
+        RemoteExperts.build(specs, num_workers=2, dtype="float32", resources=[{}, {"host_9": 0.01}])
     with pytest.raises(ClusterError, match="GPU"):
-        RemoteExperts(specs, num_workers=1, dtype="float32", num_gpus_per_worker=1)
+        RemoteExperts.build(specs, num_workers=1, dtype="float32", num_gpus_per_worker=1)
 
 
 def test_plan_that_cannot_fit_is_refused_before_ray(specs):
     with pytest.raises(ClusterError, match=r"the minimum is \d+ bytes"):
-        RemoteExperts(specs, num_workers=2, dtype="float32", worker_memory=100, min_resident=3)
+        RemoteExperts.build(specs, num_workers=2, dtype="float32", worker_memory=100, min_resident=3)
 
 
 def test_coordinator_threads_leave_the_actors_their_cores(ray_session, specs):
@@ -325,15 +325,15 @@ def test_coordinator_threads_leave_the_actors_their_cores(ray_session, specs):
     torch.set_num_threads(8)
     try:
         cores = len(os.sched_getaffinity(0))
-        with RemoteExperts(specs, num_workers=2, dtype="float32") as re:
+        with RemoteExperts.build(specs, num_workers=2, dtype="float32") as re:
             assert all(n["node_id"] == ray.get_runtime_context().get_node_id() for n in re._nodes)
             assert torch.get_num_threads() == min(8, max(1, cores - 2))
         assert torch.get_num_threads() == 8
-        with RemoteExperts(specs, num_workers=1, dtype="float32", coordinator_threads=3):
+        with RemoteExperts.build(specs, num_workers=1, dtype="float32", coordinator_threads=3):
             assert torch.get_num_threads() == 3
         assert torch.get_num_threads() == 8
         with pytest.raises(ValueError, match="coordinator_threads"):
-            RemoteExperts(specs, num_workers=1, dtype="float32", coordinator_threads=0)
+            RemoteExperts.build(specs, num_workers=1, dtype="float32", coordinator_threads=0)
     finally:
         torch.set_num_threads(before)
 
@@ -345,12 +345,12 @@ def test_default_is_plain_calls_and_an_idle_graph_is_released(ray_session, specs
 
     layer = layers_of(specs)[0]
     args = (layer, torch.randn(1, 32), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
-    with RemoteExperts(specs, num_workers=1, dtype="float32") as re:
+    with RemoteExperts.build(specs, num_workers=1, dtype="float32") as re:
         re.forward(*args)
         assert re.stats()["transport"] == "calls" and re.stats()["graph_builds"] == 0
     with pytest.raises(ValueError, match="transport"):
-        RemoteExperts(specs, num_workers=1, dtype="float32", transport="auto")
-    with RemoteExperts(specs, num_workers=2, dtype="float32", transport="graph", graph_idle_s=1.0) as re:
+        RemoteExperts.build(specs, num_workers=1, dtype="float32", transport="auto")
+    with RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="graph", graph_idle_s=1.0) as re:
         re.forward(*args)
         assert re.stats()["transport"] == "graph"
         procs = [psutil.Process(n["pid"]) for n in re._nodes]
@@ -383,7 +383,7 @@ def test_actor_dead_while_no_graph_exists_is_replaced_and_the_graph_rebuilt(ray_
     ids, w, g = routing(8, 3, 8, seed=11)
     x = torch.randn(8, 32, generator=g)
     ids[:3] = torch.arange(9).remainder(8).view(3, 3)   # every actor has rows
-    with RemoteExperts(specs, num_workers=2, dtype="float32", transport="graph", call_timeout_s=30) as re:
+    with RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="graph", call_timeout_s=30) as re:
         want = re.forward(layer, x, w, ids)
         re.release_graph()
         re._teardown.join(30)

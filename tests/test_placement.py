@@ -166,6 +166,7 @@ def test_cli_plan_refuses_with_minimum_and_exit_2(checkpoint, capsys):
     from cluster.cli import main
 
     path = checkpoint("mixtral", "e8_top3")
+    capsys.readouterr()     # building the checkpoint (first use in this session) prints progress bars
     assert main(["plan", str(path), "--workers", "2", "--worker-memory", "10KB"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(r"the minimum is \d+ bytes", err)

@@ -27,6 +27,7 @@ from cluster import recovery  # noqa: E402
 from cluster.errors import ClusterError, ExpertTimeout, ShardUnavailable  # noqa: E402
 from coordinator import Coordinator  # noqa: E402
 from coordinator.api import CoordinatorBusy  # noqa: E402
+from coordinator.options import RecoveryOptions  # noqa: E402
 from workers import wire  # noqa: E402
 from workers.errors import WireError  # noqa: E402
 
@@ -202,7 +203,7 @@ def test_pure_helpers():
     assert recovery.pick_node(nodes, {"CPU": 8}, {}, {}) is None
     assert recovery.available_memory() > 0
     with pytest.raises(ValueError):
-        recovery.RecoveryPolicy(max_call_retries=-1)
+        RecoveryOptions(max_call_retries=-1)
 
 
 @pytest.mark.timeout(60)
