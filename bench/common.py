@@ -410,14 +410,13 @@ def read_bandwidth(ranges: Sequence[tuple[str, int, int]], seconds: float = 4.0,
     return {"bytes": total[0], "seconds": dt, "bytes_per_s": total[0] / dt if dt else 0.0, "threads": threads}
 
 
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
+def store_min_budget(path: str | Path, min_resident: int, itemsize: int = 4) -> int:
+    """The smallest budget per expert holder that a store of the checkpoint at `path` accepts in
+    a compute dtype of `itemsize` bytes (workers.budget, the function the stores use)."""
+    from coordinator.checkpoint import Checkpoint
+    from workers.budget import min_budget
+
+    return min_budget(Checkpoint.open(path).expert_specs(), itemsize, min_resident)
 
 
 def now_iso() -> str:

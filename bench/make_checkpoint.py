@@ -36,6 +36,8 @@ from typing import Callable
 
 import torch
 
+from workers.units import format_bytes
+
 CACHE_DIR = Path(os.environ.get("MOESHARD_BENCH_CACHE", Path(__file__).resolve().parent / "cache"))
 MANIFEST = "bench-manifest.json"
 _DATA_ALIGN = 4096
@@ -281,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = a.preset or ("tiny" if a.tiny else "mix8x32")
     path = make_checkpoint(a.out, preset, dtype=a.dtype, seed=a.seed, force=a.force, progress=True)
     m = manifest(path)
-    print(f"{path}: {preset}, {m['total_bytes'] / 2**30:.2f} GiB "
-          f"({m['expert_bytes'] / 2**30:.2f} GiB routed experts), written in {m['seconds_to_write']} s")
+    print(f"{path}: {preset}, {format_bytes(m['total_bytes'])} "
+          f"({format_bytes(m['expert_bytes'])} routed experts), written in {m['seconds_to_write']} s")
     return 0
 
 

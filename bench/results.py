@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workers.units import format_bytes
+
 from .common import RESULTS_DIR, machine_name, write_json
 
 SCHEMA = 1
@@ -79,10 +81,7 @@ def _num(v: float | None, unit: str = "") -> str:
             return f"{v * 1e3:.1f} ms"
         return f"{v:.2f} s"
     if unit == "B":
-        for u in ("B", "KB", "MB", "GB"):
-            if abs(v) < 1000 or u == "GB":
-                return f"{v:.0f} {u}" if u == "B" else f"{v:.2f} {u}"
-            v /= 1000
+        return format_bytes(v)
     if unit == "%":
         return f"{100 * v:.1f}%"
     a = abs(v)

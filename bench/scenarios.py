@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from workers.units import format_bytes
+
 from . import make_checkpoint as mk
 from .common import (ROOT, Child, ChildError, MemoryCgroup, cgroups_usable, drop_caches, median, paired_ratio,
-                     percentile, read_bandwidth)
+                     percentile, read_bandwidth, store_min_budget)
 from .results import figure
 
 GB = 10**9
@@ -117,16 +119,12 @@ def _expert_bytes(m: dict) -> int:
     return m["expert_bytes"]
 
 
-def _one_expert_bytes(m: dict) -> int:
-    s = m["shape"]
-    return 3 * s["hidden"] * s["intermediate"] * 4
-
-
-def _min_budget(m: dict, frac: float, holders: int = 1) -> int:
-    """frac of expert bytes over `holders`, never below what the store must hold (top_k + slack)."""
-    one = _one_expert_bytes(m) + 3 * 64
+def _min_budget(ctx: Ctx, frac: float, holders: int = 1) -> int:
+    """frac of expert bytes over `holders`, never below what each store must hold (top_k + one slot
+    of slack, as workers.budget sizes slots)."""
+    m = ctx.manifest
     want = int(frac * _expert_bytes(m) / holders)
-    return max(want, (m["shape"]["top_k"] + 1) * one)
+    return max(want, store_min_budget(ctx.ckpt, m["shape"]["top_k"] + 1))
 
 
 # ---- scenario 1: in memory, one host ----------------------------------------------------------
@@ -220,9 +218,9 @@ def _ooc_budget(ctx: Ctx, nw: int) -> int:
     limit = ctx.ooc_memory
     if nw == 0:
         usable = limit * 0.9 - 0.55 * GB
-        return _min_budget(ctx.manifest, 0, 1) if usable <= 0 else int(min(usable, _expert_bytes(ctx.manifest)))
+        return _min_budget(ctx, 0, 1) if usable <= 0 else int(min(usable, _expert_bytes(ctx.manifest)))
     usable = limit * 0.9 - 0.55 * GB - 0.65 * GB - nw * 0.32 * GB
-    return max(_min_budget(ctx.manifest, 0, nw), int(min(usable / nw, _expert_bytes(ctx.manifest) / nw)))
+    return max(_min_budget(ctx, 0, nw), int(min(usable / nw, _expert_bytes(ctx.manifest) / nw)))
 
 
 def _accelerate_max_memory(ctx: Ctx, limit: int) -> int:
@@ -272,7 +270,8 @@ def scenario_2(ctx: Ctx) -> dict:
             cg = MemoryCgroup(f"s2-ms{nw}", ctx.ooc_memory)
             cgs.append(cg)
             budget = _ooc_budget(ctx, nw)
-            ctx.progress(f"s2: loading moeshard {nw} workers, budget {budget / GB:.2f} GB per holder (in its cgroup)")
+            ctx.progress(f"s2: loading moeshard {nw} workers, budget {format_bytes(budget)} per holder "
+                         "(in its cgroup)")
             ms = ctx.child(f"s2-moeshard-{tag}", cgroup=cg)
             opts = dict(num_workers=nw, worker_memory=budget, prefetch_depth=1, prefetch_extra=0)
             if nw:
@@ -310,8 +309,8 @@ def scenario_2(ctx: Ctx) -> dict:
                                   peer_value=_med(res["accelerate"]),
                                   ratio=_ratio(res["moeshard"], res["accelerate"]), target=tgt))
             figures.append(figure(f"s2.bound.{tag}", f"3 GB cgroup, {nw} workers: decode tok/s vs disk-bandwidth "
-                                  f"bound ({median(per_tok) / GB if per_tok else 0:.2f} GB read/token at "
-                                  f"{bw['best_bytes_per_s'] / GB:.2f} GB/s)",
+                                  f"bound ({format_bytes(median(per_tok) if per_tok else 0)} read/token at "
+                                  f"{format_bytes(bw['best_bytes_per_s'])}/s)",
                                   _med(res["moeshard"]), "tok/s", peer="disk-bandwidth bound",
                                   peer_value=median(bound), ratio=median(eff), target=0.9))
             ms.close()
@@ -319,9 +318,9 @@ def scenario_2(ctx: Ctx) -> dict:
             cgs.remove(cg)
         details["accelerate_tok_s"] = _med(acc_runs)
         details["accelerate_cgroup_peak"] = acc_cg.peak()
-        notes.append(f"each system in its own {ctx.ooc_memory / GB:g} GB memory cgroup (page cache counted); "
+        notes.append(f"each system in its own {format_bytes(ctx.ooc_memory)} memory cgroup (page cache counted); "
                      "page cache dropped before every round; rounds interleaved moeshard/accelerate")
-        notes.append(f"accelerate: device_map='auto', max_memory cpu={max_mem / GB:.2f} GB, offload folder on the "
+        notes.append(f"accelerate: device_map='auto', max_memory cpu={format_bytes(max_mem)}, offload folder on the "
                      f"same disk; device map {details['accelerate_load'].get('device_map_counts')}")
     finally:
         ctx.close_children()
@@ -348,7 +347,7 @@ def scenario_3(ctx: Ctx) -> dict:
         return {"status": "unavailable", "reason": why}
     P, m = ctx.params, ctx.manifest
     figures, details, notes = [], {"breakdown": {}}, []
-    budget = max(_min_budget(m, 0, 2), int(min(ctx.host_memory * 0.9 - 0.75 * GB, _expert_bytes(m) / 2)))
+    budget = max(_min_budget(ctx, 0, 2), int(min(ctx.host_memory * 0.9 - 0.75 * GB, _expert_bytes(m) / 2)))
     ctx.progress("s3: starting a 2-host LocalCluster")
     cl = LocalCluster(hosts=2, host_memory=ctx.host_memory, host_cpus=1, object_store_memory=80 * 10**6)
     try:
@@ -359,7 +358,7 @@ def scenario_3(ctx: Ctx) -> dict:
             notes.append(f"harness ran in {cl.mode} mode: no per-host memory limits")
         ms = ctx.child("s3-moeshard", env=cl.auth_env)
         ms.call("ray_init", init_kwargs=cl.init_kwargs, env=cl.auth_env)
-        ctx.progress(f"s3: loading moeshard, 2 actors, budget {budget / GB:.2f} GB each")
+        ctx.progress(f"s3: loading moeshard, 2 actors, budget {format_bytes(budget)} each")
         details["load"] = ms.call("load", system="moeshard", path=str(ctx.ckpt), num_workers=2, worker_memory=budget,
                                   prefetch_depth=1, num_cpus_per_worker=1, transport=ctx.transport,
                                   resources=[{cl.resource(0): 1}, {cl.resource(1): 1}])
@@ -444,16 +443,17 @@ def _sweep_model(ctx: Ctx, path: Path, model: str, texts: bool) -> list[dict]:
     P = ctx.params
     m_cfg = __import__("json").loads((path / "config.json").read_text())
     from coordinator.checkpoint import Checkpoint
+    from workers.budget import min_budget
 
     specs = Checkpoint.open(path).expert_specs()
     # budgets are fractions of the experts' bytes in the compute dtype (float32), which is what slots hold
     numel = [sum(t.nbytes // {"F32": 4, "BF16": 2, "F16": 2}[t.dtype] for t in (s.gate, s.up, s.down)) for s in specs]
     expert_bytes = 4 * sum(numel)
-    one = 4 * max(numel) + 3 * 64
+    floor = min_budget(specs, 4, m_cfg["num_experts_per_tok"] + 1)  # what the store must hold, + one slot
     ch = ctx.child(f"s5-{model}")
     rows = []
     for frac in P.sweep_budgets:
-        budget = max(int(frac * expert_bytes), (m_cfg["num_experts_per_tok"] + 1) * one)
+        budget = max(int(frac * expert_bytes), floor)
         for depth, extra in P.sweep_prefetch:
             ctx.progress(f"s5 {model}: budget {frac:.0%}, prefetch depth {depth} +{extra}")
             ch.call("load", system="moeshard", path=str(path), num_workers=0,
@@ -561,10 +561,10 @@ ACTOR_OVERHEAD_BYTES = 310 * 10**6
 def scenario_6(ctx: Ctx) -> dict:
     """Coordinator RSS vs dense weights + KV cache + 300 MB; actor RSS vs budget + documented overhead."""
     P, m = ctx.params, ctx.manifest
-    budget = _min_budget(m, 0.25, 2)
+    budget = _min_budget(ctx, 0.25, 2)
     figures, details, notes = [], {}, []
     ch = ctx.child("s6-moeshard")
-    ctx.progress(f"s6: moeshard 2 workers, budget {budget / GB:.2f} GB each")
+    ctx.progress(f"s6: moeshard 2 workers, budget {format_bytes(budget)} each")
     ch.call("load", system="moeshard", path=str(ctx.ckpt), num_workers=2, worker_memory=budget, prefetch_depth=1,
             ray=_ray_opts(max(ctx.threads, 2)), num_cpus_per_worker=max(1, ctx.threads // 2))
     ctx.progress("s6: prefill + decode to reach steady-state memory")
@@ -583,12 +583,12 @@ def scenario_6(ctx: Ctx) -> dict:
     for i, a in enumerate(mem.get("actors", [])):
         if "rss" not in a:
             continue
-        figures.append(figure(f"s6.actor{i}", f"actor {i} RSS (budget {budget / GB:.2f} GB)", a["rss"], "B",
+        figures.append(figure(f"s6.actor{i}", f"actor {i} RSS (budget {format_bytes(budget)})", a["rss"], "B",
                               peer="budget", peer_value=budget, target=budget + ACTOR_OVERHEAD_BYTES, op="<=",
                               on="value"))
     details.update({"dense_bytes": dense, "kv_bytes": kv, "budget": budget,
                     "actor_overhead_documented": ACTOR_OVERHEAD_BYTES})
-    notes.append(f"actor target = budget + {ACTOR_OVERHEAD_BYTES / 1e6:.0f} MB, the overhead documented in "
+    notes.append(f"actor target = budget + {format_bytes(ACTOR_OVERHEAD_BYTES)}, the overhead documented in "
                  "docs/memory.md (290 MB fixed: Python, torch, Ray worker; 20 MB working memory)")
     notes.append("RSS counts shared library pages (libtorch etc.); details.memory has USS/PSS and anon/file splits")
     return {"figures": figures, "details": details, "notes": notes}

@@ -4,11 +4,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from workers.budget import slot_bytes
 from workers.shard import DTYPES, ExpertShard
 from workers.spec import ExpertSpec
 
 from . import recovery
-from .placement import expert_nbytes
 
 
 class ShardActor(ExpertShard):
@@ -26,7 +26,7 @@ class ShardActor(ExpertShard):
             recovery.check_files(t["file"] for d in specs for t in (d["gate"], d["up"], d["down"]))
             itemsize = DTYPES[kwargs.get("dtype", "float32")].itemsize
             parsed = [ExpertSpec.from_dict(d) for d in specs]
-            slot = max((expert_nbytes(sp, itemsize) for sp in parsed), default=0)
+            slot = slot_bytes(parsed, itemsize)
             machine = recovery.available_memory()        # this process's view (cgroup limits if readable)
             node = _node_memory_left(takeover.get("held", {}))   # what the cluster says this node has left
             free = machine if node is None else min(machine, node)

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from cluster.errors import ClusterError
+# expert_nbytes is re-exported: callers size experts through the planner's import
+from workers.budget import check_budget, expert_nbytes, min_budget, slot_bytes
 from workers.errors import BudgetError
 from workers.spec import ExpertKey, ExpertSpec
 from workers.units import format_bytes
+
+__all__ = ["Plan", "PlacementBudgetError", "WorkerPlan", "expert_nbytes", "plan_placement"]
 
 
 class PlacementBudgetError(ClusterError, BudgetError):
@@ -49,6 +53,7 @@ class WorkerPlan:
     num_gpus: float
     resources: dict[str, float] = field(default_factory=dict)
     load: float = 0.0                 # total expected load (0 when no load was given)
+    pinned: list[ExpertKey] = field(default_factory=list)  # owned experts its store never evicts
 
     def experts_of_layer(self, layer: int) -> list[int]:
         """Expert ids of `layer` this actor owns, ascending."""
@@ -87,22 +92,11 @@ class Plan:
         return lines
 
 
-_SLOT_ALIGN = 64  # workers.store lays each tensor of a slot out on a 64-byte boundary
-
-
-def expert_nbytes(spec: ExpertSpec, dtype_bytes: int) -> int:
-    """Bytes one expert takes in an actor's memory in the compute dtype (as `workers.store` lays it out)."""
-    total = 0
-    for t in (spec.gate, spec.up, spec.down):
-        n = dtype_bytes * math.prod(t.shape)
-        total += (n + _SLOT_ALIGN - 1) // _SLOT_ALIGN * _SLOT_ALIGN
-    return total
-
-
 def plan_placement(specs: Sequence[ExpertSpec], num_workers: int, *, dtype_bytes: int,
                    worker_memory: int | None, min_resident: int,
                    load: Mapping[ExpertKey, float] | None = None, num_cpus: float = 1,
-                   num_gpus: float = 0, resources: Sequence[Mapping[str, float]] | None = None) -> Plan:
+                   num_gpus: float = 0, resources: Sequence[Mapping[str, float]] | None = None,
+                   pinned: Iterable[ExpertKey] = ()) -> Plan:
     """Assign every expert in `specs` to one of `num_workers` actors.
 
     `worker_memory` (bytes, None = unlimited) is each actor's budget for expert
@@ -134,6 +128,10 @@ def plan_placement(specs: Sequence[ExpertSpec], num_workers: int, *, dtype_bytes
     keys = [s.key for s in specs]
     if len(set(keys)) != len(keys):
         raise ClusterError("duplicate (layer, expert) in the expert specs")
+    pins = {tuple(k) for k in pinned}
+    if unknown := pins - set(keys):
+        raise ClusterError(f"pinned experts {sorted(unknown)[:5]} are not routed experts of this checkpoint; "
+                           "pin (layer, expert) pairs the checkpoint has")
 
     sizes = {s.key: expert_nbytes(s, dtype_bytes) for s in specs}
     owned: list[list[ExpertKey]] = [[] for _ in range(num_workers)]
@@ -161,22 +159,26 @@ def plan_placement(specs: Sequence[ExpertSpec], num_workers: int, *, dtype_bytes
             if load is not None:
                 total_load[w] += work_of(key)
 
-    largest = max(sizes.values())
-    needs = [min(min_resident, len(owned[i])) * max(sizes[k] for k in owned[i]) for i in range(num_workers)]
-    if worker_memory is not None and worker_memory < max(needs):
-        raise PlacementBudgetError(
-            f"worker memory {format_bytes(worker_memory)} per actor cannot hold min_resident={min_resident} of "
-            f"the largest experts ({format_bytes(largest)} each); the minimum is {max(needs)} bytes "
-            f"({format_bytes(max(needs))}) per actor. Raise the worker memory or lower min_resident.")
+    by_key = {s.key: s for s in specs}
+    mine = [[by_key[k] for k in sorted(o)] for o in owned]
+    if worker_memory is not None:
+        # the actor whose store needs the most decides; its refusal is the one its store would give
+        worst = max(range(num_workers), key=lambda i: min_budget(mine[i], dtype_bytes, min_resident, pins))
+        try:
+            check_budget(mine[worst], dtype_bytes, worker_memory, min_resident=min_resident, pinned=pins,
+                         option="worker_memory", holder=f" per actor (actor {worst}, {len(mine[worst])} experts)")
+        except BudgetError as e:
+            raise PlacementBudgetError(str(e), needed_bytes=e.needed_bytes, budget_bytes=e.budget_bytes) from None
 
     workers = []
     for i in range(num_workers):
         nbytes = total_bytes[i]
-        slot = max(sizes[k] for k in owned[i])  # the store keeps whole experts in equal slots
+        slot = slot_bytes(mine[i], dtype_bytes)  # the store keeps whole experts in equal slots
         slots = len(owned[i]) if worker_memory is None else min(len(owned[i]), worker_memory // slot)
         resident = min(nbytes, slots * slot)
         workers.append(WorkerPlan(
             index=i, experts=sorted(owned[i]), expert_bytes=nbytes, resident_bytes=resident,
             paged_bytes=nbytes - resident, num_cpus=num_cpus, num_gpus=num_gpus,
-            resources=dict(resources[i]) if resources is not None else {}, load=total_load[i]))
+            resources=dict(resources[i]) if resources is not None else {}, load=total_load[i],
+            pinned=sorted(k for k in owned[i] if k in pins)))
     return Plan(workers=workers, worker_memory=worker_memory, min_resident=min_resident)

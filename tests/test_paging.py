@@ -150,6 +150,28 @@ def test_pinned_layer_stays_resident_and_spill_dir_serves_reloads(checkpoint, tm
             assert s["spill_reads"] > 0 and s["spill_writes"] == 0
 
 
+def test_spill_dir_of_another_checkpoint_with_the_same_shapes_is_not_used(checkpoint, tmp_path):
+    """Issue 11: generate with A, then with B (same shapes, other weights) on the same spill
+    directory. B must print B's tokens (it printed A's when spill files were keyed by shape)."""
+    a, b = checkpoint("mixtral", seed=0), checkpoint("mixtral", seed=1)
+    assert [s.gate.shape for s in Checkpoint.open(a).expert_specs()] == \
+        [s.gate.shape for s in Checkpoint.open(b).expert_specs()]
+    ids = torch.tensor([[1, 30, 40, 50]])  # the issue used 1,300,400,500; this vocabulary has 128 ids
+
+    def generate(path, spill):
+        with Coordinator.from_pretrained(path, spill_dir=spill) as c:
+            return c.generate(ids, max_new_tokens=8), c.stats()["experts"]
+
+    ref_b, _ = generate(b, None)
+    spill = tmp_path / "spill"
+    generate(a, spill)
+    tokens, s = generate(b, spill)
+    assert torch.equal(tokens, ref_b), "B computed with A's spilled experts"
+    assert s["spill_reads"] == 0 and s["spill_writes"] > 0, "A's files are misses, and B's replace them"
+    tokens, s = generate(b, spill)
+    assert torch.equal(tokens, ref_b) and s["spill_reads"] > 0 and s["spill_writes"] == 0
+
+
 def test_pinning_an_unknown_layer_is_refused(checkpoint):
     with pytest.raises(ValueError, match="cannot pin"):
         Coordinator.from_pretrained(checkpoint("mixtral"), pin_layers=[7])

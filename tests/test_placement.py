@@ -144,12 +144,44 @@ def test_planner_minimum_matches_the_store():
         plan_placement(specs, 2, dtype_bytes=4, worker_memory=2 * per - 1, min_resident=2)
 
 
+def test_pinned_experts_count_toward_the_minimum_as_in_the_store():
+    """A budget that holds top-k but not top-k + the actor's pinned experts is refused by the planner
+    with the store's error class and the store's minimum (before: it passed and the actor died)."""
+    import torch
+    from workers.store import ExpertStore
+
+    specs = _specs(2, 4)  # 2 actors x 4 experts; pinning layer 0 pins 2 of each actor's 4
+    per = expert_nbytes(specs[0], 4)
+    pins = [(0, e) for e in range(4)]
+    budget = 3 * per  # top-2 fits; 2 pinned + top-2 = 4 slots do not
+    plan_placement(specs, 2, dtype_bytes=4, worker_memory=budget, min_resident=2)  # no pins: fits
+    with pytest.raises(BudgetError) as planned:
+        plan_placement(specs, 2, dtype_bytes=4, worker_memory=budget, min_resident=2, pinned=pins)
+    plan = plan_placement(specs, 2, dtype_bytes=4, worker_memory=None, min_resident=2, pinned=pins)
+    w = plan.workers[0]
+    assert w.pinned == [k for k in w.experts if k[0] == 0] and len(w.pinned) == 2
+    mine = [s for s in specs if s.key in w.experts]
+    with pytest.raises(BudgetError) as stored:
+        ExpertStore(mine, budget, torch.float32, min_resident=2, pinned=w.pinned)
+    assert planned.value.needed_bytes == stored.value.needed_bytes == 4 * per
+    assert isinstance(planned.value, ClusterError) and f"the minimum is {4 * per} bytes" in str(planned.value)
+    assert "pinned" in str(planned.value) and "\n" not in str(planned.value)
+    plan_placement(specs, 2, dtype_bytes=4, worker_memory=4 * per, min_resident=2, pinned=pins)  # exactly enough
+    ExpertStore(mine, 4 * per, torch.float32, min_resident=2, pinned=w.pinned).close()
+
+
+def test_unknown_pinned_expert_is_refused():
+    with pytest.raises(ClusterError, match=r"pinned experts \[\(5, 0\)\]"):
+        plan_placement(_specs(2, 4), 2, dtype_bytes=4, worker_memory=None, min_resident=1, pinned=[(5, 0)])
+
+
 # ---- `moeshard plan` (pure: no Ray) ------------------------------------------------------------
 
 def test_cli_plan_prints_per_actor_split(checkpoint, capsys):
     from cluster.cli import main
 
     path = checkpoint("mixtral", "e8_top3")
+    capsys.readouterr()  # building the checkpoint (first test to ask for it) writes a progress bar
     assert main(["plan", str(path), "--workers", "3", "--worker-memory", "60KB"]) == 0
     out = capsys.readouterr().out
     assert "24 routed experts" in out and "top-3" in out
@@ -159,14 +191,14 @@ def test_cli_plan_prints_per_actor_split(checkpoint, capsys):
     per_layer = [next(c for c in r if c.count("/") == 2) for r in rows]
     assert sorted(sum(map(int, p.split("/"))) for p in per_layer) == [8, 8, 8]
     assert all(set(p.split("/")) <= {"2", "3"} for p in per_layer)
-    assert "55.3 KB" in out  # resident: 3 slots of 18.4 KB fit in 60 KB; the rest is paged
+    assert "54 KiB" in out  # resident: 3 slots of 18 KiB (18432 B) fit in 60 KB; the rest is paged
 
 
 def test_cli_plan_refuses_with_minimum_and_exit_2(checkpoint, capsys):
     from cluster.cli import main
 
     path = checkpoint("mixtral", "e8_top3")
-    capsys.readouterr()     # building the checkpoint (first use in this session) prints progress bars
+    capsys.readouterr()  # building the checkpoint (first test to ask for it) writes a progress bar
     assert main(["plan", str(path), "--workers", "2", "--worker-memory", "10KB"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(r"the minimum is \d+ bytes", err)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
 import threading
 import time
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 from workers.errors import BudgetError, ExpertLoadError
 from workers.spec import ExpertSpec, TensorSpec
 from workers.store import ExpertStore
+from workers.units import format_bytes
 
 H = 16
 
@@ -116,7 +118,18 @@ def test_budget_too_small_names_the_minimum(experts):
     with pytest.raises(BudgetError) as e:
         ExpertStore(specs, budget_bytes=2 * slot - 1, min_resident=2)
     msg = str(e.value)
-    assert str(2 * slot) in msg and "MB" in msg and "budget" in msg
+    assert f"minimum is {2 * slot} bytes ({format_bytes(2 * slot)})" in msg and "budget" in msg and "\n" not in msg
+    assert (e.value.needed_bytes, e.value.budget_bytes) == (2 * slot, 2 * slot - 1)
+    back = pickle.loads(pickle.dumps(e.value))  # how Ray hands an actor's refusal to the caller
+    assert (str(back), back.needed_bytes, back.budget_bytes) == (msg, 2 * slot, 2 * slot - 1)
+
+
+def test_budget_error_names_a_mebibyte_budget_in_mebibytes(tmp_path):
+    """3 MiB of budget reads back as "3 MiB", not "3.15 MB": what the user wrote."""
+    specs, _ = make_expert_file(tmp_path / "big.safetensors", [0], [0, 1], intermediate=lambda e: 16384)
+    with pytest.raises(BudgetError) as e:
+        ExpertStore(specs, budget_bytes=3 * 2**20, min_resident=2)
+    assert "3145728 bytes (3 MiB)" in str(e.value)
 
 
 def test_pinned_count_toward_the_minimum(experts):

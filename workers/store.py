@@ -11,6 +11,7 @@ tensor), used only when converting dtypes or copying to CUDA.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -22,7 +23,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .errors import BudgetError, ExpertLoadError
+from . import spill
+from .budget import SlotLayout, check_budget, slot_bytes, slot_layout
+from .errors import ExpertLoadError
 from .kernels import ExpertWeights, activation_fn
 from .spec import DTYPE_SIZES, ExpertKey, ExpertSpec, TensorSpec
 
@@ -30,7 +33,8 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("lru", "lfu", "lfu-decay")
 FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_ALIGN = 64  # tensor offsets inside a slot, so every view is vector-aligned
+# spill lookups: a hit, no file yet (the read writes one), a file from another source (replaced)
+_SPILL_COUNTER = {"hit": "spill_reads", "absent": "spill_misses", "stale": "spill_stale"}
 
 
 @dataclass
@@ -38,9 +42,9 @@ class ExpertInfo:
     """Cache bookkeeping for one owned expert (resident or not)."""
 
     spec: ExpertSpec
-    layout: list[tuple[int, int, tuple[int, ...]]]  # (byte offset in slot, nbytes, shape) per gate/up/down
+    layout: SlotLayout                                # (byte offset in slot, nbytes, shape) per gate/up/down
     nbytes: int                                       # data bytes in the compute dtype
-    span: int                                         # slot bytes: each tensor padded to _ALIGN
+    span: int                                         # slot bytes: each tensor padded to SLOT_ALIGN
     slot: int | None = None                           # set while claimed (queued or loading) or resident
     weights: ExpertWeights | None = None              # set once the slot holds complete data
     loading: str | None = None                        # "queued" (claimed, read not started) or "running"
@@ -81,8 +85,8 @@ class ExpertStore:
         self._decay = 0.5 ** (1.0 / half_life)  # per access tick
         self._timeout = wait_timeout_s
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
-        if self.spill_dir is not None:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self._spill = spill.SpillDir(self.spill_dir) if self.spill_dir is not None else None
+        self._dtype_name = str(dtype).removeprefix("torch.")
         self._infos: dict[ExpertKey, ExpertInfo] = {}
         for s in specs:
             if s.key in self._infos:
@@ -91,17 +95,11 @@ class ExpertStore:
         self._pinned = frozenset(tuple(k) for k in pinned)
         if unknown := self._pinned - self._infos.keys():
             raise ValueError(f"pinned experts {sorted(unknown)} are not owned by this store")
-        self.slot_bytes = max((i.span for i in self._infos.values()), default=0)
+        owned = [i.spec for i in self._infos.values()]
+        self.slot_bytes = slot_bytes(owned, dtype.itemsize)
         n = len(self._infos)
-        need = min(n, len(self._pinned) + max(min_resident, 1))
-        self.num_slots = n if budget_bytes is None else min(n, budget_bytes // max(self.slot_bytes, 1))
-        if self.num_slots < need:
-            mb = need * self.slot_bytes / 2**20
-            raise BudgetError(
-                f"budget of {budget_bytes} bytes holds {self.num_slots} experts but at least {need} must fit "
-                f"({len(self._pinned)} pinned + min_resident {min_resident}); the minimum is "
-                f"{need * self.slot_bytes} bytes ({mb:,.2f} MB) at {self.slot_bytes} bytes per expert in {dtype}. "
-                f"Raise budget_bytes, pin fewer experts, or spread experts over more shards.")
+        self.num_slots = check_budget(owned, dtype.itemsize, budget_bytes, min_resident=min_resident,
+                                      pinned=self._pinned)
         self._slots: list[torch.Tensor | None] = [None] * self.num_slots  # uint8 [slot_bytes]
         self._owner: list[ExpertKey | None] = [None] * self.num_slots
         self._needed: set[ExpertKey] = set()
@@ -110,7 +108,8 @@ class ExpertStore:
         self._tick = 0
         self._cv = threading.Condition()  # the one lock
         self._c = dict.fromkeys((
-            "hits", "late_hits", "misses", "loads", "bytes_read", "spill_reads", "spill_writes", "ahead_loads",
+            "hits", "late_hits", "misses", "loads", "bytes_read", "spill_reads", "spill_misses", "spill_stale",
+            "spill_writes", "ahead_loads",
             "bytes_prefetched", "prefetch_hints", "prefetch_issued", "prefetch_dropped", "prefetch_used",
             "prefetch_wasted", "evictions", "load_errors"), 0)
         self._stall = 0.0
@@ -136,17 +135,13 @@ class ExpertStore:
         if not (all(len(x) == 2 for x in shapes) and shapes[0] == shapes[1] == shapes[2][::-1]):
             raise ValueError(f"expert {s.key}: shapes gate {s.gate.shape}, up {s.up.shape}, down {s.down.shape} "
                              "are not [I,H], [I,H], [H,I]")
-        layout, off = [], 0
         for t in _tensors(s):
             if t.dtype not in FILE_DTYPES:
                 raise ValueError(f"expert {s.key} tensor {t.key}: unsupported file dtype {t.dtype}")
-            numel = t.shape[0] * t.shape[1]
-            if t.nbytes != numel * DTYPE_SIZES[t.dtype]:
+            if t.nbytes != math.prod(t.shape) * DTYPE_SIZES[t.dtype]:
                 raise ValueError(f"expert {s.key} tensor {t.key}: nbytes {t.nbytes} != {t.shape} x {t.dtype}")
-            layout.append((off, numel * self.dtype.itemsize, tuple(t.shape)))
-            off = (off + layout[-1][1] + _ALIGN - 1) // _ALIGN * _ALIGN
-        # span = every tensor padded to 64 bytes (cluster/placement.py sizes experts the same way)
-        return ExpertInfo(s, layout, nbytes=sum(nb for _, nb, _ in layout), span=off)
+        layout, span = slot_layout(s, self.dtype.itemsize)
+        return ExpertInfo(s, layout, nbytes=sum(nb for _, nb, _ in layout), span=span)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -445,14 +440,18 @@ class ExpertStore:
         """Read the expert's three tensors into its slot; on failure free the slot and raise.
 
         With a spill directory, an expert is read from the checkpoint once, then written there
-        as its slot image (compute dtype, one contiguous span) and read back with one pread.
+        as its slot image (compute dtype, one contiguous span) and read back with one preadv;
+        a spill file made from other bytes (workers/spill.py) is a miss and is rewritten.
         """
         try:
             buf = self._slots[slot]
-            if not self._read_spill(info, buf):
+            spilling = self._spill is not None and buf.device.type == "cpu"  # CUDA slots are not spilled
+            digest = self._spill_digest(info) if spilling else b""
+            if not (spilling and self._read_spill(info, buf, digest)):
                 for t, (off, nb, _) in zip(_tensors(info.spec), info.layout):
                     self._read_tensor(info.spec, t, buf[off:off + nb])
-                self._write_spill(info, buf)
+                if spilling:
+                    self._write_spill(info, buf, digest)
             views = [buf[off:off + nb].view(self.dtype).view(shape) for off, nb, shape in info.layout]
             return ExpertWeights(*views, activation=info.spec.activation)
         except BaseException:
@@ -461,43 +460,22 @@ class ExpertStore:
                 self._release(info)
             raise
 
-    def _spill_path(self, info: ExpertInfo) -> Path:
-        layer, expert = info.spec.key
-        return self.spill_dir / f"L{layer}-E{expert}-{str(self.dtype).removeprefix('torch.')}.bin"
+    def _spill_digest(self, info: ExpertInfo) -> bytes:
+        """The source digest of the expert's spill file: the checkpoint files as opened for reading."""
+        files = {t.file: os.fstat(self._fd(info.spec, t)) for t in _tensors(info.spec)}
+        return spill.source_digest(info.spec, info.layout, self._dtype_name, files)
 
-    def _read_spill(self, info: ExpertInfo, buf: torch.Tensor) -> bool:
-        """Fill the slot from the spill file if there is a whole one (CPU slots only)."""
-        if self.spill_dir is None or buf.device.type != "cpu":
-            return False
-        path = self._spill_path(info)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            if os.fstat(fd).st_size != info.span:
-                return False  # a partial write from a crash: read the checkpoint again
-            self._pread(fd, buf[:info.span], str(path), 0, info.span, f"spilled expert {info.spec.key}")
-        finally:
-            os.close(fd)
+    def _read_spill(self, info: ExpertInfo, buf: torch.Tensor, digest: bytes) -> bool:
+        """Fill the slot from a spill file made from this checkpoint; False on a miss."""
+        found = self._spill.read(info.spec.key, self._dtype_name, digest, memoryview(buf[:info.span].numpy()))
         with self._cv:
-            self._c["spill_reads"] += 1
-        return True
+            self._c[_SPILL_COUNTER[found]] += 1
+        return found == "hit"
 
-    def _write_spill(self, info: ExpertInfo, buf: torch.Tensor) -> None:
-        if self.spill_dir is None or buf.device.type != "cpu":
-            return
-        path = self._spill_path(info)
-        tmp = path.with_suffix(f".tmp{threading.get_ident()}")
-        with open(tmp, "wb") as f:  # written whole, then renamed: a reader never sees half a file
-            f.write(memoryview(buf[:info.span].numpy()))
-            f.flush()
-            if hasattr(os, "posix_fadvise"):
-                os.fdatasync(f.fileno())
-                os.posix_fadvise(f.fileno(), 0, info.span, os.POSIX_FADV_DONTNEED)
-        os.replace(tmp, path)
-        with self._cv:
-            self._c["spill_writes"] += 1
+    def _write_spill(self, info: ExpertInfo, buf: torch.Tensor, digest: bytes) -> None:
+        if self._spill.write(info.spec.key, self._dtype_name, digest, memoryview(buf[:info.span].numpy())):
+            with self._cv:
+                self._c["spill_writes"] += 1
 
     def _read_tensor(self, spec: ExpertSpec, t: TensorSpec, dst: torch.Tensor) -> None:
         """Fill dst (uint8 bytes of the slot) with tensor t converted to the compute dtype."""

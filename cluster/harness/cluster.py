@@ -74,16 +74,10 @@ class HarnessUnsupported(HarnessError, NotImplementedError):
 
 
 def parse_size(size: int | str) -> int:
-    """``"3GB"``/``"512MiB"``/``"2g"``/``1000`` -> bytes (GB = 10**9, GiB/G = 2**30)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b?)\s*", size.lower())
-    if not m:
-        raise ValueError(f"bad size {size!r}")
-    num, unit, suffix = float(m.group(1)), m.group(2), m.group(3)
-    exp = "kmgt".index(unit) + 1 if unit else 0
-    base = 1000 if suffix == "b" else 1024
-    return int(num * base**exp)
+    """``"3GB"``/``"512MiB"``/``1000`` -> bytes, by `workers.units.parse_bytes` (GB = 10**9, GiB = 2**30)."""
+    from workers.units import parse_bytes
+
+    return parse_bytes(size)
 
 
 @dataclass
