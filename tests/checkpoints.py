@@ -25,6 +25,10 @@ the classic per-expert layout (`...experts.{e}.w1.weight` for Mixtral,
 5.x-style config.json (`rope_parameters`). `to_legacy_config(path)` rewrites a
 config.json the way real hub checkpoints look (`rope_theta`, `rope_scaling`,
 `torch_dtype`, Qwen3 `num_experts`); the "legacy" variant of every family does it.
+
+DeepSeek-V3 and GLM-4.5 checkpoints carry their multi-token-prediction layer in the files, as
+released (`add_mtp_layers`). `make_released_checkpoint(tmp, name)` builds one for each released
+config in tests/fixtures/configs/ (`RELEASED` lists them), in the release's dtype and spelling.
 """
 from __future__ import annotations
 
