@@ -232,3 +232,17 @@ def test_released_checkpoint_spread_and_paged_matches_transformers(name, how, re
         assert stats["backend"] == "ray" and len(stats["actors"]) == 2
     else:
         assert stats["evictions"] > 0, "a 15% budget must page experts"
+
+
+@pytest.mark.parametrize("scaling,expected", [
+    # Qwen3's documented long-context switch: 4 x the 32768 it was trained on
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072),
+    ({"type": "linear", "factor": 2.0}, 2 * 40960),
+    ({"type": "dynamic", "factor": 2.0}, 2 * 40960),
+    (None, 40960),
+])
+def test_max_positions_follow_rope_scaling(scaling, expected):
+    from coordinator.config import config_from_dict
+
+    cfg = config_from_dict(dict(released_config("qwen3-30b-a3b"), rope_scaling=scaling))
+    assert cfg.max_positions == expected
