@@ -464,13 +464,15 @@ def released_config(name: str) -> dict[str, Any]:
 
 
 def make_released_checkpoint(tmp_dir: str | os.PathLike, name: str, *, shards: int = 2, seed: int = 0,
-                             strip_quantization: bool = True) -> Path:
+                             strip_quantization: bool = True, fp8_block: tuple[int, int] | None = None) -> Path:
     """A tiny random checkpoint for fixture `name` in the released tensor layout and dtype
     (`torch_dtype`, float32 for the DeepSeek score bias), sharded, with the MTP layer in its files where
     the release has one, and the fixture's config.json written verbatim (released spelling).
 
-    strip_quantization: drop `quantization_config` from the written config.json; the weights are always
-    written unquantized for now (FP8 / MXFP4 writing comes with their loaders, issue 12 items 2-3).
+    strip_quantization: drop `quantization_config` from the written config.json and write the weights
+      unquantized. With it kept, an FP8 release gets its linear weights as float8_e4m3fn plus float32
+      `<name>_scale_inv` per block (`quantize_fp8`), the block size from the config (or `fp8_block`);
+      MXFP4 writing comes with its loader (issue 12 item 3).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -498,27 +500,101 @@ def make_released_checkpoint(tmp_dir: str | os.PathLike, name: str, *, shards: i
     if mtp:
         add_mtp_layers(out, model, mtp, seed)
     written = dict(released)
+    q = written.get("quantization_config") or {}
     if strip_quantization:
         written.pop("quantization_config", None)
+    elif q.get("quant_method") == "fp8":
+        block = tuple(fp8_block or q["weight_block_size"])
+        written["quantization_config"] = dict(q, weight_block_size=list(block))
+        _quantize_files(out, block)
     (out / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     return out
 
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def is_fp8_weight(name: str) -> bool:
+    """Which tensors DeepSeek-V3/R1 and Kimi-K2 ship in FP8: every linear weight except the router,
+    embeddings, lm_head and the MTP head; norms and the score bias are never FP8."""
+    if not name.endswith(".weight") or "norm" in name:
+        return False
+    return not any(k in name for k in ("embed_tokens", "lm_head", ".mlp.gate.", "shared_head.head"))
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (float8_e4m3fn [out, in], float32 scale_inv [ceil(out/bo), ceil(in/bi)]), one scale per
+    block (edge blocks partial), with w ~= q * scale_inv blockwise as DeepSeek's weight_dequant reads it."""
+    import torch.nn.functional as F
+
+    (rows, cols), (bo, bi) = w.shape, block
+    nbo, nbi = -(-rows // bo), -(-cols // bi)
+    padded = F.pad(w.float(), (0, nbi * bi - cols, 0, nbo * bo - rows)).view(nbo, bo, nbi, bi)
+    scale = padded.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX                      # [nbo, nbi]
+    q = (padded / scale[:, None, :, None]).view(nbo * bo, nbi * bi)[:rows, :cols]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The float32 weight an FP8 tensor and its block scales stand for."""
+    (rows, cols), (bo, bi) = q.shape, block
+    s = scale_inv.repeat_interleave(bo, 0).repeat_interleave(bi, 1)[:rows, :cols]
+    return q.float() * s
+
+
+def _quantize_files(path: Path, block: tuple[int, int]) -> None:
+    """Rewrite every shard with its FP8 weights quantized, each scale in the same file as its weight."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    for f in sorted(path.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        for name in [n for n in tensors if is_fp8_weight(n) and tensors[n].ndim == 2]:
+            tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(tensors[name], block)
+            if index is not None:
+                index["weight_map"][name + "_scale_inv"] = f.name
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    if index is not None:
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _dequantized_copy(path: Path, ref_dir: Path, block: tuple[int, int]) -> None:
+    """ref_dir gets path's tensors with every FP8 weight dequantized to float32 and its scale dropped."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(path.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        for name in [n for n in tensors if n.endswith("_scale_inv")]:
+            w = name[: -len("_scale_inv")]
+            tensors[w] = dequantize_fp8(tensors[w], tensors.pop(name), block)
+        save_file(tensors, str(ref_dir / f.name), metadata={"format": "pt"})
+    index_path = path / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.endswith("_scale_inv")}
+        (ref_dir / index_path.name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def released_reference(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """transformers' model for a released-fixture checkpoint. Kimi-K2's model_type is unknown to
-    transformers, so its reference reads a sibling copy of config.json that names deepseek_v3."""
+    """transformers' model for a released-fixture checkpoint. Where transformers cannot read it as is
+    (Kimi-K2's model_type; FP8 weights, which it would quantize its own way) the reference reads a sibling
+    copy: config.json naming deepseek_v3 without quantization_config, FP8 weights dequantized."""
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
     hf_type = _HF_MODEL_TYPE.get(cfg["model_type"])
-    if hf_type is None:
+    q = cfg.get("quantization_config") or {}
+    if hf_type is None and not q:
         return load_reference(path, dtype)
     ref_dir = path.parent / (path.name + "-hf")
     ref_dir.mkdir(exist_ok=True)
+    if q.get("quant_method") == "fp8":
+        _dequantized_copy(path, ref_dir, tuple(q["weight_block_size"]))
     for f in path.iterdir():
         if f.name != "config.json" and not (ref_dir / f.name).exists():
             (ref_dir / f.name).symlink_to(f.resolve())
-    cfg = {k: v for k, v in cfg.items() if k != "auto_map"}
-    cfg["model_type"] = hf_type
+    cfg = {k: v for k, v in cfg.items() if k not in ("auto_map", "quantization_config")}
+    cfg["model_type"] = hf_type or cfg["model_type"]
     (ref_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return load_reference(ref_dir, dtype)
 

@@ -190,15 +190,58 @@ def test_released_checkpoint_matches_transformers(name, released):
     assert_same_tokens(out, expected, f"{name} greedy", scores)
 
 
-@pytest.mark.parametrize("name", [n for n in QUANTIZED if n in LOADABLE])
+FP8 = [n for n in QUANTIZED if RELEASED[n][1] == "fp8"]
+
+
+@pytest.mark.parametrize("block", [(128, 128), (16, 16)], ids=["128x128", "16x16"])
+def test_fp8_fixture_is_in_the_released_format(block, tmp_path):
+    """The FP8 writer the FP8 tests rely on: float8_e4m3fn linear weights with float32 block scales
+    [ceil(out/bo), ceil(in/bi)] beside them (partial edge blocks: 24 = 16 + 8), the rest unquantized,
+    and weights that dequantize to the bfloat16 ones within FP8's rounding."""
+    from safetensors import safe_open
+
+    from checkpoints import dequantize_fp8
+
+    fp8 = make_released_checkpoint(tmp_path / "fp8", "deepseek-v3", strip_quantization=False, fp8_block=block)
+    plain = make_released_checkpoint(tmp_path / "bf16", "deepseek-v3")
+    files = {}
+    for f in fp8.glob("*.safetensors"):
+        h = safe_open(str(f), "pt")
+        files.update({k: h for k in h.keys()})
+    bf16 = {}
+    for f in plain.glob("*.safetensors"):
+        h = safe_open(str(f), "pt")
+        bf16.update({k: h for k in h.keys()})
+    assert set(files) - set(bf16) == {k + "_scale_inv" for k in bf16 if k + "_scale_inv" in files}
+    expert = "model.layers.1.mlp.experts.3.down_proj.weight"                      # [32, 24]
+    for name in (expert, "model.layers.0.self_attn.q_b_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+                 "model.layers.3.eh_proj.weight"):
+        q, s = files[name].get_tensor(name), files[name].get_tensor(name + "_scale_inv")
+        assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+        assert s.shape == (-(-q.shape[0] // block[0]), -(-q.shape[1] // block[1]))
+        ref = bf16[name].get_tensor(name).float()
+        assert (dequantize_fp8(q, s, block) - ref).abs().max() <= ref.abs().max() / 16
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
+                 "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.0.input_layernorm.weight"):
+        assert files[name].get_tensor(name).dtype in (torch.bfloat16, torch.float32), name
+        assert name + "_scale_inv" not in files
+
+
+@pytest.mark.parametrize("name", FP8)
 @pytest.mark.xfail(strict=True, reason="FP8 experts: issue 12 item 2")
 def test_fp8_release_loads(name, tmp_path):
-    """With quantization_config kept. The weights here are still bfloat16: the FP8 loader's helper
-    must also make make_released_checkpoint write float8_e4m3fn weights with their scale_inv."""
+    """As released: FP8 weights with 128x128 block scales (all partial at these sizes), YaRN in the
+    released spelling, the MTP layer in the files, sharded; transformers runs on the dequantized weights."""
+    from coordinator.errors import UnsupportedModelError
+
     path = make_released_checkpoint(tmp_path / "ckpt", name, strip_quantization=False)
     ref = released_reference(path)
     ids = random_ids(2, 11)
-    with open_coordinator(path) as c:
+    try:
+        c = open_coordinator(path)
+    except UnsupportedModelError as e:
+        pytest.xfail(f"refused today: {e}")
+    with c:
         assert_close(c.forward(ids), hf_logits(ref, ids), f"{name} FP8 forward")
 
 
