@@ -39,6 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+if __name__ == "__main__":  # before the imports below, which fail with a traceback under a Python without torch
+    from cluster.deps import exit_if_missing
+
+    exit_if_missing("moeshard job", 1)
+
 from cluster.gen_common import add_sampling_arguments, left_pad, pad_token_id, parse_id_lists, sampling_kwargs
 
 log = logging.getLogger(__name__)
