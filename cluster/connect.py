@@ -37,12 +37,13 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def probe(address: str) -> None:
+def probe(address: str, *, handshake: bool = True) -> None:
     """Fail fast with ClusterError if `address` (host:port) is not a Ray GCS this process may join.
 
-    First a TCP connect (nothing listening), then, for a GCS address (not ray://), one gRPC call the
-    way Ray's client starts (a port that is not Ray's GCS, or a token the cluster refuses): ray.init
-    would retry each of these for 20 s to many minutes, flooding stderr.
+    First a TCP connect (nothing listening), then, with `handshake` and for a GCS address (not
+    ray://), `check_gcs`: one gRPC call the way Ray's client starts, which tells a port that is not
+    Ray's GCS, or a token the cluster refuses, at once, where ray.init would retry each of these for
+    20 s to many minutes, flooding stderr.
     """
     host, port = _host_port(address)
     try:
@@ -51,7 +52,7 @@ def probe(address: str) -> None:
     except OSError as e:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {e.strerror or e} "
                            f"(is `ray start --head` running there and is the port open?)") from None
-    if not address.startswith("ray://"):   # the Ray Client server speaks its own protocol
+    if handshake and not address.startswith("ray://"):   # the Ray Client server speaks its own protocol
         check_gcs(address)
 
 
@@ -100,12 +101,14 @@ def check_gcs(address: str) -> None:
                                    f"the token from {where} only with RAY_AUTH_MODE=token (it is "
                                    f"{os.environ.get('RAY_AUTH_MODE', 'unset')!r}): {AUTH_HOW}")
             return
-        if first == grpc.StatusCode.OK:
-            return
     what = {grpc.StatusCode.UNIMPLEMENTED: "answers as a gRPC server that is not Ray's GCS",
-            grpc.StatusCode.UNAVAILABLE: "does not speak gRPC (an HTTP server?)"}.get(
-        first, f"does not answer a gRPC call within {GCS_CHECK_TIMEOUT_S:g} s ({first.name})")
-    raise ClusterError(f"{address} accepts connections but {what}: is it Ray's GCS port (`ray start --head "
+            grpc.StatusCode.UNAVAILABLE: "does not speak gRPC (an HTTP server?)",
+            grpc.StatusCode.DEADLINE_EXCEEDED: f"does not answer a gRPC call within {GCS_CHECK_TIMEOUT_S:g} s"}
+    if first not in what:  # OK, or an answer only a gRPC server with that method gives: let ray.init judge
+        if first != grpc.StatusCode.OK:
+            log.debug("GCS check of %s: %s; trying ray.init anyway", address, first)
+        return
+    raise ClusterError(f"{address} accepts connections but {what[first]}: is it Ray's GCS port (`ray start --head "
                        f"--port`, default 6379)? The dashboard (8265) and Ray Client (ray://, 10001) ports are not")
 
 
@@ -131,6 +134,8 @@ def connect_ray(address: str | None, *, num_cpus: float, num_gpus: float,
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address not in ("local", "auto"):
+        probe(address, handshake=not ray.is_initialized())  # a connected process needs no GCS check
     if ray.is_initialized():
         current = ray.get_runtime_context().gcs_address
         if address and address not in ("local", "auto") and address.rsplit(":", 1)[-1] != current.rsplit(":", 1)[-1]:
@@ -138,8 +143,6 @@ def connect_ray(address: str | None, *, num_cpus: float, num_gpus: float,
                                f"{address} (call ray.shutdown() first, or pass no address to reuse {current})")
         log.info("reusing the Ray connection to %s", current)
         return False
-    if address and address not in ("local", "auto"):
-        probe(address)
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, include_dashboard=False)
     if address and address != "local":
         if address == "auto" and (resolved := resolve_auto()):
