@@ -1,4 +1,4 @@
-"""Connecting to Ray: reuse, join (after a fast TCP probe and a GCS handshake) or start a local cluster sized for a plan."""
+"""Connecting to Ray: reuse, join (after a TCP probe and a GCS handshake) or start a local Ray sized for a plan."""
 from __future__ import annotations
 
 import logging

@@ -34,11 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 60      # the job's own start (imports, checkpoint) plus a check that takes seconds, not minutes
 
 
-def _env(**extra: str) -> dict[str, str]:
-    """This environment without any Ray settings (address, auth), HOME in a fresh dir (no ~/.ray/auth_token)."""
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    """This environment without any Ray settings (address, auth), HOME at `home` (no ~/.ray/auth_token)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    return {**env, "HOME": tempfile.mkdtemp(prefix="h4home-"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-            **extra}
+    return {**env, "HOME": str(home), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
 def _job(model: Path, address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -101,10 +100,10 @@ def http_server():
 
 
 @pytest.mark.parametrize("server", ["silent_tcp", "http_server"])
-def test_job_against_a_port_that_is_not_ray_fails_in_one_line(request, server, model):
+def test_job_against_a_port_that_is_not_ray_fails_in_one_line(request, server, model, tmp_path):
     """ray.init retried for over 4 minutes here; the job now says, within seconds, that this is no GCS port."""
     address = request.getfixturevalue(server)
-    proc = _job(model, address, _env())
+    proc = _job(model, address, _env(tmp_path))
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = _one_error_line(proc)
     assert address in line and "is it Ray's GCS port" in line, line
@@ -130,7 +129,7 @@ def token_head():
     temp = Path(tempfile.mkdtemp(prefix="h4-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
     token = secrets.token_hex(32)
     (temp / "token").write_text(token)
-    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(temp / "token"), RAY_USAGE_STATS_ENABLED="0")
+    env = _env(temp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(temp / "token"), RAY_USAGE_STATS_ENABLED="0")
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(_free_port()),
            "--temp-dir", str(temp), "--num-cpus", "1", "--include-dashboard=false",
            "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
@@ -150,10 +149,10 @@ def token_head():
     ({}, r"requires token authentication and this process has no token"),
     ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, r"rejects the auth token from RAY_AUTH_TOKEN"),
 ], ids=["no-token", "wrong-token"])
-def test_job_against_a_token_cluster_says_the_token_is_missing_or_wrong(token_head, model, auth, expect):
+def test_job_against_a_token_cluster_says_the_token_is_missing_or_wrong(token_head, model, auth, expect, tmp_path):
     """Ray printed 20 s of warnings, then 'cannot connect'; now one line about the token and how to pass it."""
     gcs, _ = token_head
-    proc = _job(model, gcs, _env(**auth))
+    proc = _job(model, gcs, _env(tmp_path, **auth))
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = _one_error_line(proc)
     assert gcs in line, line
@@ -217,10 +216,10 @@ SECOND_COORDINATOR = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_a_second_coordinator_that_does_not_fit_fails_at_once(model):
+def test_a_second_coordinator_that_does_not_fit_fails_at_once(model, tmp_path):
     """It waited the 120 s ready timeout; now: free vs needed, and what to do. A plan that fits reuses Ray."""
-    proc = subprocess.run([sys.executable, "-c", SECOND_COORDINATOR, str(model)], env=_env(), capture_output=True,
-                          text=True, timeout=240, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", SECOND_COORDINATOR, str(model)], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=240, cwd=REPO)
     out = proc.stdout
     assert proc.returncode == 0 and "DONE" in out, out[-3000:] + proc.stderr[-3000:]
     ours = next(line for line in out.splitlines() if line.startswith(("OURS:", "SECOND-STARTED")))
