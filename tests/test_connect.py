@@ -109,6 +109,20 @@ def test_job_against_a_port_that_is_not_ray_fails_in_one_line(request, server, m
     assert address in line and "is it Ray's GCS port" in line, line
 
 
+@pytest.mark.timeout(60)
+def test_connect_ray_against_an_http_port_fails_before_ray_init(http_server):
+    """The API path (Coordinator/RemoteExperts with ray_address) takes the same check, in this process."""
+    import ray
+
+    from cluster.connect import connect_ray
+
+    if ray.is_initialized():
+        pytest.skip("Ray already initialised in this process: a connected process reuses it, no GCS check")
+    with pytest.raises(ClusterError, match=rf"{http_server} accepts connections but does not speak gRPC"):
+        connect_ray(http_server, num_cpus=1, num_gpus=0, resources={})
+    assert not ray.is_initialized()
+
+
 def test_a_grpc_server_that_is_not_the_gcs_is_named_so():
     grpc = pytest.importorskip("grpc")
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=1))
