@@ -175,12 +175,12 @@ def _short(want: dict[str, float], have: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in want.items() if v > have.get(k, 0) + 1e-9}
 
 
-def check_capacity(plan: Plan, *, free_wait_s: float = FREE_WAIT_S) -> None:
+def check_capacity(plan: Plan) -> None:
     """ClusterError now, rather than actors pending until the ready timeout, if the cluster cannot host the plan.
 
     First the cluster's totals; then what is free now (`ray.available_resources`), since actors of
     another backend in this process, or other jobs, may hold the rest. Resources of actors just killed
-    return to the free view asynchronously, so a shortfall is re-checked for up to `free_wait_s`.
+    return to the free view asynchronously, so a shortfall is re-checked for up to FREE_WAIT_S.
     """
     import ray
 
@@ -189,7 +189,7 @@ def check_capacity(plan: Plan, *, free_wait_s: float = FREE_WAIT_S) -> None:
     if short := _short(want, have):
         raise ClusterError(f"the Ray cluster cannot host {len(plan.workers)} expert actors: " + "; ".join(
             f"{k}: need {v:g}, cluster has {have.get(k, 0):g}" for k, v in short.items()))
-    deadline = time.monotonic() + free_wait_s
+    deadline = time.monotonic() + FREE_WAIT_S
     while (short := _short(want, free := ray.available_resources())) and time.monotonic() < deadline:
         time.sleep(0.2)
     if not short:
