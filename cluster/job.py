@@ -40,8 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from cluster.gen_common import (RUN_OPTIONS, OneLineParser, add_option_arguments, add_output_arguments, add_prompt_arguments,
-                                add_sampling_arguments, generate_for_prompts, run_options, sampling_options)
+if __name__ == "__main__":  # before the imports below, which fail with a traceback under a Python without torch
+    from cluster.deps import exit_if_missing
+
+    exit_if_missing("moeshard job", 1)
+
+from cluster.gen_common import (RUN_OPTIONS, OneLineParser, add_option_arguments, add_output_arguments,
+                                add_prompt_arguments, add_sampling_arguments, generate_for_prompts, run_options, sampling_options)
 from cluster.gen_common import check_writable
 from cluster.gen_common import read_prompts as _read_prompts
 from coordinator.options import OptionError, RunOptions, UnknownOption, cli_message
