@@ -46,8 +46,8 @@ if __name__ == "__main__":  # before the imports below, which fail with a traceb
     exit_if_missing("moeshard job", 1)
 
 from cluster.gen_common import (RUN_OPTIONS, OneLineParser, add_option_arguments, add_output_arguments,
-                                add_prompt_arguments, add_sampling_arguments, generate_for_prompts, run_options, sampling_options)
-from cluster.gen_common import check_writable
+                                add_prompt_arguments, add_sampling_arguments, check_writable, generate_for_prompts,
+                                run_options, sampling_options)
 from cluster.gen_common import read_prompts as _read_prompts
 from coordinator.options import OptionError, RunOptions, UnknownOption, cli_message
 from workers.units import format_bytes
