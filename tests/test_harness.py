@@ -446,3 +446,29 @@ def test_memory_cgroup_on_this_machine_limits_and_counts_oom_kills():
     assert not cg.main.exists()
     assert cg.name not in cgroups.find("moeshard-test-")
 
+
+def _harness_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "cluster.harness", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, expect", [(["--host-memory", "lots"], "bad size 'lots'"),
+                                          (["--hosts", "0"], "at least one host")])
+def test_harness_up_bad_input_is_one_line_on_stderr(args, expect):
+    out = _harness_cli("up", *args)
+    assert out.returncode == 2 and out.stdout == "", (out.stdout, out.stderr)
+    assert len(out.stderr.strip().splitlines()) == 1 and expect in out.stderr, out.stderr
+
+
+@needs_netns
+@pytest.mark.timeout(120)
+def test_harness_up_failure_is_one_line_on_stderr_and_cleans_up():
+    out = _harness_cli("up", "--hosts", "2", "--host-memory", "1GB", "--timeout", "3")
+    assert out.returncode == 1 and out.stdout == "", (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness up failed: "), out.stderr
+    cid = re.search(rf"{STATE_ROOT}/([0-9a-f]{{6}})", lines[0])
+    assert cid, lines[0]
+    assert_nothing_left(cid.group(1))
