@@ -1,7 +1,7 @@
 """Generation on the multi-node harness: expert actors on their own hosts (netns + cgroup), the
 driver in the root namespace, results equal to the in-process run, actors within their hosts' memory.
 
-Needs namespace mode (root, iproute2, cgroups); skipped otherwise. One 3-host cluster (host 0 is
+Needs namespace mode (root, iproute2, cgroups: capability ``harness``, see the skip policy in conftest.py). One 3-host cluster (host 0 is
 the head) is shared by the module and torn down at its end.
 """
 from __future__ import annotations
@@ -22,12 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 8
 WORKER_MEMORY = "20KB"  # qwen3_moe experts are 9.2 KB: 2 of each actor's 6 resident, the rest paged
 
-_reason = LocalCluster._netns_unavailable_reason()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(_reason), reason=f"needs the harness's namespace mode (root, iproute2, cgroups): "
-                                             f"{_reason}"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.requires("harness")]
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +123,4 @@ def test_job_entry_point_places_one_actor_per_host(cl, model):
         assert line in proc.stdout
     rows = [l.split() for l in proc.stdout.splitlines() if l[:1].isdigit() and len(l.split()) > 10]
     assert [(r[0], r[1]) for r in rows] == [("0", cl.hosts[1].ip), ("1", cl.hosts[2].ip)]
+
