@@ -125,7 +125,7 @@ def cl():
 @needs_netns
 @pytest.mark.slow
 class TestNamespaceCluster:
-    """One 3-host cluster shared by the tests of this class, in order; the last tears it down."""
+    """One 3-host cluster shared by the tests of this class, in any order: each undoes its fault."""
 
     @pytest.mark.timeout(300)
     def test_tasks_run_on_their_own_host(self, cl):
@@ -193,31 +193,34 @@ class TestNamespaceCluster:
         # Host 1 survives its OOM (only the hog died) and still runs work.
         assert ray.get(hog.options(resources={cl.resource(1): 0.01}).remote(10**6), timeout=60) == 10**6
 
-    @pytest.mark.timeout(120)
-    def test_kill_host_marks_node_dead(self, cl):
-        ip = cl.hosts[2].ip
-        assert _alive(ip) and cl.host_pids(2)
+
+@needs_netns
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_host_then_teardown_leaves_nothing():
+    """Both faults are final, so they get a cluster of their own (the class's tests run in any order)."""
+    cl = LocalCluster(hosts=2, host_memory="1500MB", host_cpus=1, ray_env=FAST_HEALTH)
+    with cl:
+        cl.connect()
+        ip = cl.hosts[1].ip
+        assert _alive(ip) and cl.host_pids(1)
         t0 = time.monotonic()
-        cl.kill_host(2)
-        assert cl.host_pids(2) == []
+        cl.kill_host(1)
+        assert cl.host_pids(1) == []
         while _alive(ip):
             assert time.monotonic() - t0 < 60, "node not marked dead within 60s"
             time.sleep(0.5)
-        print(f"\nhost 2 marked dead {time.monotonic() - t0:.1f}s after SIGKILL")
-        assert _alive(cl.hosts[1].ip)
-        assert ray.get(where.options(resources={cl.resource(1): 0.01}).remote(cl.driver_ip), timeout=60)
-
-    @pytest.mark.timeout(120)
-    def test_teardown_leaves_nothing(self, cl):
-        pids = [p for i in range(3) for p in cl.host_pids(i)]
-        pids += cgroups.open_existing(f"moeshard-{cl.cluster_id}-drv").pids()
+        print(f"\nhost 1 marked dead {time.monotonic() - t0:.1f}s after SIGKILL")
+        assert _alive(cl.hosts[0].ip)
+        assert ray.get(where.options(resources={cl.resource(0): 0.01}).remote(cl.driver_ip), timeout=60)
+        pids = cl.host_pids(0) + cgroups.open_existing(f"moeshard-{cl.cluster_id}-drv").pids()
         assert pids
         t0 = time.monotonic()
         cl.down()
-        print(f"\nteardown took {time.monotonic() - t0:.1f}s")
+        print(f"teardown took {time.monotonic() - t0:.1f}s")
         assert not ray.is_initialized()
         assert_nothing_left(cl.cluster_id, pids)
-        cl.down()  # idempotent; the fixture calls it again too
+        cl.down()  # idempotent; leaving the `with` calls it again too
 
 
 @needs_netns
