@@ -114,10 +114,11 @@ def check_gcs(address: str) -> None:
 
 def resolve_auto() -> str | None:
     """The host:port `ray.init(address="auto")` would use, if Ray can tell (else None)."""
+    from .ray_internal import bootstrap_address
+
     try:
-        from ray._private.services import canonicalize_bootstrap_address
-        return canonicalize_bootstrap_address("auto")
-    except Exception:  # private API, or no cluster recorded: let ray.init report it
+        return bootstrap_address("auto")
+    except Exception:  # no cluster recorded: let ray.init report it
         return None
 
 
@@ -132,6 +133,8 @@ def connect_ray(address: str | None, *, num_cpus: float, num_gpus: float,
     """
     global _started_gcs
     import ray
+
+    from . import ray_internal  # noqa: F401  (refuses a Ray outside the tested versions, in one line)
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address not in ("local", "auto"):

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 import checkpoints as ckpts
@@ -46,14 +47,13 @@ def _pids_of(markers: list[str], also: set[int] = frozenset()) -> set[int]:
     """Processes whose command line contains one of `markers`, plus `also`, plus all their descendants
     (Ray workers rename their command line to `ray::...`, but they are children of the raylet)."""
     parent, pids = {}, set(also)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+    for proc in psutil.process_iter(["ppid", "cmdline"]):
+        if proc.pid == os.getpid() or proc.info["ppid"] is None:
             continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes()
-            if any(m.encode() in cmdline for m in markers):
-                pids.add(int(proc.name))
+        parent[proc.pid] = proc.info["ppid"]
+        cmdline = "\0".join(proc.info["cmdline"] or ())
+        if any(m in cmdline for m in markers):
+            pids.add(proc.pid)
     grew = True
     while grew:
         kids = {p for p, pp in parent.items() if pp in pids} - pids

@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+
+from cluster.cgroups import CgroupError
 
 from .cluster import HarnessError, LocalCluster, down_all, list_clusters
+from .netns import NetnsError
 
 
 def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,19 +29,29 @@ def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("list", help="list harness clusters")
 
 
+def _one_line(text: object) -> str:
+    """``text`` on one line (errors from ``ip`` or Ray may carry newlines)."""
+    return " ".join(str(text).split())
+
+
 def run_harness_command(args: argparse.Namespace) -> int:
-    """Run the parsed harness sub-command; returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Run the parsed harness sub-command; returns the exit status (errors: one line on stderr)."""
+    # warnings only: a failure must read as the one line below, not as a log of the teardown
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.harness_command == "up":
-        cl = LocalCluster(
-            hosts=args.hosts, host_memory=args.host_memory, host_cpus=args.host_cpus,
-            cpu_quota=args.cpu_quota, force_loopback=args.loopback or None,
-            startup_timeout=args.timeout,
-        )
+        try:
+            cl = LocalCluster(
+                hosts=args.hosts, host_memory=args.host_memory, host_cpus=args.host_cpus,
+                cpu_quota=args.cpu_quota, force_loopback=args.loopback or None,
+                startup_timeout=args.timeout,
+            )
+        except ValueError as exc:
+            print(f"harness up: {_one_line(exc)}", file=sys.stderr)
+            return 2
         try:
             cl.up()
-        except HarnessError as exc:
-            print(f"harness up failed: {exc}")
+        except (HarnessError, CgroupError, NetnsError, OSError) as exc:
+            print(f"harness up failed: {_one_line(exc)}", file=sys.stderr)
             return 1
         cl.detach()
         if args.json:
