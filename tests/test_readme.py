@@ -23,6 +23,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,7 +293,13 @@ def test_ray_cluster_block_submits_the_job(tmp_path):
                 assert head is not None, "`ray job submit` before the token was generated"
                 cmd = line.command.replace("/data/pydoc-moe", str(MODEL)).replace("http://127.0.0.1:8265", head.dashboard)
                 assert "RAY_AUTH_TOKEN_PATH" not in env    # the client finds the token in ~/.ray/auth_token
-                out = _ok(_sh(cmd, timeout=600, env=env))
+                # The head's job agent registers a little after its jobs server answers; until then Ray
+                # refuses the submission with this message, and the job never starts: poll with a deadline.
+                deadline = time.monotonic() + 180
+                while ("No available agent to submit job" in (proc := _sh(cmd, timeout=600, env=env)).stderr
+                       and time.monotonic() < deadline):
+                    time.sleep(2)
+                out = _ok(proc)
                 assert re.search(r"(?m)^\[1\] 'The for statement' -> '", out), out[-3000:]
                 assert re.search(r"Job '\S+' succeeded", out) and "routed experts over 2 actor(s)" in out, out[-3000:]
             else:
