@@ -186,14 +186,14 @@ def test_actor_lost_beyond_retry_exits_4(model, monkeypatch, capsys):
 
     calls = []
 
-    def lost(*a, **kw):
-        calls.append(kw["resources"])
+    def lost(path, options):
+        calls.append(list(options.placement.resources))
         raise ShardUnavailable("actor 1 (node abc at 10.0.0.7), layer 0: the actor is gone (killed)")
 
     monkeypatch.setattr(job, "connect", lambda address, debug=False: False)
     monkeypatch.setattr(job, "cluster_nodes", lambda cpus, gpus, suspects=(): (
         [job.NodeSlot("10.0.0.6", 2, 0, 0), job.NodeSlot("10.0.0.7", 2, 0, 0)], []))
-    monkeypatch.setattr(Coordinator, "from_pretrained", lost)
+    monkeypatch.setattr(Coordinator, "open", lost)     # the job opens its Coordinator with typed options
     code = job.run_job(_args(["--model", str(model), "--ids", "1,2", "--retries", "1"]))
     out, err = capsys.readouterr()
     assert code == 4 and len(calls) == 2
