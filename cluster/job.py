@@ -370,7 +370,7 @@ def _run(args: argparse.Namespace) -> int:
                 if coord is not None:
                     coord.close()
             break
-        mode = "sampled" if args.sample else "greedy"
+        mode = "sampled" if sampling_options(args).do_sample else "greedy"
         print(f"\n=== {len(results)} prompt(s), up to {args.max_new_tokens} new tokens each, {mode}, "
               f"{seconds:.2f} s ===")
         for i, (p, c) in enumerate(results, 1):

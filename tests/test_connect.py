@@ -28,7 +28,7 @@ import pytest
 from cluster import deps
 from cluster.connect import check_gcs
 from cluster.errors import ClusterError
-from test_job import _free_port, stop_head
+from rayhead import free_port as _free_port, stop_head
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 60      # the job's own start (imports, checkpoint) plus a check that takes seconds, not minutes
