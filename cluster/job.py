@@ -318,7 +318,7 @@ def _run(args: argparse.Namespace) -> int:
         ckpt = Checkpoint.open(args.model)
         specs = ckpt.expert_specs()
     except (CheckpointError, UnsupportedModelError, OSError) as e:
-        raise JobFailure(EXIT_NO_MODEL, f"no usable model at {args.model}: {e}") from None
+        raise JobFailure(EXIT_NO_MODEL, f"--model: no usable model at {args.model}: {e}") from None
     if kind == "text" and not (ckpt.path / "tokenizer.json").is_file():
         raise JobFailure(EXIT_NO_MODEL, f"{ckpt.path} has no tokenizer.json, which text prompts need; "
                                         "pass token ids with --ids instead")

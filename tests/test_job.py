@@ -127,7 +127,7 @@ def test_job_with_a_bad_model_fails_with_one_clear_line(head, tmp_path):
     status = _wait(head.client(), job_id, timeout=240)
     logs = head.client().get_job_logs(job_id)
     assert status == JobStatus.FAILED, logs
-    assert f"moeshard job: error: no usable model at {missing}: checkpoint directory {missing} does not exist" in logs
+    assert f"moeshard job: error: --model: no usable model at {missing}: checkpoint directory {missing} does not exist" in logs
     assert "Traceback" not in logs
     info = head.client().get_job_info(job_id)
     assert "exit code 2" in (info.message or ""), info.message

@@ -374,6 +374,12 @@ class LocalCluster:
         """
         if hosts < 1:
             raise ValueError(f"need at least one host, got hosts={hosts}")
+        if host_cpus < 1:
+            raise ValueError(f"host_cpus must be at least 1, got {host_cpus}")
+        if cpu_quota is not None and not (0 < cpu_quota < float("inf")):
+            raise ValueError(f"cpu_quota must be a number of CPUs > 0, got {cpu_quota}")
+        if not startup_timeout > 0:
+            raise ValueError(f"startup_timeout must be > 0 seconds, got {startup_timeout}")
         self.n_hosts = hosts
         self.host_memory = parse_size(host_memory)
         self.host_cpus = host_cpus
