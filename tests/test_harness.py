@@ -457,8 +457,8 @@ def _harness_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProces
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("args, expect", [(["--host-memory", "lots"], "bad size 'lots'"),
-                                          (["--hosts", "0"], "at least one host")])
+@pytest.mark.parametrize("args, expect", [(["--host-memory", "lots"], "--host-memory: cannot read 'lots' as a size"),
+                                          (["--hosts", "0"], "--hosts: need at least one host")])
 def test_harness_up_bad_input_is_one_line_on_stderr(args, expect):
     out = _harness_cli("up", *args)
     assert out.returncode == 2 and out.stdout == "", (out.stdout, out.stderr)
