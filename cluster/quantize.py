@@ -53,9 +53,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, expert_d
         raise ValueError(f"expert_dtype: must be one of {', '.join(quant.EXPERT_DTYPES)}, got {expert_dtype!r}")
     group_size = quant.check_group_size(group_size) if expert_dtype == "int4" else 0
     ckpt = Checkpoint.open(src)
-    if ckpt.quantization is not None:
+    if ckpt.expert_quantization is not None:
         raise CheckpointError(f"{ckpt.path}: its experts are already quantized as "
-                              f"{quant.describe(*ckpt.quantization)}; quantize the original checkpoint")
+                              f"{quant.describe(*ckpt.expert_quantization)}; quantize the original checkpoint")
     dst = Path(dst)
     if dst.resolve() == ckpt.path.resolve():
         raise ValueError(f"DST {dst} is the source checkpoint: write the quantized one elsewhere")
