@@ -324,3 +324,19 @@ def test_perplexity_is_the_sliding_window_of_the_guide():
                 c.perplexity(bad)
         with pytest.raises(ValueError, match="stride"):
             c.perplexity(ids, max_length=64, stride=65)
+
+
+def test_bench_scenario_7_runs_on_the_tiny_checkpoint(tmp_path, monkeypatch):
+    """The bench rows run end to end (figures meaningless at this size; no timing asserted)."""
+    from bench import make_checkpoint as mk
+    from bench import scenarios as S
+
+    tiny = mk.make_checkpoint(tmp_path / "tiny", "tiny")
+    monkeypatch.setattr(S, "cgroups_usable", lambda: "needs root (memory cgroups and drop_caches)")
+    res = S.run_scenario(7, S.Ctx(ckpt=tiny, params=S.Params.for_mode(False, True), threads=1, tiny=True,
+                                  log_dir=tmp_path / "logs"))
+    assert res["status"] == "ok", res.get("reason")
+    ids = {f["id"] for f in res["figures"]}
+    assert ids == {"s7.b1.stored", "s7.b1.int8", "s7.b1.int4", "s7.b1.int4-bf16"}
+    assert all(f["value"] and f["peer_value"] for f in res["figures"])
+    assert any("llama" in n for n in res["notes"]) and any("out-of-core rows skipped" in n for n in res["notes"])
