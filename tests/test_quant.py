@@ -89,12 +89,14 @@ def test_kernels_equal_dequantize_then_matmul(big_experts, expert_dtype, group, 
         for key in [(0, 0), (1, 3)]:
             w = store.get(key)
             assert type(w).__name__ == ("Int8Weights" if expert_dtype == "int8" else "Int4Weights")
-            ref_w = ExpertWeights(*(quantized_reference(t, expert_dtype, group, dtype)
+            kdt = quant.kernel_dtype(dtype)    # the kernels run in bf16 (their fast path), scales kept in it
+            ref_w = ExpertWeights(*(quantized_reference(t, expert_dtype, group, kdt)
                                     for t in file_weights(tensors, key)))
-            ref = expert_forward(ref_w, x.float())
-            out = w.forward(x).float()
-            tol = 1e-4 if dtype == torch.float32 else 3e-2
-            assert (out - ref).abs().max().item() <= tol * ref.abs().max().item(), (key, expert_dtype, group)
+            ref = expert_forward(ref_w, x.to(kdt).float())
+            out = w.forward(x)
+            assert out.dtype == dtype
+            err = (out.float() - ref).abs().max().item()
+            assert err <= 2e-2 * ref.abs().max().item(), (key, expert_dtype, group, err)
     finally:
         store.close()
 
@@ -178,7 +180,9 @@ def fake_quantized_copy(src: Path, dst: Path, expert_dtype: str, group: int) -> 
             tensors = {n: fi.get_tensor(n) for n in fi.keys()}
         for n in tensors:
             if n in names:
-                tensors[n] = quantized_reference(tensors[n], expert_dtype, group, tensors[n].dtype).to(tensors[n].dtype)
+                # scales rounded as the kernels hold them (bf16), see workers/quant.py kernel_dtype
+                tensors[n] = quantized_reference(tensors[n], expert_dtype, group,
+                                                 quant.kernel_dtype(tensors[n].dtype)).to(tensors[n].dtype)
         save_file(tensors, str(f), metadata={"format": "pt"})
     return dst
 
@@ -199,11 +203,16 @@ def test_every_family_equals_the_dequantized_reference(family, expert_dtype, gro
     with Coordinator.from_pretrained(path, expert_dtype=expert_dtype, group_size=group or 64) as c:
         ours = c.forward(ids, attention_mask=mask)
         actor = c.stats()["experts"]["actors"][0]
-    diff = (ours - ref)[mask.bool()].abs().max().item()
-    assert diff <= 1e-3, f"{family} {expert_dtype}: max abs logit diff {diff:.3g}"
     with Coordinator.from_pretrained(path) as c:
         dense = c.forward(ids, attention_mask=mask)
         ratio = c.stats()["experts"]["actors"][0]["slot_bytes"] / actor["slot_bytes"]
+    m = mask.bool()
+    diff, effect = (ours - ref)[m].abs(), (dense - ref)[m].abs()
+    # the kernels run the experts with bf16 activations (their fast path): rounding of that size,
+    # next to the quantization's own effect (int4: ~20x larger; int8: about 2x)
+    assert diff.max().item() <= 0.06 and diff.mean().item() <= 0.01, \
+        f"{family} {expert_dtype}: logit diff max {diff.max().item():.3g} mean {diff.mean().item():.3g}"
+    assert effect.mean().item() > diff.mean().item()
     assert ratio > (3.5 if expert_dtype == "int8" else 5.0), ratio
     assert (ours - dense).abs().max().item() > 0       # the experts really were quantized
 

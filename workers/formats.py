@@ -32,16 +32,29 @@ FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float1
 FLOAT_FILE_DTYPES = ("F32", "BF16", "F16")
 
 
+KERNEL = "kernel"   # a Part's dtype: the low-bit kernels' activation dtype (workers/quant.py kernel_dtype)
+
+
 @dataclass(frozen=True)
 class Part:
     """One tensor a weight holds in a slot."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype | None   # None: the compute dtype
+    dtype: torch.dtype | str | None   # None: the compute dtype; KERNEL: quant.kernel_dtype of it
 
     def nbytes(self, itemsize: int) -> int:
-        size = itemsize if self.dtype is None else self.dtype.itemsize
+        if self.dtype is None:
+            size = itemsize
+        elif self.dtype == KERNEL:
+            size = 2                  # bf16 or fp16, whatever the compute dtype
+        else:
+            size = self.dtype.itemsize
         return math.prod(self.shape) * size
+
+    def torch_dtype(self, compute: torch.dtype) -> torch.dtype:
+        if self.dtype is None:
+            return compute
+        return quant.kernel_dtype(compute) if self.dtype == KERNEL else self.dtype
 
 
 class ExpertFormat(Protocol):
@@ -141,7 +154,8 @@ class Int8Weights:
     def forward(self, x: Tensor) -> Tensor:
         act = activation_fn(self.activation)
         (gq, uq, dq), (gs, us, ds) = self.q, self.scale
-        return quant.int8_linear(act(quant.int8_linear(x, gq, gs)) * quant.int8_linear(x, uq, us), dq, ds)
+        k = x.to(gs.dtype)             # the kernels' activation dtype (see workers/quant.py)
+        return quant.int8_linear(act(quant.int8_linear(k, gq, gs)) * quant.int8_linear(k, uq, us), dq, ds).to(x.dtype)
 
 
 class Int8:
@@ -158,7 +172,7 @@ class Int8:
             _check_file(spec, sc, FLOAT_FILE_DTYPES, (n,))
 
     def parts(self, spec: ExpertSpec) -> list[list[Part]]:
-        return [[Part((n, k), torch.int8), Part((n,), None)] for n, k in weight_shapes(spec)]
+        return [[Part((n, k), torch.int8), Part((n,), KERNEL)] for n, k in weight_shapes(spec)]
 
     def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
         if spec.stored is None:
@@ -194,7 +208,9 @@ class Int4Weights:
     def forward(self, x: Tensor) -> Tensor:
         act = activation_fn(self.activation)
         (gp, up, dp), (gs, us, ds), g = self.packed, self.scales_zeros, self.group_size
-        return quant.int4_linear(act(quant.int4_linear(x, gp, g, gs)) * quant.int4_linear(x, up, g, us), dp, g, ds)
+        k = x.to(gs.dtype)             # the kernels' activation dtype (see workers/quant.py)
+        h = act(quant.int4_linear(k, gp, g, gs)) * quant.int4_linear(k, up, g, us)
+        return quant.int4_linear(h, dp, g, ds).to(x.dtype)
 
 
 class Int4:
@@ -222,7 +238,7 @@ class Int4:
 
     def parts(self, spec: ExpertSpec) -> list[list[Part]]:
         g = spec.group_size
-        return [[Part((n * k // 2,), torch.uint8), Part((k // g, n, 2), None)] for n, k in weight_shapes(spec)]
+        return [[Part((n * k // 2,), torch.uint8), Part((k // g, n, 2), KERNEL)] for n, k in weight_shapes(spec)]
 
     def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
         return Int8.file_tensors(self, spec)  # type: ignore[arg-type]  # same pairing: weight, then scales
