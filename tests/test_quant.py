@@ -294,6 +294,11 @@ def test_quantize_plan_and_eval_commands_on_the_embedded_model(tmp_path, capsys)
     assert main(["plan", str(MODEL), "--workers", "2"]) == 0
     dense_plan = capsys.readouterr().out
     assert "experts int4/g64" in quantized_plan and "experts as stored" in dense_plan
+
+    def total(plan: str) -> float:           # "routed experts total: 7.5 MiB"
+        value, unit = plan.split("routed experts total: ")[1].split()[:2]
+        return float(value) * {"MiB": 2**20, "MB": 10**6, "KiB": 2**10, "kB": 10**3}[unit]
+    assert 6.0 < total(dense_plan) / total(quantized_plan) < 8.0      # fp32 compute: 7.1x at g64
     text = tmp_path / "t.txt"
     text.write_text(HELDOUT.read_text()[:3000])
     assert main(["eval", str(dst), "--text", str(text), "--dtype", "bfloat16"]) == 0
