@@ -134,6 +134,13 @@ def _check_scales(spec: ExpertSpec) -> None:
                          f"gate, up and down, found {len(spec.scales)}: re-run `moeshard quantize`")
 
 
+def _weights_then_scales(spec: ExpertSpec) -> list[list[TensorSpec]]:
+    """Per weight: a float file's weight alone, or a quantized file's codes then their scales."""
+    if spec.stored is None:
+        return [[t] for t in spec.tensors]
+    return [[t, sc] for t, sc in zip(spec.tensors, spec.scales)]
+
+
 @dataclass(frozen=True)
 class Int8Weights:
     """An int8 expert: per weight, codes [N, K] and per-output-channel scales [N] (compute dtype)."""
@@ -145,11 +152,6 @@ class Int8Weights:
     @property
     def hidden_size(self) -> int:
         return int(self.q[0].shape[1])
-
-    def dequantized(self) -> ExpertWeights:
-        """The plain reference (float32 weights)."""
-        w = [quant.dequantize_int8(q, s) for q, s in zip(self.q, self.scale)]
-        return ExpertWeights(*w, activation=self.activation)
 
     def forward(self, x: Tensor) -> Tensor:
         act = activation_fn(self.activation)
@@ -175,9 +177,7 @@ class Int8:
         return [[Part((n, k), torch.int8), Part((n,), KERNEL)] for n, k in weight_shapes(spec)]
 
     def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
-        if spec.stored is None:
-            return [[t] for t in spec.tensors]
-        return [[t, sc] for t, sc in zip(spec.tensors, spec.scales)]
+        return _weights_then_scales(spec)
 
     def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
         return False
@@ -241,7 +241,7 @@ class Int4:
         return [[Part((n * k // 2,), torch.uint8), Part((k // g, n, 2), KERNEL)] for n, k in weight_shapes(spec)]
 
     def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
-        return Int8.file_tensors(self, spec)  # type: ignore[arg-type]  # same pairing: weight, then scales
+        return _weights_then_scales(spec)
 
     def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
         return False
