@@ -663,7 +663,7 @@ def scenario_7(ctx: Ctx) -> dict:
         budget = _ooc_budget(ctx, 0)
         chs = {}
         for tag, path in (("fp32", ctx.ckpt), ("int4", q)):
-            cg = MemoryCgroup(f"s7-{tag}", ctx.ooc_memory)
+            cg = memory_cgroup(f"s7-{tag}", ctx.ooc_memory)
             cgs.append(cg)
             ctx.progress(f"s7: loading moeshard out of core, {tag} checkpoint, budget {format_bytes(budget)}")
             ch = ctx.child(f"s7-ooc-{tag}", cgroup=cg)
@@ -687,7 +687,7 @@ def scenario_7(ctx: Ctx) -> dict:
         for cg in cgs:
             try:
                 cg.remove()
-            except OSError:
+            except (OSError, cgroups.CgroupError):
                 pass
     notes.append("two-host row (scenario 3 with int4) not run by this scenario yet")
     return {"figures": figures, "details": details, "notes": notes}
