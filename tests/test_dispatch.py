@@ -334,10 +334,10 @@ def test_actor_that_fails_to_start_is_named_with_the_remote_reason(ray_session, 
 
 
 def test_unreachable_address_fails_fast(ray_session, specs):
-    t0 = time.perf_counter()
+    # "cannot reach" is the TCP probe's error, raised before ray.init (which retries for minutes and
+    # would say "cannot connect"): fast by construction, so no timed assertion
     with pytest.raises(ClusterError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
         RemoteExperts(specs, num_workers=1, dtype="float32", ray_address="127.0.0.1:1")
-    assert time.perf_counter() - t0 < 5
     with pytest.raises(ClusterError, match="host:port"):
         RemoteExperts(specs, num_workers=1, dtype="float32", ray_address="no-port-here")
 
