@@ -646,7 +646,6 @@ def scenario_7(ctx: Ctx) -> dict:
                 x.pop("step_s", None)
                 res[name].append(x)
         details["rounds"][tag] = res
-        details[f"moeshard_{tag}_slot_bytes"] = (res["moeshard"][-1].get("experts") or {}).get("slot_bytes")
         figures.append(figure(f"s7.b1.{tag}", f"in memory, 0 workers, experts {tag} ({dtype} compute): decode tok/s, "
                               "batch 1", _med(res["moeshard"]), "tok/s", peer="transformers fp32",
                               peer_value=_med(res["transformers"]), ratio=_ratio(res["moeshard"], res["transformers"]),
