@@ -5,7 +5,7 @@
     python -m bench.run --scenario 4 --tiny     # the tiny checkpoint (smoke test of the bench code)
 
 Scenarios: 1 in memory, 2 out of core in a 3 GB cgroup, 3 out of core on two harness hosts,
-4 dispatch overhead, 5 cache and prefetch, 6 memory. Scenarios 2 and 3 need root (memory
+4 dispatch overhead, 5 cache and prefetch, 6 memory, 7 low-bit experts. Scenarios 2 and 3 need root (memory
 cgroups, drop_caches, network namespaces); without it they report "unavailable".
 
 Results: bench/results/<date>-<machine>.json (merged scenario by scenario), a markdown
@@ -73,13 +73,13 @@ def _out_dir(v: str) -> Path:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `bench` subcommand's options (the CLI wires this in; `python -m bench.run` uses it too)."""
     parser.add_argument("--scenario", "-s", default="all",
-                        help="scenario number 1-6, a comma list (1,4), or 'all' (default)")
+                        help="scenario number (see the module docstring), a comma list (1,4), or 'all' (default)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds (each scenario a few minutes)")
     parser.add_argument("--tiny", action="store_true",
                         help="use the tiny checkpoint: a smoke test of the bench code, figures meaningless")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="benchmark this checkpoint instead of the generated mix8x32 (written on demand into "
-                             f"{mk.CACHE_DIR})")
+                             "bench/cache/)")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch threads for every system (default: all cores of this machine)")
     parser.add_argument("--workers", type=_counts, default="0,2", help="scenario 1: moeshard worker counts (default 0,2)")
@@ -105,7 +105,7 @@ def _scenarios(spec: str) -> list[int]:
         try:
             n = int(part)
         except ValueError:
-            raise SystemExit(f"--scenario: {spec!r} is not a scenario number 1-6, a comma list or 'all'") from None
+            raise SystemExit(f"--scenario: {spec!r} is not a scenario number, a comma list or 'all'") from None
         if n not in SCENARIOS:
             raise SystemExit(f"--scenario: unknown scenario {n}; choose from {sorted(SCENARIOS)} or 'all'")
         out.append(n)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from coordinator.options import BY_FLAG, OPTIONS, default_of
+from coordinator.options import BY_NAME, OPTIONS, default_of
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "options.md"
 
@@ -76,8 +76,8 @@ def render() -> str:
             allowed = "on/off switch"
         elif action.choices:
             allowed = " \\| ".join(map(str, action.choices))
-        elif action.option_strings and action.option_strings[-1] in BY_FLAG:
-            allowed = BY_FLAG[action.option_strings[-1]].allowed
+        elif action.dest in BY_NAME and BY_NAME[action.dest].flag in action.option_strings:
+            allowed = BY_NAME[action.dest].allowed
         else:
             allowed = (action.help or "").split(" (default")[0]
         helptext = " ".join((action.help or "").split())
