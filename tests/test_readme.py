@@ -188,7 +188,7 @@ GENERATED = [r"generated \d+ tokens in", r"(?m)^actor\s+node\s+experts", r"(?m)^
 # What each sub-command's output must show; a sub-command not listed must at least exit 0 and print something.
 EXPECT = {
     "generate": GENERATED,
-    "plan": [r"2 actor\(s\), memory budget per actor: 8\.0 MB", r"(?m)^\s+1\s+16\s"],
+    "plan": [r"2 actor\(s\), memory budget per actor: 8 MB,", r"(?m)^\s+1\s+16\s"],
     "bench": [r"(?m)^results: .*\.json$", r"(?m)^\| 1 \| in memory, 2 workers"],
 }
 
