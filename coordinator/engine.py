@@ -346,6 +346,11 @@ class Engine:
             self._cond.notify_all()
         return gen
 
+    @property
+    def alive(self) -> bool:
+        """True while the engine admits and runs requests."""
+        return self._thread.is_alive() and not self._closed
+
     def stats(self) -> dict[str, Any]:
         """Running and queued requests, throughput, TTFT and inter-token latency percentiles, finish counts."""
         with self._cond:
