@@ -28,6 +28,7 @@ BASE = {
     ("harness", "up"): ["harness", "up"],
     ("harness", "down"): ["harness", "down"],
     ("bench",): ["bench"],
+    ("serve",): ["serve", MODEL],
 }
 #: invalid values of the flags outside the option table (those in it bring their own `cli_invalid`)
 CLI_INVALID = {
@@ -62,6 +63,12 @@ CLI_INVALID = {
     ("bench", "--host-memory"): ["lots", "0"],
     ("bench", "--transport"): ["auto"],
     ("bench", "--out"): ["/dev/null/out"],
+    ("serve", "checkpoint"): ["/nonexistent/model"],
+    ("serve", "--host"): [" "],
+    ("serve", "--port"): ["0", "70000", "x"],
+    ("serve", "--model-name"): [" "],
+    ("serve", "--max-batch"): ["0", "x"],
+    ("serve", "--max-queue"): ["-1", "x"],
 }
 #: flags that take free text where no value is wrong (a name, a label)
 FREE_TEXT = {("bench", "--machine")}
