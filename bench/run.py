@@ -73,7 +73,7 @@ def _out_dir(v: str) -> Path:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `bench` subcommand's options (the CLI wires this in; `python -m bench.run` uses it too)."""
     parser.add_argument("--scenario", "-s", default="all",
-                        help="scenario number 1-6, a comma list (1,4), or 'all' (default)")
+                        help="scenario number 1-7, a comma list (1,4), or 'all' (default)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds (each scenario a few minutes)")
     parser.add_argument("--tiny", action="store_true",
                         help="use the tiny checkpoint: a smoke test of the bench code, figures meaningless")

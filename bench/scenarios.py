@@ -18,6 +18,7 @@ from . import make_checkpoint as mk
 from .common import (ROOT, Child, ChildError, MemoryCgroup, cgroups_usable, drop_caches, median, paired_ratio,
                      percentile, read_bandwidth, store_min_budget)
 from .results import figure
+from .serving import scenario_7
 
 GB = 10**9
 
@@ -601,10 +602,11 @@ SCENARIOS: dict[int, tuple[str, Callable[[Ctx], dict]]] = {
     4: ("Dispatch overhead", scenario_4),
     5: ("Cache and prefetch", scenario_5),
     6: ("Memory", scenario_6),
+    7: ("Serving: concurrent clients, latency, load test", scenario_7),
 }
 
 # Rough wall time per scenario on the 2-core bench machine (full / quick), for the progress bar.
-STEPS = {1: 32, 2: 14, 3: 8, 4: 1, 5: 20, 6: 3}
+STEPS = {1: 32, 2: 14, 3: 8, 4: 1, 5: 20, 6: 3, 7: 10}
 
 
 def run_scenario(n: int, ctx: Ctx) -> dict:

@@ -166,7 +166,12 @@ def test_sigkill_of_an_expert_actor_under_8_open_streams(server, client):
     assert all(clean)
     started = threading.Semaphore(0)
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.setdefault("texts", stream_all(client, PROMPTS, started)))
+    def run() -> None:
+        try:
+            result["texts"] = stream_all(client, PROMPTS, started)
+        except BaseException as e:  # re-raised below, in the test's thread
+            result["error"] = e
+    runner = threading.Thread(target=run)
     runner.start()
     for _ in PROMPTS:                                # every stream has its first token: all 8 are open
         assert started.acquire(timeout=300), "the 8 streams did not all start"
@@ -176,6 +181,7 @@ def test_sigkill_of_an_expert_actor_under_8_open_streams(server, client):
     os.kill(victim, signal.SIGKILL)
     runner.join(600)
     assert not runner.is_alive()
+    assert "error" not in result, f"a stream failed after the kill: {result.get('error')!r}"
     assert result["texts"] == clean
     after = metrics(server)
     assert sum(v for k, v in after.items() if k.startswith("moeshard_actor_restarts_total")) >= 1
