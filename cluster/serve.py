@@ -29,7 +29,7 @@ from .openai_api import ROUTES, OpenAIServer
 log = logging.getLogger(__name__)
 
 APP_NAME = "moeshard"
-ENGINE_FIELDS = ("max_batch", "max_queue", "max_seq_len", "event_timeout_s")
+ENGINE_FIELDS = ("max_batch", "max_queue", "max_seq_len", "max_prefill_tokens", "event_timeout_s")
 
 
 @dataclass(frozen=True)

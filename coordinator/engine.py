@@ -76,10 +76,11 @@ class EngineOptions:
     max_batch: int = 16             # KV slots: sequences decoded together
     max_queue: int = 64             # requests waiting for a slot; beyond it submit raises QueueFull
     max_seq_len: int | None = None  # tokens per slot (prompt + completion); None = the model's context
+    max_prefill_tokens: int = 4096  # padded prompt tokens prefilled in one forward (a longer prompt runs alone)
     event_timeout_s: float = 600.0  # a reader waiting this long for the next token gets TimeoutError
 
     def __post_init__(self) -> None:
-        for name, lo in (("max_batch", 1), ("max_queue", 0)):
+        for name, lo in (("max_batch", 1), ("max_queue", 0), ("max_prefill_tokens", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise OptionError(name, f"must be an integer >= {lo}, got {v!r}")
@@ -239,7 +240,7 @@ class Generation:
         yield out
 
 
-@dataclass
+@dataclass(eq=False)       # identity: the engine finds a sequence's row by `is`, not by value
 class _Seq:
     """Engine-side state of one admitted request."""
 
@@ -261,6 +262,7 @@ class _Counters:
     generated_tokens: int = 0
     decode_steps: int = 0
     decode_rows: int = 0
+    prefills: int = 0
     busy_s: float = 0.0
     ttft_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2048))
     itl_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8192))
@@ -360,7 +362,7 @@ class Engine:
                 "running": len(self._active), "queued": len(self._queue), "max_batch": self.options.max_batch,
                 "max_queue": self.options.max_queue, "submitted": c.submitted, "rejected": c.rejected,
                 "finished": dict(c.finished), "prompt_tokens": c.prompt_tokens,
-                "generated_tokens": c.generated_tokens, "decode_steps": c.decode_steps,
+                "generated_tokens": c.generated_tokens, "decode_steps": c.decode_steps, "prefills": c.prefills,
                 "mean_batch": c.decode_rows / c.decode_steps if c.decode_steps else 0.0,
                 "busy_s": c.busy_s, "uptime_s": wall,
                 "tokens_per_second": c.generated_tokens / c.busy_s if c.busy_s else 0.0,
@@ -399,22 +401,17 @@ class Engine:
                 self._cond.wait_for(lambda: self._closed or self._queue or self._active, timeout=1.0)
                 if self._closed:
                     break
-                admit = []
-                while self._queue and len(self._active) + len(admit) < self.options.max_batch:
-                    gen = self._queue.popleft()
-                    if gen.cancelled:
-                        self._finish_unadmitted(gen, "cancelled")
-                    else:
-                        admit.append(gen)
-            if not admit and not self._active:
-                continue
+                if not self._queue and not self._active:
+                    continue
             t0 = time.perf_counter()
+            admit: list[Generation] = []
             try:
                 with self.coord.exclusive("engine"):
+                    admit = self._admit()          # at the token boundary: whatever queued meanwhile joins
                     self._drop_cancelled()
-                    for gen in admit:
-                        self._prefill(gen)
-                    admit = []
+                    for group in self._prefill_groups(admit):
+                        self._prefill(group)
+                        admit = admit[len(group):]      # what an error below must still end
                     self._drop_cancelled()
                     if self._active:
                         self._decode()
@@ -438,6 +435,17 @@ class Engine:
             self._end(seq, "cancelled")
         self._active.clear()
 
+    def _admit(self) -> list[Generation]:
+        """Queued requests that fit the free rows, in order; cancelled ones leave the queue."""
+        with self._cond:
+            for gen in [g for g in self._queue if g.cancelled]:
+                self._queue.remove(gen)
+                self._finish_unadmitted(gen, "cancelled")
+            admit = []
+            while self._queue and len(self._active) + len(admit) < self.options.max_batch:
+                admit.append(self._queue.popleft())
+            return admit
+
     def _finish_unadmitted(self, gen: Generation, reason: str, error: BaseException | None = None) -> None:
         gen.error = error
         gen.finish_reason = reason
@@ -445,22 +453,46 @@ class Engine:
             self._c.finished[reason] += 1
         gen._push(Output(None, "", reason))
 
-    def _prefill(self, gen: Generation) -> None:
-        """Run the prompt alone into the next free row, exactly as `generate` runs a one-row batch."""
-        row = len(self._active)
-        p = gen.params
-        seq = _Seq(gen, torch.Generator().manual_seed(p.seed) if p.seed is not None and not p.greedy else None,
-                   self._model_eos if p.eos_token_id is None else frozenset(p.eos_token_id))
-        T = len(gen.prompt)
-        ids = torch.tensor([gen.prompt], dtype=torch.long)
-        positions = torch.arange(T)[None]
-        caches = [c.rows(row, row + 1) for c in self._caches]
-        logits = self.model(ids, positions, torch.arange(T), torch.ones(1, T, dtype=torch.bool), caches)
-        seq.pos = T
+    def _prefill_groups(self, gens: list[Generation]) -> list[list[Generation]]:
+        """Admitted prompts in groups of at most `max_prefill_tokens` padded tokens (at least one each)."""
+        groups: list[list[Generation]] = []
+        for gen in gens:
+            g = groups[-1] if groups else None
+            if g is not None and (len(g) + 1) * max(len(gen.prompt), *(len(x.prompt) for x in g)) <= \
+                    self.options.max_prefill_tokens:
+                g.append(gen)
+            else:
+                groups.append([gen])
+        return groups
+
+    def _prefill(self, gens: list[Generation]) -> None:
+        """Prefill new prompts together into the next free rows: one forward, one dispatch per MoE layer.
+
+        One prompt runs exactly as `generate` runs a one-row batch. Several are padded on the right
+        to the longest; each row's padding writes cache slots after its prompt that its own decode
+        steps overwrite before they are ever attended to (a step writes its slot, then attends up to it)."""
+        row, k = len(self._active), len(gens)
+        lens = [len(g.prompt) for g in gens]
+        T = max(lens)
+        ids = torch.zeros(k, T, dtype=torch.long)
+        for i, g in enumerate(gens):
+            ids[i, :lens[i]] = torch.tensor(g.prompt, dtype=torch.long)
+        positions = torch.arange(T).expand(k, T)
+        caches = [c.rows(row, row + k) for c in self._caches]
+        logits = self.model(ids, positions, torch.arange(T) if k == 1 else positions,
+                            torch.ones(k, T, dtype=torch.bool), caches)
+        seqs = []
+        for g, n in zip(gens, lens):
+            p = g.params
+            seq = _Seq(g, torch.Generator().manual_seed(p.seed) if p.seed is not None and not p.greedy else None,
+                       self._model_eos if p.eos_token_id is None else frozenset(p.eos_token_id), pos=n)
+            self._active.append(seq)            # all rows taken before any can finish and move rows
+            seqs.append(seq)
         with self._cond:
-            self._c.prompt_tokens += T
-        self._active.append(seq)
-        self._emit(seq, logits[:, -1])
+            self._c.prompt_tokens += sum(lens)
+            self._c.prefills += 1
+        for i, seq in enumerate(seqs):
+            self._emit(seq, logits[i:i + 1, lens[i] - 1])
 
     def _decode(self) -> None:
         """One token for every active sequence: one forward over [n, 1], one dispatch per MoE layer."""

@@ -56,7 +56,8 @@ def test_batched_greedy_equals_generate_alone_with_requests_joining_and_leaving(
     want = [alone(coord, p, n) for p, n in zip(prompts, lengths)]
     # 3 slots for 8 requests: later ones are admitted at token boundaries as earlier ones finish.
     with Engine(coord, EngineOptions(max_batch=3)) as engine:
-        gens = [engine.submit(p, RequestParams(max_tokens=n, eos_token_id=())) for p, n in zip(prompts, lengths)]
+        with coord.exclusive("test"):      # the engine waits: prompts of different lengths are prefilled together
+            gens = [engine.submit(p, RequestParams(max_tokens=n, eos_token_id=())) for p, n in zip(prompts, lengths)]
         got = [tokens(g) for g in gens]
         stats = engine.stats()
     ties = sum(near_ties(coord, p, g, w) for p, g, w in zip(prompts, got, want))
@@ -64,7 +65,22 @@ def test_batched_greedy_equals_generate_alone_with_requests_joining_and_leaving(
     assert ties == 0
     assert got == want
     assert stats["mean_batch"] > 2, stats          # the steps really were batched
+    assert stats["prefills"] < len(prompts), stats   # and prompts admitted together were prefilled together
     assert stats["finished"]["length"] == len(prompts) and stats["running"] == stats["queued"] == 0
+
+
+def test_prompts_of_different_lengths_prefilled_together_equal_generate_alone(coord):
+    tok = coord.tokenizer
+    prompts = [tok.encode(p).ids for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 4
+    want = [alone(coord, p, 12) for p in prompts]
+    with Engine(coord, EngineOptions(max_batch=len(prompts))) as engine:
+        with coord.exclusive("test"):      # all queued before the engine's next token boundary
+            gens = [engine.submit(p, RequestParams(max_tokens=12, eos_token_id=())) for p in prompts]
+        got = [tokens(g) for g in gens]
+        assert engine.stats()["prefills"] == 1
+    assert sum(near_ties(coord, p, g, w) for p, g, w in zip(prompts, got, want)) == 0
+    assert got == want
 
 
 def test_requests_submitted_mid_generation_join_the_running_batch(coord):
@@ -194,3 +210,19 @@ def test_direct_generate_and_the_engine_take_turns(coord):
         got = tokens(gen)
         t.join(60)
     assert got == want and result["direct"] == want
+
+
+def test_a_cancelled_queued_request_gives_its_queue_place_back(coord):
+    with Engine(coord, EngineOptions(max_batch=1, max_queue=1)) as engine:
+        running = engine.submit(PROMPTS[0], RequestParams(max_tokens=500, eos_token_id=()))
+        next(iter(running))
+        queued = engine.submit(PROMPTS[1], RequestParams(max_tokens=2))
+        queued.cancel()
+        assert [o.finish_reason for o in queued] == ["cancelled"] and queued.tokens == []
+        deadline = time.monotonic() + 30
+        while engine.stats()["queued"]:
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.02)
+        again = engine.submit(PROMPTS[2], RequestParams(max_tokens=2))    # no QueueFull: the place is free
+        running.cancel()
+        assert len(tokens(again)) == 2
