@@ -20,6 +20,8 @@ MANY_EXPERTS = {
     "qwen3_moe": dict(num_experts=16),
     "olmoe": dict(num_experts=16),
     "deepseek_v3": dict(n_routed_experts=16),
+    "deepseek_v2": dict(n_routed_experts=16),
+    "glm4_moe": dict(n_routed_experts=16),
 }
 
 

@@ -9,7 +9,7 @@ actors are pinned to hosts 1 and 2; hosts 0 and 3 have a free CPU for replacemen
   node is found unreachable, actor 0 is re-placed on the last free host; tokens identical (a
   clear error would also be acceptable by design) and the generation never hangs.
 
-Needs namespace mode (root, iproute2, cgroups); skipped otherwise. Slow: one cluster per module.
+Needs namespace mode (root, iproute2, cgroups: capability ``harness``, see the skip policy in conftest.py). Slow: one cluster per module.
 """
 from __future__ import annotations
 
@@ -26,12 +26,7 @@ from cluster.placement import expert_nbytes
 
 ray = pytest.importorskip("ray")
 
-_reason = LocalCluster._netns_unavailable_reason()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(_reason), reason=f"needs the harness's namespace mode (root, iproute2, cgroups): "
-                                             f"{_reason}"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.requires("harness")]
 
 FAMILY, VARIANT = "mixtral", "e8_top3"     # 3 MoE layers x 8 experts, top-3: 12 experts per actor
 NEW = 16
