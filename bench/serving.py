@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import ROOT, MemoryCgroup, cgroups_usable, median, paired_ratio, percentile
+from .common import ROOT, cgroups_usable, median, memory_cgroup, paired_ratio, percentile
 from .results import figure
 
 STARTUP_S = 600          # a server that does not answer /health by then is an error
@@ -36,7 +36,7 @@ LOAD_S = 1800            # the whole load test
 class Server:
     """A `moeshard serve` subprocess (its own session, so only what it started is stopped)."""
 
-    def __init__(self, model: Path, workers: int, worker_memory: str | None, cgroup: MemoryCgroup | None,
+    def __init__(self, model: Path, workers: int, worker_memory: str | None, cgroup: Any | None,
                  log_path: Path, max_batch: int = 16, max_queue: int = 256):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -48,12 +48,12 @@ class Server:
                 str(self.port), "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--model-name", "m"]
         if worker_memory:
             argv += ["--worker-memory", worker_memory]
+        if cgroup is not None:          # it joins before it starts Ray: raylet and the actors inherit the cgroup
+            argv = cgroup.wrap(argv)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        if cgroup is not None:          # before it forks Ray: raylet and the actors inherit the cgroup
-            cgroup.procs_file.write_text(str(self.proc.pid))
         import httpx
         deadline = time.monotonic() + STARTUP_S
         while True:
@@ -249,7 +249,7 @@ def scenario_7(ctx) -> dict:
         notes.append(f"out of core with 8 clients not run: {why or 'tiny mode'}")
         return {"figures": figures, "details": details, "notes": notes}
     from .scenarios import _ooc_budget
-    cg = MemoryCgroup("s7-ooc", ctx.ooc_memory)
+    cg = memory_cgroup("s7-ooc", ctx.ooc_memory)
     try:
         budget = _ooc_budget(ctx, 2)
         server = Server(ctx.ckpt, 2, str(budget), cg, ctx.log_dir / "s7-serve-ooc.log", max_batch=8)
