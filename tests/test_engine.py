@@ -226,3 +226,16 @@ def test_a_cancelled_queued_request_gives_its_queue_place_back(coord):
         again = engine.submit(PROMPTS[2], RequestParams(max_tokens=2))    # no QueueFull: the place is free
         running.cancel()
         assert len(tokens(again)) == 2
+
+
+def test_every_step_is_one_expert_dispatch_per_moe_layer_for_all_sequences(coord):
+    layers = len(coord.config.moe_layer_ids)
+    before = coord.experts.stats()["calls"]
+    with Engine(coord, EngineOptions(max_batch=6)) as engine:
+        with coord.exclusive("test"):
+            gens = [engine.submit(p, RequestParams(max_tokens=10, eos_token_id=())) for p in PROMPTS[:6]]
+        assert all(len(tokens(g)) == 10 for g in gens)
+        s = engine.stats()
+    # one prefill forward for the 6 prompts, then 9 steps that each decode all 6 sequences
+    assert s["prefills"] == 1 and s["decode_steps"] == 9 and s["mean_batch"] == 6
+    assert coord.experts.stats()["calls"] - before == (s["prefills"] + s["decode_steps"]) * layers
