@@ -31,7 +31,7 @@ from .results import figure
 STARTUP_S = 600          # a server that does not answer /health by then is an error
 REQUEST_S = 300          # per request
 LOAD_S = 1800            # the whole load test
-SERVE_OVERHEAD_BYTES = 600 * 10**6   # Serve controller + proxy + the `moeshard serve` driver (RSS, measured ~0.2 GB each)
+SERVE_OVERHEAD_BYTES = 300 * 10**6   # Serve controller + proxy + the `moeshard serve` driver, beyond scenario 2's Ray
 
 
 class Server:
@@ -99,7 +99,7 @@ class Server:
         self._log.close()
 
 
-def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
+def stream_one(url: str, prompt: str | list[int], max_tokens: int) -> dict:
     """One streaming greedy completion: tokens, time to first token, gaps between tokens, wall time."""
     import httpx
     import json
@@ -126,7 +126,7 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
             "itl_s": [b - a for a, b in zip(stamps, stamps[1:])], "wall_s": end - t0, "start": t0, "end": end}
 
 
-def clients(url: str, prompts: list[str], max_tokens: int) -> dict:
+def clients(url: str, prompts: list, max_tokens: int) -> dict:
     """All prompts at once, one thread each: aggregate tok/s over the wall time of the whole batch."""
     out: list[Any] = [None] * len(prompts)
 
@@ -146,6 +146,7 @@ def clients(url: str, prompts: list[str], max_tokens: int) -> dict:
     wall = (max(o["end"] for o in ok) - t0) if ok else None
     toks = sum(o["tokens"] for o in ok)
     return {"tok_s": toks / wall if wall else None, "tokens": toks, "errors": len(errors),
+            "error_sample": str(errors[0])[:300] if errors else None,
             "ttft_s": [o["ttft_s"] for o in ok if o["ttft_s"] is not None],
             "itl_s": [x for o in ok for x in o["itl_s"]]}
 
@@ -156,13 +157,18 @@ PROMPTS = ["The for statement", "def foo(x):", "A list comprehension is", "impor
            "Lambda expressions", "The try statement"]
 
 
-def _concurrency(server: Server, n: int, tokens: int, rounds: int, tag: str, progress) -> dict:
+#: token-id prompts for checkpoints without a tokenizer (the synthetic bench checkpoint)
+ID_PROMPTS = [[1 + (37 * i + 11 * j) % 1000 for j in range(8)] for i in range(16)]
+
+
+def _concurrency(server: Server, n: int, tokens: int, rounds: int, tag: str, progress,
+                 prompts: list = PROMPTS) -> dict:
     one, many = [], []
     for r in range(rounds):
         progress(f"s7 {tag}: round {r + 1}/{rounds}: 1 client")
-        one.append(clients(server.url, PROMPTS[:1], tokens))
+        one.append(clients(server.url, prompts[:1], tokens))
         progress(f"s7 {tag}: round {r + 1}/{rounds}: {n} clients")
-        many.append(clients(server.url, [PROMPTS[i % len(PROMPTS)] for i in range(n)], tokens))
+        many.append(clients(server.url, [prompts[i % len(prompts)] for i in range(n)], tokens))
     return {"one": one, "many": many}
 
 
@@ -263,10 +269,14 @@ def out_of_core(ctx, details: dict, rounds: int) -> list[dict]:
         budget = max(_min_budget(ctx, 0, 2), _ooc_budget(ctx, 2) - SERVE_OVERHEAD_BYTES // 2)
         server = Server(ctx.ckpt, 2, str(budget), cg, ctx.log_dir / "s7-serve-ooc.log", max_batch=8)
         try:
-            clients(server.url, PROMPTS[:1], 2)
-            runs = _concurrency(server, 8, 16 if ctx.quick else 32, rounds, "ooc", ctx.progress)
+            prompts = PROMPTS if (ctx.ckpt / "tokenizer.json").is_file() else ID_PROMPTS
+            clients(server.url, prompts[:1], 2)
+            runs = _concurrency(server, 8, 16 if ctx.quick else 32, rounds, "ooc", ctx.progress, prompts)
             details["ooc"] = {"budget_per_actor": budget, "cgroup_peak": cg.peak(), "oom_kills": cg.oom_kills(),
-                              "one": [r["tok_s"] for r in runs["one"]], "many": [r["tok_s"] for r in runs["many"]]}
+                              "one": [r["tok_s"] for r in runs["one"]], "many": [r["tok_s"] for r in runs["many"]],
+                              "errors": sum(r["errors"] for r in runs["one"] + runs["many"]),
+                              "error_sample": next((r["error_sample"] for r in runs["one"] + runs["many"]
+                                                    if r["error_sample"]), None)}
             figures.append(figure("s7.concurrency.ooc", f"{ctx.ckpt.name} out of core (cgroup), 2 actors: "
                                                         "aggregate tok/s, 8 streaming clients",
                                   median(r["tok_s"] for r in runs["many"]), "tok/s", peer="one client alone",

@@ -7,8 +7,9 @@
     engine.close()
 
 One engine thread runs the loop. At every token boundary it drops cancelled requests, admits queued
-ones into free KV slots (each prompt is prefilled on its own, exactly as `Coordinator.generate`
-would), then runs ONE decode step over every active sequence: one forward over [n, 1] tokens, so
+ones into free KV slots (the prompts admitted together are prefilled in one forward, right-padded;
+a lone prompt exactly as `Coordinator.generate` prefills a one-row batch), then runs ONE decode step
+over every active sequence: one forward over [n, 1] tokens, so
 each MoE layer sends one routed-expert dispatch carrying the rows of all n sequences, and one expert
 read serves every sequence routed to it. Each sequence owns a row of the KV cache (its slot) and
 its own positions; the active ones are kept in rows 0..n-1 (a finished one's row is filled with the
