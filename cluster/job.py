@@ -37,7 +37,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 if __name__ == "__main__":  # before the imports below, which fail with a traceback under a Python without torch
