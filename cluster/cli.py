@@ -83,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_arguments(ev, RUN_OPTIONS)
     ev.set_defaults(func=cmd_eval)
 
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (Ray Serve) with continuous batching",
+                         description="Load the checkpoint in a Ray Serve replica (routed experts on --workers "
+                                     "actors) and serve POST /v1/completions and /v1/chat/completions (streaming "
+                                     "with stream: true), GET /v1/models, /health and /metrics, batching all "
+                                     "running requests into each decode step. Runs until Ctrl-C.")
+    srv.add_argument("checkpoint", help="directory of a Hugging Face MoE checkpoint (config.json + *.safetensors)")
+    add_option_arguments(srv, RUN_OPTIONS)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port, 1-65535 (default: 8000)")
+    srv.add_argument("--model-name", default=None, metavar="NAME",
+                     help="the model name clients send (default: the checkpoint folder's name)")
+    srv.add_argument("--max-batch", type=int, default=16, metavar="N",
+                     help="sequences decoded together, each with its own KV slot (default: 16)")
+    srv.add_argument("--max-queue", type=int, default=64, metavar="N",
+                     help="requests that may wait for a slot; beyond it the server answers 429 (default: 64)")
+    srv.set_defaults(func=cmd_serve)
+
     har = sub.add_parser("harness", help="start/stop a local multi-host test cluster (up, down, list)",
                          description="Multi-host Ray cluster on one machine, for testing distribution.")
     try:
@@ -210,6 +227,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ppl = coord.perplexity(text, max_length=args.max_length, stride=args.stride)
     print(f"perplexity: {ppl:.4f}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check every flag and the checkpoint, then run the Ray Serve deployment until interrupted."""
+    from coordinator.checkpoint import Checkpoint
+    from coordinator.engine import EngineOptions
+
+    options = run_options(args)
+    try:
+        engine = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue)
+    except OptionError as e:
+        raise ValueError(f"--{e.option.replace('_', '-')}: {e.detail}") from None
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port: must be in 1..65535, got {args.port}")
+    if not args.host.strip():
+        raise ValueError("--host: give an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+    if args.model_name is not None and not args.model_name.strip():
+        raise ValueError("--model-name: give a non-empty name, or leave it out to use the folder's name")
+    Checkpoint.open(args.checkpoint)                 # a missing or broken model fails before Ray starts
+    from cluster.serve import ServeConfig, check_port, run_serve
+    check_port(args.host, args.port)
+    return run_serve(ServeConfig(str(args.checkpoint), options, engine, args.model_name), args.host, args.port)
 
 
 def cmd_harness(args: argparse.Namespace) -> int:

@@ -261,6 +261,11 @@ class Coordinator:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def exclusive(self, what: str = "engine"):
+        """Hold this Coordinator for one unit of outside work on its model (a serving engine's step):
+        the same lock, bounded wait and fresh retry budget as a `generate` call."""
+        return self._serialised(what)
+
     @contextmanager
     def _serialised(self, what: str):
         """Hold the call lock for one request: bounded wait, no self-deadlock, fresh retry budget."""

@@ -20,11 +20,33 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(batch, heads, max_len, v_dim, dtype=dtype), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_pos [T] slots; k [B, h, T, Dk], v [B, h, T, Dv] -> caches up to the last written slot."""
+        """input_pos [T] slots (or [B, T], one row of slots per sequence); k [B, h, T, Dk], v [B, h, T, Dv]
+        -> caches up to the last written slot (of any row). With [B, T] the batch may be a prefix of the
+        cache's rows (the continuous-batching engine keeps its active sequences in rows 0..B-1)."""
+        if input_pos.dim() == 2:
+            B = k.shape[0]
+            rows = torch.arange(B)[:, None]
+            self.k[rows, :, input_pos] = k.transpose(1, 2)         # advanced indices first: [B, T, h, D]
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
+            end = int(input_pos.max()) + 1
+            return self.k[:B, :, :end], self.v[:B, :, :end]
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         end = int(input_pos[-1]) + 1
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows [start, stop) that shares this one's storage (one sequence's slot)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[start:stop], persistent=False)
+        view.register_buffer("v", self.v[start:stop], persistent=False)
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` into row `dst` (the engine compacts its active sequences when one leaves)."""
+        self.k[dst].copy_(self.k[src])
+        self.v[dst].copy_(self.v[src])
 
 
 @dataclass
@@ -33,7 +55,7 @@ class AttentionInputs:
 
     cos: torch.Tensor            # [B, 1, T, D_rope]
     sin: torch.Tensor
-    input_pos: torch.Tensor      # [T] cache slots of the new tokens
+    input_pos: torch.Tensor      # [T] cache slots of the new tokens, or [B, T]: each row's own slots
     key_valid: torch.Tensor      # [B, S] bool, False for padding
     masks: dict                  # sliding window -> additive mask [B, 1, T, S], built once per step
 
@@ -41,12 +63,14 @@ class AttentionInputs:
         """Additive mask [B, 1, T, kv_len]: causal by cache slot, padding, optional sliding window."""
         if window not in self.masks:
             S = self.key_valid.shape[1]
-            q = self.input_pos[:, None]                                   # [T, 1]
-            s = torch.arange(S)[None, :]                                  # [1, S]
+            q = self.input_pos[..., :, None]                              # [T, 1] or [B, T, 1]
+            s = torch.arange(S)                                           # [S]
             allowed = (s <= q)
             if window is not None:
                 allowed = allowed & (q - s < window)
-            allowed = allowed[None] & self.key_valid[:, None, :]          # [B, T, S]
+            if allowed.dim() == 2:
+                allowed = allowed[None]
+            allowed = allowed & self.key_valid[:, None, :]                # [B, T, S]
             m = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
             self.masks[window] = m[:, None]                               # [B, 1, T, S]
         return self.masks[window][..., :kv_len]

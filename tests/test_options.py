@@ -30,6 +30,7 @@ BASE = {
     ("bench",): ["bench"],
     ("quantize",): ["quantize", MODEL, "/nonexistent-dst/q", "--expert-dtype", "int8"],
     ("eval",): ["eval", MODEL, "--text", "docs/data/heldout-pydoc.txt"],
+    ("serve",): ["serve", MODEL],
 }
 #: invalid values of the flags outside the option table (those in it bring their own `cli_invalid`)
 CLI_INVALID = {
@@ -70,6 +71,12 @@ CLI_INVALID = {
     ("eval", "--text"): ["/nonexistent/text.txt"],
     ("eval", "--max-length"): ["0", "x"],
     ("eval", "--stride"): ["0", "x"],
+    ("serve", "checkpoint"): ["/nonexistent/model"],
+    ("serve", "--host"): [" "],
+    ("serve", "--port"): ["0", "70000", "x"],
+    ("serve", "--model-name"): [" "],
+    ("serve", "--max-batch"): ["0", "x"],
+    ("serve", "--max-queue"): ["-1", "x"],
 }
 #: flags that take free text where no value is wrong (a name, a label)
 FREE_TEXT = {("bench", "--machine")}

@@ -43,6 +43,9 @@ NOT_RUN = {
     "ray up ray_config.yaml": "needs a cloud provider (AWS); ray_config.yaml is checked by tests/test_ray_config.py",
     "ray dashboard ray_config.yaml &": "forwards the jobs server of the `ray up` cluster; here the private "
                                        "head's jobs server is reached directly",
+    "serve deploy serve_config.yaml --address http://127.0.0.1:8265": "needs the `ray up` cluster's nodes (the "
+        "config's paths are theirs); tests/test_serve_ray.py checks serve_config.yaml against Ray Serve's schema "
+        "and builds its application",
 }
 
 # What is added to a line before it runs, and why.
@@ -111,6 +114,8 @@ def readme_lines() -> list[Line]:
 def runner_of(line: Line) -> str | None:
     """Which test runs this line (None: not run)."""
     w = line.words()
+    if w[:2] == ["moeshard", "serve"] or w[0] == "curl":
+        return "serve"
     if w[:2] == ["make", "run"]:
         return "make_run"
     if w[:2] == ["moeshard", "harness"] or w[:2] == ["ip", "netns"]:
@@ -172,8 +177,12 @@ def test_every_example_is_run_or_excused():
 
 # ---- python blocks ------------------------------------------------------------------------------------
 
+SERVED = "http://127.0.0.1:8000"          # python blocks talking to this run against `moeshard serve`
+_PLAIN = [(n, code) for n, code in _blocks("python") if SERVED not in code]
+
+
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("first,code", _blocks("python"), ids=[f"README.md:{n}" for n, _ in _blocks("python")])
+@pytest.mark.parametrize("first,code", _PLAIN, ids=[f"README.md:{n}" for n, _ in _PLAIN])
 def test_python_block_runs_as_written(first, code):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=360)
@@ -308,3 +317,48 @@ def test_ray_cluster_block_submits_the_job(tmp_path):
     finally:
         if with_head is not None:
             with_head.__exit__(None, None, None)
+
+
+# ---- the serving block ------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(900)
+def test_serve_lines_and_the_openai_snippet():
+    """`moeshard serve` as written (on a free port instead of 8000, which another server may hold), then
+    the `curl` line and the python blocks that talk to it, then Ctrl-C."""
+    import signal
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def ported(text: str) -> str:
+        return text.replace("--port 8000", f"--port {port}").replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    lines = _lines_of("serve")
+    (serve,) = [l for l in lines if l.words()[:2] == ["moeshard", "serve"]]
+    clients = [l for l in lines if l is not serve]
+    blocks = [(n, code) for n, code in _blocks("python") if SERVED in code]
+    assert clients and blocks, "the README's serving block has no client example"
+    proc = subprocess.Popen(["bash", "-c", f"exec {ported(serve.command)}"], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _sh(f"curl -sf -m 5 http://127.0.0.1:{port}/health", timeout=30, quiet=True).returncode != 0:
+            assert proc.poll() is None, f"`{serve.text}` exited:\n{proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, f"`{serve.text}` did not answer /health within 300s"
+            time.sleep(1)
+        for line in clients:
+            out = _ok(_sh(ported(line.command), timeout=300))
+            assert '"choices"' in out and '"text_completion"' in out, out[-3000:]
+        for first, code in blocks:
+            proc_py = subprocess.run([sys.executable, "-c", ported(code)], cwd=REPO, env=_env(), capture_output=True,
+                                     text=True, timeout=300)
+            assert proc_py.returncode == 0 and proc_py.stdout.strip(), \
+                f"README.md:{first}: python block failed:\n{proc_py.stderr[-3000:]}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)      # its own session: only what this test started
+            proc.wait(30)
