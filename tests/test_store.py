@@ -283,8 +283,8 @@ def test_hint_does_not_evict_an_expert_hotter_than_it_is_worth(experts):
 def test_newer_hint_for_a_layer_replaces_the_older_one(experts):
     store = _store(experts[0], slots=4, policy="lru", loader_threads=1)
     gate = threading.Event()
-    real = store._read_tensor
-    store._read_tensor = lambda *a: (gate.wait(5), real(*a))
+    real = store.reader.read_raw
+    store.reader.read_raw = lambda *a: (gate.wait(5), real(*a))
     try:
         store.prefetch([(1, 0), (1, 1)])       # the loader blocks on (1, 0); (1, 1) waits in line
         store.prefetch([(1, 0), (1, 2)])       # a better guess: (1, 1) is dropped before it is read
@@ -302,14 +302,14 @@ def test_get_reads_a_claimed_expert_itself_rather_than_wait_in_line(experts):
     specs, tensors = experts
     store = _store(specs, slots=4, loader_threads=1)
     gate = threading.Event()
-    real = store._read_tensor
+    real = store.reader.read_raw
 
     def read(spec, *a):
         if spec.key == (1, 0):
             gate.wait(5)
         real(spec, *a)
 
-    store._read_tensor = read
+    store.reader.read_raw = read
     try:
         store.prefetch([(1, 0), (1, 1)])       # the only loader is stuck on (1, 0)
         w = store.get((1, 1))                  # not waiting behind it: read here
@@ -339,7 +339,7 @@ def test_demand_miss_evicts_a_resident_before_an_unused_hint(experts):
 def test_load_ahead_is_read_before_queued_hints(experts):
     store = _store(experts[0], slots=6, loader_threads=1)
     order, started, gate = [], threading.Event(), threading.Event()
-    real = store._read_tensor
+    real = store.reader.read_raw
 
     def read(spec, *a):
         started.set()
@@ -348,7 +348,7 @@ def test_load_ahead_is_read_before_queued_hints(experts):
             order.append(spec.key)
         real(spec, *a)
 
-    store._read_tensor = read
+    store.reader.read_raw = read
     try:
         store.prefetch([(1, 5)])               # the loader takes this one and waits on the gate
         assert started.wait(5)
@@ -367,14 +367,14 @@ def test_get_waits_for_in_flight_prefetch(experts):
     specs, tensors = experts
     store = _store(specs, slots=3)
     started = threading.Event()
-    real = store._read_tensor
+    real = store.reader.read_raw
 
     def slow(*a):
         started.set()
         time.sleep(0.2)
         real(*a)
 
-    store._read_tensor = slow
+    store.reader.read_raw = slow
     try:
         store.prefetch([(0, 3)])
         assert started.wait(5)
@@ -512,8 +512,8 @@ def test_close_stops_threads(experts):
     store.get((0, 0))
     store.close()
     store.close()
-    assert not any(t.is_alive() for t in store._threads)
-    assert store._fds == {}
+    assert store.threads_alive == 0
+    assert store.open_files == 0
 
 
 def test_spill_dir_serves_the_same_bits_with_one_read_per_expert(tmp_path):
@@ -538,3 +538,28 @@ def test_spill_dir_serves_the_same_bits_with_one_read_per_expert(tmp_path):
     finally:
         second.close()
         plain.close()
+
+
+def test_slot_table_eviction_rules_without_threads_or_files(experts):
+    """workers/slots.py alone: claims, a demand victim, a hint that may not evict what is needed."""
+    from workers.budget import slot_layout
+    from workers.slots import Claim, ExpertInfo, Load, SlotTable
+
+    specs = experts[0]
+    infos = {s.key: ExpertInfo(s, *slot_layout(s, 4)[:1], nbytes=0, span=slot_layout(s, 4)[1]) for s in specs}
+    t = SlotTable(infos, num_slots=2, policy="lru")
+    for key in [(0, 0), (0, 1)]:
+        info = t.info(key)
+        t.touch(info)
+        slot = t.pick_slot(info, Claim.DEMAND)
+        t.claim(info, slot, Load.RUNNING)
+        t.complete(info, object())
+    assert t.resident() == [(0, 0), (0, 1)] and t.c["loads"] == 2
+    t.begin_layer([(0, 0), (0, 1), (0, 2)])
+    assert t.pick_slot(t.info((1, 0)), Claim.HINT) is None       # both residents are needed now
+    assert t.pick_slot(t.info((0, 2)), Claim.DEMAND) == 0        # demand takes the least recent
+    t.needed = set()
+    t.claim(t.info((0, 2)), 0, Load.QUEUED)
+    assert t.info((0, 0)).slot is None and t.c["evictions"] == 1
+    t.release(t.info((0, 2)))
+    assert t.owner == [None, (0, 1)] and t.info((0, 2)).loading is Load.IDLE

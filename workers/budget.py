@@ -6,31 +6,36 @@ budgets from `min_budget`, so a plan that passes is a store that starts.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 from .errors import BudgetError
+from .formats import format_of
 from .spec import ExpertKey, ExpertSpec
 from .units import format_bytes
 
 SLOT_ALIGN = 64  # every tensor of a slot starts on a 64-byte boundary, so each view is vector-aligned
 
-SlotLayout = list[tuple[int, int, tuple[int, ...]]]  # (byte offset in the slot, nbytes, shape) per gate/up/down
+# (byte offset in the slot, nbytes, shape) of each held tensor, weight by weight (gate, up, down),
+# each weight's tensors in its format's order (workers/formats.py `parts`)
+SlotLayout = list[tuple[int, int, tuple[int, ...]]]
 
 
 def slot_layout(spec: ExpertSpec, itemsize: int) -> tuple[SlotLayout, int]:
-    """Where gate, up and down sit in a slot in a compute dtype of `itemsize` bytes, and the
-    slot bytes they span (each tensor padded to SLOT_ALIGN)."""
+    """Where each tensor the expert's format holds (gate, up, down and any scales) sits in a slot,
+    with a compute dtype of `itemsize` bytes, and the slot bytes they span (each tensor padded to
+    SLOT_ALIGN)."""
     layout, off = [], 0
-    for t in (spec.gate, spec.up, spec.down):
-        nbytes = math.prod(t.shape) * itemsize
-        layout.append((off, nbytes, tuple(t.shape)))
-        off = (off + nbytes + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
+    for weight in format_of(spec).parts(spec):
+        for part in weight:
+            nbytes = part.nbytes(itemsize)
+            layout.append((off, nbytes, tuple(part.shape)))
+            off = (off + nbytes + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
     return layout, off
 
 
 def expert_nbytes(spec: ExpertSpec, itemsize: int) -> int:
-    """Slot bytes one expert takes in the compute dtype (its three tensors, 64-byte aligned)."""
+    """Slot bytes one expert takes as held: its format's tensors (int8/int4 data plus scales, or
+    the three weights in the compute dtype of `itemsize` bytes), each 64-byte aligned."""
     return slot_layout(spec, itemsize)[1]
 
 

@@ -46,6 +46,9 @@ class ExpertWeights:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
 
+    def forward(self, x: Tensor) -> Tensor:
+        return expert_forward(self, x)
+
 
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
     """Look up an activation by name; raise ValueError listing the known ones."""
@@ -62,12 +65,13 @@ def expert_forward(w: ExpertWeights, x: Tensor) -> Tensor:
 
 
 def forward_into(out: Tensor, w: ExpertWeights, x: Tensor) -> None:
-    """Write expert_forward(w, x) into `out` ([N, H], a slice of a preallocated output)."""
+    """Write w.forward(x) into `out` ([N, H], a slice of a preallocated output). `w` is any
+    held format's weights (workers/formats.py): dense `ExpertWeights` or a low-bit one."""
     if x.shape[0] == 0:
         return
     if x.data_ptr() % _ALIGN:
         x = x.clone()  # see _ALIGN: same bits regardless of the row's offset in its batch
-    out.copy_(expert_forward(w, x))
+    out.copy_(w.forward(x))
 
 
 def run_grouped(rows: Tensor, weights: Sequence[ExpertWeights], counts: Sequence[int]) -> Tensor:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, asdict
 from typing import Any
 
-# safetensors dtype string -> bytes per element. The reader only emits these.
-DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2}
+# safetensors dtype string -> bytes per element. The reader only emits these (I8/U8 only for the
+# weights and scales of a quantized checkpoint's experts, see docs/quantization.md).
+DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1}
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -45,7 +46,11 @@ class TensorSpec:
 class ExpertSpec:
     """A routed expert: out = down(act(gate(x)) * up(x)), weights in nn.Linear layout.
 
-    gate: [I, H], up: [I, H], down: [H, I].
+    gate: [I, H], up: [I, H], down: [H, I] as computed. `expert_dtype` is the format the
+    expert is held and computed in (None: the compute dtype; "int8", "int4": workers/formats.py)
+    with `group_size` for int4. `stored` is how the file holds it (None: a float dtype;
+    "int8"/"int4": a `moeshard quantize`d checkpoint, whose tensor shapes are then the stored
+    ones and whose per-weight scales are `scales`, in gate/up/down order).
     """
 
     layer: int
@@ -54,14 +59,35 @@ class ExpertSpec:
     up: TensorSpec
     down: TensorSpec
     activation: str = "silu"
+    expert_dtype: str | None = None
+    group_size: int = 0
+    stored: str | None = None
+    scales: tuple[TensorSpec, ...] = ()
 
     @property
     def key(self) -> ExpertKey:
         return (self.layer, self.expert)
 
     @property
+    def tensors(self) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
+        return self.gate, self.up, self.down
+
+    @property
+    def hidden_size(self) -> int:
+        """H: the down projection's output size (the one dimension no stored format packs)."""
+        return int(self.down.shape[0])
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.gate.shape[0])
+
+    @property
+    def held_format(self) -> str:
+        return self.expert_dtype or "dense"
+
+    @property
     def file_nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes + sum(t.nbytes for t in self.scales)
 
     def numel(self) -> int:
         n = 0
@@ -80,6 +106,10 @@ class ExpertSpec:
             "up": self.up.to_dict(),
             "down": self.down.to_dict(),
             "activation": self.activation,
+            "expert_dtype": self.expert_dtype,
+            "group_size": self.group_size,
+            "stored": self.stored,
+            "scales": [t.to_dict() for t in self.scales],
         }
 
     @classmethod
@@ -91,4 +121,8 @@ class ExpertSpec:
             TensorSpec.from_dict(d["up"]),
             TensorSpec.from_dict(d["down"]),
             d.get("activation", "silu"),
+            d.get("expert_dtype"),
+            int(d.get("group_size", 0)),
+            d.get("stored"),
+            tuple(TensorSpec.from_dict(t) for t in d.get("scales", ())),
         )

@@ -1,10 +1,11 @@
 """Spill files: an expert's slot image on local disk, valid only for the bytes it was made from.
 
-A spill file holds one expert in the compute dtype exactly as its slot lays it out, after a
+A spill file holds one expert as held (compute dtype, or its low-bit format) exactly as its slot lays it out, after a
 64-byte header: magic, format version, payload size and a SHA-256 "source digest" of where
 the weights came from (`source_digest`): for each of the three tensors the checkpoint file's
 path, device, inode, size and modification time (ns), the tensor's name, file dtype, shape,
-offset and size, and its place in the slot; plus the compute dtype and FORMAT_VERSION.
+offset and size (scales too), the slot layout, what the slot image is (compute dtype, expert
+format, packing kernel) and FORMAT_VERSION.
 A file whose header does not match the expert being loaded (another checkpoint with the same
 shapes, a checkpoint rewritten since, an older format, a torn file) is a miss: the expert is
 read from the checkpoint and the spill file is replaced.
@@ -31,7 +32,7 @@ from .spec import ExpertKey, ExpertSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the image may be a quantized format (scales, packed weights)
 _MAGIC = b"MSHSPILL"
 _HEADER = struct.Struct("<8sIIQ32s")  # magic, version, reserved (0), payload bytes, source digest
 HEADER_BYTES = 64                     # the payload starts 64-byte aligned, like a slot
@@ -40,16 +41,17 @@ assert _HEADER.size <= HEADER_BYTES
 Lookup = Literal["hit", "absent", "stale"]
 
 
-def source_digest(spec: ExpertSpec, layout: SlotLayout, dtype_name: str,
+def source_digest(spec: ExpertSpec, layout: SlotLayout, image: str,
                   files: Mapping[str, os.stat_result]) -> bytes:
-    """SHA-256 of everything a spilled slot image depends on. `files` maps each tensor's file to
-    the `os.fstat` of the descriptor its bytes are read through."""
+    """SHA-256 of everything a spilled slot image depends on. `image` names what a slot holds
+    (compute dtype, expert format, and for packed formats the kernel that packed it); `files`
+    maps each tensor's file to the `os.fstat` of the descriptor its bytes are read through."""
     tensors = []
-    for t, (slot_off, slot_nbytes, _) in zip((spec.gate, spec.up, spec.down), layout):
+    for t in (*spec.tensors, *spec.scales):
         st = files[t.file]
         tensors.append([t.file, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                        t.key, t.dtype, list(t.shape), t.offset, t.nbytes, slot_off, slot_nbytes])
-    ident = [FORMAT_VERSION, dtype_name, list(spec.key), tensors]
+                        t.key, t.dtype, list(t.shape), t.offset, t.nbytes])
+    ident = [FORMAT_VERSION, image, list(spec.key), tensors, [[off, nb] for off, nb, _ in layout]]
     return hashlib.sha256(json.dumps(ident, separators=(",", ":")).encode()).digest()
 
 

@@ -1,12 +1,13 @@
 """ExpertStore: a byte-budgeted cache of routed experts, paged from safetensors files.
 
-Memory is a fixed pool of slots, one contiguous buffer per resident expert, sized
-for the largest owned expert in the compute dtype. Slots are allocated on first
-use and only freed by `close()`, so the resident set never exceeds the budget and
-never fragments. Weights are read with `os.preadv` at each tensor's absolute file
-offset, then dropped from the page cache so the budget is the real footprint.
-Outside the budget: one staging buffer per loading thread (the largest single
-tensor), used only when converting dtypes or copying to CUDA.
+Memory is a fixed pool of slots, one contiguous buffer per resident expert, sized for the
+largest owned expert as held (its format: the compute dtype, or int8/int4 with scales).
+Slots are allocated on first use and only freed by `close()`, so the resident set never
+exceeds the budget and never fragments.
+
+This module is the thin part: the one lock, the loader threads and the public API. Which
+slot an expert takes and who is evicted is `workers/slots.py` (pure bookkeeping); reading
+a slot (pread, spill files, dtype conversion and quantization) is `workers/reader.py`.
 """
 from __future__ import annotations
 
@@ -17,40 +18,21 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
-from . import spill
-from .budget import SlotLayout, check_budget, slot_bytes, slot_layout
+from .budget import check_budget, slot_bytes, slot_layout
 from .errors import ExpertLoadError
-from .kernels import ExpertWeights, activation_fn
-from .spec import DTYPE_SIZES, ExpertKey, ExpertSpec, TensorSpec
+from .formats import FILE_DTYPES, format_of
+from .kernels import activation_fn
+from .reader import SPILL_COUNTER, ExpertReader
+from .slots import POLICIES, Claim, ExpertInfo, Load, SlotTable
+from .spec import ExpertKey, ExpertSpec
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("lru", "lfu", "lfu-decay")
-FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-# spill lookups: a hit, no file yet (the read writes one), a file from another source (replaced)
-_SPILL_COUNTER = {"hit": "spill_reads", "absent": "spill_misses", "stale": "spill_stale"}
-
-
-@dataclass
-class ExpertInfo:
-    """Cache bookkeeping for one owned expert (resident or not)."""
-
-    spec: ExpertSpec
-    layout: SlotLayout                                # (byte offset in slot, nbytes, shape) per gate/up/down
-    nbytes: int                                       # data bytes in the compute dtype
-    span: int                                         # slot bytes: each tensor padded to SLOT_ALIGN
-    slot: int | None = None                           # set while claimed (queued or loading) or resident
-    weights: ExpertWeights | None = None              # set once the slot holds complete data
-    loading: str | None = None                        # "queued" (claimed, read not started) or "running"
-    freq: float = 0.0                                 # access count (decayed for lfu-decay)
-    last_tick: int = -1                               # access tick of the last use
-    hinted: bool = False                              # claimed by a prefetch hint and not yet used
+__all__ = ["ExpertStore", "POLICIES"]
 
 
 class ExpertStore:
@@ -82,42 +64,26 @@ class ExpertStore:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} requested but torch.cuda.is_available() is False")
         self.dtype, self.policy, self.budget_bytes = dtype, policy, budget_bytes
-        self._decay = 0.5 ** (1.0 / half_life)  # per access tick
         self._timeout = wait_timeout_s
-        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
-        self._spill = spill.SpillDir(self.spill_dir) if self.spill_dir is not None else None
-        self._dtype_name = str(dtype).removeprefix("torch.")
-        self._infos: dict[ExpertKey, ExpertInfo] = {}
+        self.spill_dir = spill_dir
+        infos: dict[ExpertKey, ExpertInfo] = {}
         for s in specs:
-            if s.key in self._infos:
+            if s.key in infos:
                 raise ValueError(f"expert {s.key} listed twice")
-            self._infos[s.key] = self._make_info(s)
-        self._pinned = frozenset(tuple(k) for k in pinned)
-        if unknown := self._pinned - self._infos.keys():
+            infos[s.key] = self._make_info(s)
+        pinned = frozenset(tuple(k) for k in pinned)
+        if unknown := pinned - infos.keys():
             raise ValueError(f"pinned experts {sorted(unknown)} are not owned by this store")
-        owned = [i.spec for i in self._infos.values()]
+        owned = [i.spec for i in infos.values()]
         self.slot_bytes = slot_bytes(owned, dtype.itemsize)
-        n = len(self._infos)
         self.num_slots = check_budget(owned, dtype.itemsize, budget_bytes, min_resident=min_resident,
-                                      pinned=self._pinned)
+                                      pinned=pinned)
+        self._t = SlotTable(infos, self.num_slots, policy, pinned, half_life)
+        self.reader = ExpertReader(owned, dtype, self.device, spill_dir)
         self._slots: list[torch.Tensor | None] = [None] * self.num_slots  # uint8 [slot_bytes]
-        self._owner: list[ExpertKey | None] = [None] * self.num_slots
-        self._needed: set[ExpertKey] = set()
-        self._last_got: ExpertKey | None = None
-        self._hints: dict[int, set[ExpertKey]] = {}   # layer -> unused hints of that layer
-        self._tick = 0
         self._cv = threading.Condition()  # the one lock
-        self._c = dict.fromkeys((
-            "hits", "late_hits", "misses", "loads", "bytes_read", "spill_reads", "spill_misses", "spill_stale",
-            "spill_writes", "ahead_loads",
-            "bytes_prefetched", "prefetch_hints", "prefetch_issued", "prefetch_dropped", "prefetch_used",
-            "prefetch_wasted", "evictions", "load_errors"), 0)
         self._stall = 0.0
-        self._per_layer: dict[int, dict[str, int]] = {}
         self._loaded_tensors: set[str] = set()  # tensor keys ever loaded, for reports
-        self._fds: dict[str, int] = {}
-        self._local = threading.local()  # per-thread staging buffer
-        self._stage_bytes = max((t.nbytes for i in self._infos.values() for t in _tensors(i.spec)), default=0)
         self._queue: deque[ExpertKey] = deque()   # claimed keys waiting for a loader (current layer first)
         self._running = 0                          # reads in progress in loader threads
         self._closed = False
@@ -126,56 +92,59 @@ class ExpertStore:
         for t in self._threads:
             t.start()
         log.info("ExpertStore: %d experts, %d slots x %d B (budget %s), policy %s, device %s",
-                 n, self.num_slots, self.slot_bytes, budget_bytes, policy, self.device)
+                 len(infos), self.num_slots, self.slot_bytes, budget_bytes, policy, self.device)
 
     def _make_info(self, s: ExpertSpec) -> ExpertInfo:
-        """Validate a spec and lay its three tensors out in one slot."""
+        """Validate a spec and lay the tensors its format holds out in one slot."""
         activation_fn(s.activation)
-        shapes = (s.gate.shape, s.up.shape, s.down.shape)
-        if not (all(len(x) == 2 for x in shapes) and shapes[0] == shapes[1] == shapes[2][::-1]):
+        h, i = s.hidden_size, s.intermediate_size
+        if not all(len(t.shape) == 2 for t in s.tensors) or s.up.shape != s.gate.shape or s.down.shape[0] != h:
             raise ValueError(f"expert {s.key}: shapes gate {s.gate.shape}, up {s.up.shape}, down {s.down.shape} "
                              "are not [I,H], [I,H], [H,I]")
-        for t in _tensors(s):
+        for t in (*s.tensors, *s.scales):
             if t.dtype not in FILE_DTYPES:
                 raise ValueError(f"expert {s.key} tensor {t.key}: unsupported file dtype {t.dtype}")
-            if t.nbytes != math.prod(t.shape) * DTYPE_SIZES[t.dtype]:
+            if t.nbytes != math.prod(t.shape) * FILE_DTYPES[t.dtype].itemsize:
                 raise ValueError(f"expert {s.key} tensor {t.key}: nbytes {t.nbytes} != {t.shape} x {t.dtype}")
+        fmt = format_of(s)
+        fmt.check(s)
+        if fmt.name == "dense" and (s.gate.shape != (i, h) or s.down.shape != (h, i)):
+            raise ValueError(f"expert {s.key}: shapes gate {s.gate.shape}, up {s.up.shape}, down {s.down.shape} "
+                             "are not [I,H], [I,H], [H,I]")
         layout, span = slot_layout(s, self.dtype.itemsize)
         return ExpertInfo(s, layout, nbytes=sum(nb for _, nb, _ in layout), span=span)
 
     # ---- public API -------------------------------------------------------------------------
 
-    def get(self, key: ExpertKey) -> ExpertWeights:
+    def get(self, key: ExpertKey):
         """Return the expert's weights. A hit: it is resident, or was claimed ahead (by `load_ahead`
         or a hint) and is still loading, a late hit that waits for the read or, if the read has
         not started, does it here. A miss: nothing claimed it, so it is loaded here and now."""
         t0 = time.perf_counter()
         with self._cv:
-            info = self._info(key)
-            self._touch(info)
+            t = self._t
+            info = t.info(key)
+            t.touch(info)
             if info.hinted:
-                self._c["prefetch_used"] += 1
-                self._unhint(info)
-            waited = info.loading == "running"
-            while info.loading == "running":  # a loader thread is reading it
+                t.c["prefetch_used"] += 1
+                t.unhint(info)
+            waited = info.loading is Load.RUNNING
+            while info.loading is Load.RUNNING:  # a loader thread is reading it
                 if not self._cv.wait(self._timeout):
                     raise ExpertLoadError(f"timed out after {self._timeout}s waiting for expert {key} to load")
             hit = info.slot is not None       # None here: never claimed, or its read just failed
-            stats = self._per_layer.setdefault(key[0], {"hits": 0, "misses": 0})
-            self._c["hits" if hit else "misses"] += 1
-            stats["hits" if hit else "misses"] += 1
-            self._last_got = info.spec.key
+            t.count_access(info.spec.key, hit)
             if info.weights is not None:
                 if waited:
-                    self._c["late_hits"] += 1
+                    t.c["late_hits"] += 1
                     self._stall += time.perf_counter() - t0
                 return info.weights
             if hit:  # claimed, read still queued: read it here rather than wait in line
-                self._c["late_hits"] += 1
-                info.loading = "running"
+                t.c["late_hits"] += 1
+                info.loading = Load.RUNNING
                 slot = info.slot
             else:
-                slot = self._reserve(info)
+                slot = self._reserve(info, Claim.DEMAND)
         weights = self._load_into(info, slot)
         with self._cv:
             self._complete(info, weights)
@@ -186,20 +155,19 @@ class ExpertStore:
         """Mark the keys the current layer needs (no background load evicts them); hints for this
         layer that it does not need have been wrong: they lose their protection."""
         with self._cv:
-            self._needed = {tuple(k) for k in keys} & self._infos.keys()
-            for layer in {k[0] for k in self._needed}:
-                self._expire_hints(layer, keep=self._needed)
+            self._t.begin_layer(keys)
+            self._cv.notify_all()
 
     def done(self, key: ExpertKey) -> None:
         """The current layer has finished with `key`; it may be evicted for later work."""
         with self._cv:
-            self._needed.discard(tuple(key))
+            self._t.needed.discard(tuple(key))
 
     def end_layer(self) -> None:
         """Clear the needed set."""
         with self._cv:
-            self._needed = set()
-            self._last_got = None
+            self._t.needed = set()
+            self._t.last_got = None
 
     @contextmanager
     def needed(self, keys: Iterable[ExpertKey]) -> Iterator[None]:
@@ -219,14 +187,13 @@ class ExpertStore:
                 return 0
             ahead = []
             for k in keys:
-                info = self._infos.get(tuple(k))
+                info = self._t.infos.get(tuple(k))
                 if info is None or info.slot is not None:
                     continue
-                slot = self._reserve(info, background=True)
-                if slot is None:
+                if self._reserve(info, Claim.AHEAD) is None:
                     short += 1
                     continue
-                self._c["ahead_loads"] += 1
+                self._t.c["ahead_loads"] += 1
                 ahead.append(info.spec.key)
             self._queue.extendleft(reversed(ahead))
             if ahead:
@@ -240,26 +207,24 @@ class ExpertStore:
         with self._cv:
             if self._closed:
                 return
-            wanted = [tuple(k) for k in keys if tuple(k) in self._infos]
+            t = self._t
+            wanted = [tuple(k) for k in keys if tuple(k) in t.infos]
             for layer in {k[0] for k in wanted}:
-                self._expire_hints(layer, keep=set(wanted))
+                t.expire_hints(layer, keep=set(wanted))
             queued = False
             for k in wanted:
-                info = self._infos[k]
+                info = t.infos[k]
                 if info.slot is not None:
                     continue
-                self._c["prefetch_hints"] += 1
-                slot = self._reserve(info, hint=True)
-                if slot is None:
-                    self._c["prefetch_dropped"] += 1
+                t.c["prefetch_hints"] += 1
+                if self._reserve(info, Claim.HINT) is None:
+                    t.c["prefetch_dropped"] += 1
                     continue
-                self._c["prefetch_issued"] += 1
-                info.hinted = True
-                self._hints.setdefault(k[0], set()).add(k)
+                t.c["prefetch_issued"] += 1
+                t.hint(info)
                 self._queue.append(k)
                 queued = True
-            if queued:
-                self._cv.notify_all()
+            self._cv.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no background read is queued or running; False if `timeout` passed first."""
@@ -269,18 +234,18 @@ class ExpertStore:
     def resident_keys(self) -> list[ExpertKey]:
         """Keys whose weights are fully loaded."""
         with self._cv:
-            return [k for k in self._owner if k is not None and self._infos[k].weights is not None]
+            return self._t.resident()
 
     def resident_bytes(self) -> int:
-        """Bytes of expert data in occupied slots (loaded or being loaded); never above the budget."""
+        """Bytes of expert data (as held) in occupied slots (loaded or being loaded); never above the budget."""
         with self._cv:
-            return sum(self._infos[k].nbytes for k in self._owner if k is not None)
+            return self._t.occupied_bytes()
 
     @property
     def all_resident(self) -> bool:
         """Every owned expert is loaded and none can ever be evicted (the budget holds them all)."""
         # with a slot per expert nothing is ever evicted, so each expert completes one load
-        return self.num_slots == len(self._infos) and self._c["loads"] >= len(self._infos)
+        return self.num_slots == len(self._t.infos) and self._t.c["loads"] >= len(self._t.infos)
 
     def loaded_tensor_keys(self) -> list[str]:
         """Names of every tensor loaded at least once, sorted."""
@@ -292,10 +257,21 @@ class ExpertStore:
         """Time callers of `get` have spent waiting for loads, since construction."""
         return self._stall
 
+    @property
+    def open_files(self) -> int:
+        """Checkpoint files the reader holds open (0 after `close`)."""
+        return self.reader.open_files
+
+    @property
+    def threads_alive(self) -> int:
+        """Loader threads still running (0 after `close`)."""
+        return sum(t.is_alive() for t in self._threads)
+
     def stats(self) -> dict:
         """Counters since construction, plus per-layer hits/misses."""
         with self._cv:
-            return {**self._c, "stall_seconds": self._stall, "per_layer": {k: dict(v) for k, v in self._per_layer.items()},
+            t = self._t
+            return {**t.c, "stall_seconds": self._stall, "per_layer": {k: dict(v) for k, v in t.per_layer.items()},
                     "slots": self.num_slots, "slot_bytes": self.slot_bytes,
                     "slots_allocated": sum(s is not None for s in self._slots)}
 
@@ -307,221 +283,51 @@ class ExpertStore:
             self._closed = True
             self._queue.clear()
             self._cv.notify_all()
-        for t in self._threads:
-            t.join(timeout)
+        for th in self._threads:
+            th.join(timeout)
         with self._cv:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            self.reader.close()
             self._slots = [None] * self.num_slots
 
-    # ---- cache state (all under self._cv) ---------------------------------------------------
+    # ---- claims (all under self._cv) --------------------------------------------------------
 
-    def _info(self, key: ExpertKey) -> ExpertInfo:
-        info = self._infos.get(tuple(key))
-        if info is None:
-            raise ValueError(f"expert {tuple(key)} is not owned by this store")
-        return info
-
-    def _touch(self, info: ExpertInfo) -> None:
-        self._tick += 1
-        info.freq = (self._score(info) if self.policy == "lfu-decay" else info.freq) + 1
-        info.last_tick = self._tick
-
-    def _score(self, info: ExpertInfo) -> float:
-        """Eviction priority (lower goes first); ties are broken by recency."""
-        if self.policy == "lru":
-            return 0.0
-        if self.policy == "lfu":
-            return info.freq
-        return info.freq * self._decay ** (self._tick - info.last_tick)
-
-    def _hint_precision(self) -> float:
-        """Share of hints used by the layer they were for (Laplace-smoothed, so 0.5 before any)."""
-        used, wasted = self._c["prefetch_used"], self._c["prefetch_wasted"]
-        return (used + 1) / (used + wasted + 2)
-
-    def _victim(self, demand: bool, hint_for: ExpertInfo | None = None) -> ExpertInfo | None:
-        """Choose a loaded, unpinned expert to evict, or None.
-
-        Demand (`get`): anything loaded, preferring experts the current layer does not need and
-        then experts no unused hint holds. Background: never a needed expert, the one `get`
-        handed out last, or an unused hint; for a hint (`hint_for`), only one colder than the
-        hint is worth.
-        """
-        cands = [i for k in self._owner if k is not None and k not in self._pinned
-                 for i in [self._infos[k]] if i.weights is not None]
-        if demand:
-            for keep in (lambda i: i.spec.key not in self._needed and not i.hinted,
-                         lambda i: i.spec.key not in self._needed):
-                if pool := [i for i in cands if keep(i)]:
-                    cands = pool
-                    break
-        else:
-            cands = [i for i in cands if i.spec.key not in self._needed and i.spec.key != self._last_got
-                     and not i.hinted]
-        victim = min(cands, key=lambda i: (self._score(i), i.last_tick), default=None)
-        if victim is not None and hint_for is not None \
-                and self._score(victim) >= self._score(hint_for) + self._hint_precision():
-            return None
-        return victim
-
-    def _reserve(self, info: ExpertInfo, background: bool = False, hint: bool = False) -> int | None:
-        """Claim a free slot or a victim's slot for `info`: queued for a loader thread when
-        `background`/`hint` (None if no slot may be taken), else running here (waits for a slot)."""
+    def _reserve(self, info: ExpertInfo, claim: Claim) -> int | None:
+        """Claim a free slot or a victim's slot for `info`: queued for a loader thread for a
+        background claim (None if no slot may be taken), else running here (waits for a slot)."""
         deadline = time.monotonic() + self._timeout
-        while True:
-            free = self._owner.count(None)
-            # a hint leaves free slots to the current layer's experts that still need one
-            if free and (not hint or free > sum(self._infos[k].slot is None for k in self._needed)):
-                slot = self._owner.index(None)
-            elif (victim := self._victim(not (background or hint), info if hint else None)) is not None:
-                slot = victim.slot
-            elif background or hint:
+        while (slot := self._t.pick_slot(info, claim)) is None:
+            if claim is not Claim.DEMAND:
                 return None
-            else:  # every slot is pinned or mid-load: wait for a load to finish
-                if not self._cv.wait(max(0.0, deadline - time.monotonic())):
-                    raise ExpertLoadError(f"no slot freed within {self._timeout}s for expert {info.spec.key}")
-                continue
-            self._claim(info, slot, "queued" if background or hint else "running")
-            return slot
-
-    def _claim(self, info: ExpertInfo, slot: int, loading: str) -> None:
-        """Give `slot` to `info` (evicting its occupant) for a read that is queued or running."""
-        if (old := self._owner[slot]) is not None:
-            victim = self._infos[old]
-            self._c["evictions"] += 1
-            if victim.hinted:
-                self._c["prefetch_wasted"] += 1
-                self._unhint(victim)
-            victim.slot, victim.weights = None, None
-            log.debug("evict %s from slot %d", old, slot)
+            # every slot is pinned or mid-load: wait for a load to finish
+            if not self._cv.wait(max(0.0, deadline - time.monotonic())):
+                raise ExpertLoadError(f"no slot freed within {self._timeout}s for expert {info.spec.key}")
+        self._t.claim(info, slot, Load.RUNNING if claim is Claim.DEMAND else Load.QUEUED)
         if self._slots[slot] is None:
             self._slots[slot] = torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
-        self._owner[slot] = info.spec.key
-        info.slot, info.weights, info.loading = slot, None, loading
+        return slot
 
-    def _complete(self, info: ExpertInfo, weights: ExpertWeights) -> None:
-        """The read into the claimed slot finished."""
-        info.weights, info.loading = weights, None
-        self._c["loads"] += 1
-        self._c["bytes_read"] += info.spec.file_nbytes
-        self._loaded_tensors.update(t.key for t in _tensors(info.spec))
+    def _complete(self, info: ExpertInfo, weights) -> None:
+        self._t.complete(info, weights)
+        self._loaded_tensors.update(t.key for t in (*info.spec.tensors, *info.spec.scales))
         self._cv.notify_all()
-
-    def _release(self, info: ExpertInfo) -> None:
-        """Free the slot of a claim whose read failed or was cancelled."""
-        if info.slot is not None:
-            self._owner[info.slot] = None
-        if info.hinted:
-            self._unhint(info)
-        info.slot, info.weights, info.loading = None, None, None
-        self._cv.notify_all()
-
-    def _unhint(self, info: ExpertInfo) -> None:
-        info.hinted = False
-        self._hints.get(info.spec.key[0], set()).discard(info.spec.key)
-
-    def _expire_hints(self, layer: int, keep: set[ExpertKey]) -> None:
-        """Unused hints of `layer` outside `keep` were wrong: unprotect them (cancel unstarted reads)."""
-        for k in list(self._hints.get(layer, ())):
-            if k in keep:
-                continue
-            info = self._infos[k]
-            self._c["prefetch_wasted"] += 1
-            if info.loading == "queued":
-                self._release(info)
-            else:
-                self._unhint(info)
 
     # ---- loading (outside the lock; the reserved slot is invisible to readers) ---------------
 
-    def _load_into(self, info: ExpertInfo, slot: int) -> ExpertWeights:
-        """Read the expert's three tensors into its slot; on failure free the slot and raise.
-
-        With a spill directory, an expert is read from the checkpoint once, then written there
-        as its slot image (compute dtype, one contiguous span) and read back with one preadv;
-        a spill file made from other bytes (workers/spill.py) is a miss and is rewritten.
-        """
+    def _load_into(self, info: ExpertInfo, slot: int):
+        """Read the expert into its slot (workers/reader.py); on failure free the slot and raise."""
         try:
-            buf = self._slots[slot]
-            spilling = self._spill is not None and buf.device.type == "cpu"  # CUDA slots are not spilled
-            digest = self._spill_digest(info) if spilling else b""
-            if not (spilling and self._read_spill(info, buf, digest)):
-                for t, (off, nb, _) in zip(_tensors(info.spec), info.layout):
-                    self._read_tensor(info.spec, t, buf[off:off + nb])
-                if spilling:
-                    self._write_spill(info, buf, digest)
-            views = [buf[off:off + nb].view(self.dtype).view(shape) for off, nb, shape in info.layout]
-            return ExpertWeights(*views, activation=info.spec.activation)
+            weights, found, wrote = self.reader.read(info, self._slots[slot])
         except BaseException:
             with self._cv:
-                self._c["load_errors"] += 1
-                self._release(info)
+                self._t.c["load_errors"] += 1
+                self._t.release(info)
+                self._cv.notify_all()
             raise
-
-    def _spill_digest(self, info: ExpertInfo) -> bytes:
-        """The source digest of the expert's spill file: the checkpoint files as opened for reading."""
-        files = {t.file: os.fstat(self._fd(info.spec, t)) for t in _tensors(info.spec)}
-        return spill.source_digest(info.spec, info.layout, self._dtype_name, files)
-
-    def _read_spill(self, info: ExpertInfo, buf: torch.Tensor, digest: bytes) -> bool:
-        """Fill the slot from a spill file made from this checkpoint; False on a miss."""
-        found = self._spill.read(info.spec.key, self._dtype_name, digest, memoryview(buf[:info.span].numpy()))
-        with self._cv:
-            self._c[_SPILL_COUNTER[found]] += 1
-        return found == "hit"
-
-    def _write_spill(self, info: ExpertInfo, buf: torch.Tensor, digest: bytes) -> None:
-        if self._spill.write(info.spec.key, self._dtype_name, digest, memoryview(buf[:info.span].numpy())):
+        if found is not None:
             with self._cv:
-                self._c["spill_writes"] += 1
-
-    def _read_tensor(self, spec: ExpertSpec, t: TensorSpec, dst: torch.Tensor) -> None:
-        """Fill dst (uint8 bytes of the slot) with tensor t converted to the compute dtype."""
-        fd = self._fd(spec, t)
-        src_dtype = FILE_DTYPES[t.dtype]
-        if dst.device.type == "cpu" and src_dtype == self.dtype:
-            self._pread(fd, dst, t.file, t.offset, t.nbytes, f"tensor {t.key!r} of expert {spec.key}")
-            return
-        stage = getattr(self._local, "stage", None)
-        if stage is None:
-            stage = torch.empty(self._stage_bytes, dtype=torch.uint8)
-            if self.device.type == "cuda" and torch.cuda.is_available():
-                stage = stage.pin_memory()  # pinned so the host-to-device copy is a plain DMA
-            self._local.stage = stage
-        src = stage[:t.nbytes]
-        self._pread(fd, src, t.file, t.offset, t.nbytes, f"tensor {t.key!r} of expert {spec.key}")
-        dst.view(self.dtype).copy_(src.view(src_dtype))  # synchronous: the staging buffer is reused
-
-    @staticmethod
-    def _pread(fd: int, dst: torch.Tensor, file: str, offset: int, nbytes: int, what: str) -> None:
-        """Read exactly nbytes at offset into dst (uint8), then drop them from the page cache."""
-        mv, got = memoryview(dst.numpy()), 0
-        try:
-            while got < nbytes:
-                n = os.preadv(fd, [mv[got:]], offset + got)
-                if n == 0:
-                    raise ExpertLoadError(f"{file}: file ended after {got} of {nbytes} bytes of {what} "
-                                          f"(offset {offset}); is the file truncated?")
-                got += n
-        except OSError as e:
-            if isinstance(e, ExpertLoadError):
-                raise
-            raise ExpertLoadError(f"{file}: cannot read {what}: {e}") from e
-        if hasattr(os, "posix_fadvise"):  # drop it from page cache: the budget is the real footprint
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
-
-    def _fd(self, spec: ExpertSpec, t: TensorSpec) -> int:
-        with self._cv:
-            fd = self._fds.get(t.file)
-            if fd is None:
-                try:
-                    fd = self._fds[t.file] = os.open(t.file, os.O_RDONLY)
-                except OSError as e:
-                    raise ExpertLoadError(
-                        f"{t.file}: cannot open for tensor {t.key!r} of expert {spec.key}: {e}") from e
-            return fd
+                self._t.c[SPILL_COUNTER[found]] += 1
+                self._t.c["spill_writes"] += wrote
+        return weights
 
     def _loader_loop(self) -> None:
         """Read claimed slots in queue order; a claim `get` took over or a cancelled one is skipped."""
@@ -530,10 +336,10 @@ class ExpertStore:
                 self._cv.wait_for(lambda: self._closed or self._queue)
                 if self._closed:
                     return
-                info = self._infos[self._queue.popleft()]
-                if info.loading != "queued":
+                info = self._t.infos[self._queue.popleft()]
+                if info.loading is not Load.QUEUED:
                     continue
-                info.loading = "running"
+                info.loading = Load.RUNNING
                 slot, hinted = info.slot, info.hinted
                 self._running += 1
             try:
@@ -546,13 +352,11 @@ class ExpertStore:
                 if weights is not None:
                     self._complete(info, weights)
                     if hinted:
-                        self._c["bytes_prefetched"] += info.spec.file_nbytes
+                        t = self._t
+                        t.c["bytes_prefetched"] += info.spec.file_nbytes
                         # recency = now so the next hint does not evict it at once (decay folded in first)
                         if self.policy == "lfu-decay":
-                            info.freq = self._score(info)
-                        info.last_tick = self._tick
+                            info.freq = t.score(info)
+                        info.last_tick = t.tick
                 self._cv.notify_all()
 
-
-def _tensors(s: ExpertSpec) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
-    return s.gate, s.up, s.down

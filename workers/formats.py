@@ -1,0 +1,116 @@
+"""Expert formats: how a routed expert is stored in its file, held in a slot, and computed.
+
+An expert's three weights (gate [I, H], up [I, H], down [H, I], nn.Linear layout) are held
+in a slot in one format. A format is one object, found by name (`format_of(spec)`), that says:
+- `parts(spec, itemsize)`: the tensors one weight holds in a slot (data plus scales), so the
+  budget counts the bytes the format really takes (`workers/budget.py`);
+- `file_tensors(spec)`: which file tensors are read for each weight (the weight, its scales);
+- `direct(spec, dtype)`: whether the file bytes are the slot bytes (then read straight into the
+  slot, no staging and no conversion);
+- `convert(...)`: file tensors (as read, in their file dtype) -> the weight's slot parts
+  (dtype conversion, quantization, packing for a kernel);
+- `weights(...)`: the slot parts -> an object with `forward(x)` that runs the expert.
+Adding a format (FP8 blocks, MXFP4) is one new entry in `FORMATS`; docs/quantization.md
+describes the interface.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .kernels import ExpertWeights
+from .spec import ExpertSpec, TensorSpec
+
+FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+               "I8": torch.int8, "U8": torch.uint8}
+FLOAT_FILE_DTYPES = ("F32", "BF16", "F16")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One tensor a weight holds in a slot."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None   # None: the compute dtype
+
+    def nbytes(self, itemsize: int) -> int:
+        size = itemsize if self.dtype is None else self.dtype.itemsize
+        return math.prod(self.shape) * size
+
+
+class ExpertFormat(Protocol):
+    name: str
+
+    def check(self, spec: ExpertSpec) -> None:
+        """Raise ValueError (one line, naming the expert and what to change) if `spec` cannot be held."""
+        ...
+
+    def parts(self, spec: ExpertSpec) -> list[list[Part]]:
+        """Per weight (gate, up, down), the tensors it holds in a slot."""
+        ...
+
+    def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
+        """Per weight, the file tensors read for it (the weight first)."""
+        ...
+
+    def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
+        """True when each weight's single file tensor is byte-for-byte its single slot part."""
+        ...
+
+    def convert(self, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+        """Fill one weight's slot parts `dst` (typed views) from its file tensors `src` (typed views)."""
+        ...
+
+    def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> "ExpertWeights":
+        """The runnable expert over its slot parts (per weight, typed views)."""
+        ...
+
+
+def weight_shapes(spec: ExpertSpec) -> list[tuple[int, int]]:
+    """[out, in] of gate, up and down as computed (whatever the file stores)."""
+    h, i = spec.hidden_size, spec.intermediate_size
+    return [(i, h), (i, h), (h, i)]
+
+
+class Dense:
+    """Experts computed as stored, in the compute dtype (today's behaviour)."""
+
+    name = "dense"
+
+    def check(self, spec: ExpertSpec) -> None:
+        for t in spec.tensors:
+            if t.dtype not in FLOAT_FILE_DTYPES:
+                raise ValueError(f"expert {spec.key} tensor {t.key}: file dtype {t.dtype} is not a float dtype "
+                                 f"({', '.join(FLOAT_FILE_DTYPES)}); a quantized checkpoint needs its "
+                                 "config.json quantization entry")
+
+    def parts(self, spec: ExpertSpec) -> list[list[Part]]:
+        return [[Part(s, None)] for s in weight_shapes(spec)]
+
+    def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
+        return [[t] for t in spec.tensors]
+
+    def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
+        return all(FILE_DTYPES[t.dtype] == dtype for t in spec.tensors)
+
+    def convert(self, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+        dst[0].copy_(src[0])
+
+    def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> ExpertWeights:
+        return ExpertWeights(views[0][0], views[1][0], views[2][0], activation=spec.activation)
+
+
+FORMATS: dict[str, ExpertFormat] = {"dense": Dense()}
+
+
+def format_of(spec: ExpertSpec) -> ExpertFormat:
+    """The format `spec` is held in; ValueError naming the known ones."""
+    name = spec.held_format
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"expert {spec.key}: unknown expert format {name!r}; known: {sorted(FORMATS)}") from None
