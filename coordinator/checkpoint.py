@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import struct
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +19,14 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from workers.spec import DTYPE_SIZES, ExpertSpec, TensorSpec
+from workers.dtypes import FILE_DTYPES, FLOAT_FILE_DTYPES, ROWS
+from workers.kernels import block_grid, dequantize_fp8
+from workers.spec import ExpertSpec, TensorSpec
 
 from .config import ModelConfig, load_config
 from .errors import CheckpointError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 # Checkpoint names of a routed expert's (gate, up, down) weights, per family.
 EXPERT_NAMES = {
@@ -47,7 +48,12 @@ RENAMES = {
 FUSED_EXPERTS = {"gpt_oss": ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
 
 # What each quantization method is, for the one-line refusal until its loader exists (issue 12).
-PENDING_QUANT = {"fp8": "FP8 block-quantized weights", "mxfp4": "MXFP4 experts"}
+PENDING_QUANT = {"mxfp4": "MXFP4 experts"}
+
+# DeepSeek-V3/R1 and Kimi-K2: FP8 weight `<name>` has its float32 block scales in `<name>_scale_inv`.
+SCALE_SUFFIX = "_scale_inv"
+# Which stored dtype kinds (workers/dtypes.py) a checkpoint may hold, by quant_method (None: unquantized).
+ALLOWED_KINDS = {None: ("float",), "fp8": ("float", "fp8"), "mxfp4": ("float", "int")}
 
 
 def checkpoint_name(family: str, name: str) -> str:
@@ -89,9 +95,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in DTYPE_SIZES:
+        if meta["dtype"] not in FILE_DTYPES:
             raise CheckpointError(f"tensor {name} in {path} has unsupported dtype {meta['dtype']}; "
-                                  f"moeshard reads {', '.join(DTYPE_SIZES)}: convert the checkpoint")
+                                  f"moeshard reads {', '.join(FILE_DTYPES)}: convert the checkpoint")
         a, b = meta["data_offsets"]
         out[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), base + a, b - a)
         end = max(end, base + b)
@@ -117,7 +123,7 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint directory {root} does not exist")
         config = load_config(root)
         q = config.quantization
-        if q is not None:
+        if q is not None and q.method in PENDING_QUANT:
             raise UnsupportedModelError(
                 f"{PENDING_QUANT[q.method]} (quantization_config.quant_method {q.method!r} in {root / 'config.json'}) "
                 "are not yet supported (issue 12): use a bfloat16 copy of the checkpoint")
@@ -144,8 +150,63 @@ class Checkpoint:
                 if name not in tensors or tensors[name].file.name != fname:
                     raise CheckpointError(f"tensor {name} is listed in {index} under {fname} but is not in that file")
         ckpt = cls(root, config, tensors)
+        ckpt._check_dtypes()
+        if q is not None and q.method == "fp8":
+            ckpt._check_fp8_scales()
         ckpt.expert_specs()  # validates every expert's presence, shape and dtype without reading data
         return ckpt
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        """[out, in] block of the FP8 scales (quantization_config.weight_block_size), None if not FP8."""
+        q = self.config.quantization
+        return tuple(q.weight_block_size) if q is not None and q.method == "fp8" else None
+
+    def _check_dtypes(self) -> None:
+        """Every tensor's dtype is one this checkpoint's quantization_config accounts for."""
+        q = self.config.quantization
+        method = q.method if q is not None else None
+        allowed = ALLOWED_KINDS[method]
+        for name, t in sorted(self.tensors.items()):
+            if ROWS[t.dtype].kind not in allowed:
+                holder = f"quant_method {method!r}" if method else "a checkpoint without quantization_config"
+                raise CheckpointError(
+                    f"tensor {name} in {t.file.name} is {t.dtype}, which {holder} does not hold; moeshard reads "
+                    f"{', '.join(FLOAT_FILE_DTYPES)}, F8_E4M3 weights with quantization_config quant_method fp8 "
+                    "and U8 MXFP4 expert blocks with mxfp4: check config.json or convert the checkpoint")
+
+    def _check_fp8_scales(self) -> None:
+        """Each FP8 weight has its float32 `_scale_inv` of one scale per block (edge blocks partial),
+        and each scale its FP8 weight, before anything loads."""
+        q = self.config.quantization
+        block = q.weight_block_size
+        where = f"quantization_config.weight_block_size in {self.path / 'config.json'}"
+        if block is None or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+            raise CheckpointError(f"{where} is {list(block) if block else None}: FP8 block scales need "
+                                  "[out, in] positive block sizes, e.g. [128, 128]")
+        for name, t in sorted(self.tensors.items()):
+            if name.endswith(SCALE_SUFFIX):
+                w = self.tensors.get(name[:-len(SCALE_SUFFIX)])
+                if w is None or w.dtype != "F8_E4M3":
+                    raise CheckpointError(f"scale tensor {name} in {t.file.name} has no F8_E4M3 weight "
+                                          f"{name[:-len(SCALE_SUFFIX)]}: the checkpoint is incomplete or mislabelled")
+                continue
+            if t.dtype != "F8_E4M3":
+                continue
+            if len(t.shape) != 2:
+                raise CheckpointError(f"FP8 tensor {name} in {t.file.name} has shape {list(t.shape)}; moeshard "
+                                      "reads FP8 block-quantized 2-D linear weights only")
+            s = self.tensors.get(name + SCALE_SUFFIX)
+            if s is None:
+                raise CheckpointError(f"FP8 tensor {name} in {t.file.name} has no scale tensor "
+                                      f"{name + SCALE_SUFFIX}: FP8 weights need their float32 block scales "
+                                      "(re-download the shard)")
+            grid = block_grid(t.shape, block)
+            if s.dtype != "F32" or s.shape != grid:
+                raise CheckpointError(
+                    f"scale tensor {name + SCALE_SUFFIX} in {s.file.name} is {s.dtype} {list(s.shape)} but the "
+                    f"FP8 weight {list(t.shape)} in {list(block)} blocks ({where}) needs F32 {list(grid)}: "
+                    "the checkpoint and config.json disagree")
 
     def info(self, name: str, shape: tuple[int, ...] | None = None) -> TensorInfo:
         """Header entry of tensor `name`, checked against the shape the config implies."""
@@ -172,18 +233,32 @@ class Checkpoint:
         specs = []
         for layer in c.moe_layer_ids:
             for e in range(c.num_experts):
-                parts = []
-                for name, shape in zip(self.expert_tensor_names(layer, e), ((I, H), (I, H), (H, I))):
-                    t = self.info(name, shape)
-                    parts.append(TensorSpec(str(t.file.resolve()), name, t.dtype, t.shape, t.offset, t.nbytes))
-                specs.append(ExpertSpec(layer, e, *parts, activation=c.hidden_act))
+                names = self.expert_tensor_names(layer, e)
+                parts = [self._tensor_spec(name, shape) for name, shape in zip(names, ((I, H), (I, H), (H, I)))]
+                fp8 = [p.dtype == "F8_E4M3" for p in parts]
+                if not any(fp8):
+                    specs.append(ExpertSpec(layer, e, *parts, activation=c.hidden_act))
+                    continue
+                if not all(fp8):
+                    raise CheckpointError(f"expert {e} of layer {layer} mixes FP8 and unquantized weights "
+                                          f"({', '.join(f'{n} {p.dtype}' for n, p in zip(names, parts))}); "
+                                          "moeshard holds an expert in one format")
+                # FP8 experts stay FP8 in every tier: the workers read weights and scales as stored
+                scales = tuple(self._tensor_spec(n + SCALE_SUFFIX) for n in names)
+                specs.append(ExpertSpec(layer, e, *parts, activation=c.hidden_act, expert_dtype="fp8",
+                                        stored="fp8", scales=scales, block=self.fp8_block))
         return specs
+
+    def _tensor_spec(self, name: str, shape: tuple[int, ...] | None = None) -> TensorSpec:
+        t = self.info(name, shape)
+        return TensorSpec(str(t.file.resolve()), name, t.dtype, t.shape, t.offset, t.nbytes)
 
     def expert_names(self) -> set[str]:
         c = self.config
         if c.model_type in FUSED_EXPERTS:
             return {f"model.layers.{l}.mlp.experts.{w}" for l in c.moe_layer_ids for w in FUSED_EXPERTS[c.model_type]}
-        return {n for l in c.moe_layer_ids for e in range(c.num_experts) for n in self.expert_tensor_names(l, e)}
+        names = {n for l in c.moe_layer_ids for e in range(c.num_experts) for n in self.expert_tensor_names(l, e)}
+        return names | {n + SCALE_SUFFIX for n in names if n + SCALE_SUFFIX in self.tensors}
 
     def load_dense(self, model: torch.nn.Module) -> set[str]:
         """Fill every parameter and buffer of `model` from the checkpoint; return the checkpoint names loaded.
@@ -206,17 +281,28 @@ class Checkpoint:
         # a bar on a terminal only (disable=None): the dense part of a big model is many GB
         bar = tqdm(total=sum(self.tensors[n].nbytes for n in wanted), desc="loading dense weights", unit="B",
                    unit_scale=True, disable=None, leave=False)
-        with torch.no_grad(), bar:
+        scales = {n + SCALE_SUFFIX for n in wanted if self.tensors[n].dtype == "F8_E4M3"}
+        with torch.no_grad(), bar, ExitStack() as files:
+            handles: dict[Path, object] = {}
+
+            def handle(path: Path):
+                if path not in handles:
+                    handles[path] = files.enter_context(safe_open(str(path), framework="pt"))
+                return handles[path]
+
             for path, names in by_file.items():
-                with safe_open(str(path), framework="pt") as f:
-                    for theirs in names:
-                        value = f.get_tensor(theirs)
-                        bar.update(self.tensors[theirs].nbytes)
-                        for ours in wanted[theirs]:
-                            target = state[ours]
-                            # The model was built in its compute dtype (float32 where the reference keeps it).
-                            target.data = value.to(target.dtype)
-        loaded = set(wanted)
+                for theirs in names:
+                    value = handle(path).get_tensor(theirs)
+                    bar.update(self.tensors[theirs].nbytes)
+                    if value.dtype == torch.float8_e4m3fn:  # dense FP8 weights: dequantized once, here
+                        s = theirs + SCALE_SUFFIX
+                        value = dequantize_fp8(value, handle(self.tensors[s].file).get_tensor(s), self.fp8_block,
+                                               torch.float32)
+                    for ours in wanted[theirs]:
+                        target = state[ours]
+                        # The model was built in its compute dtype (float32 where the reference keeps it).
+                        target.data = value.to(target.dtype)
+        loaded = set(wanted) | scales
         extra = set(self.tensors) - loaded - self.expert_names()
         mtp = {n for n in extra if _is_mtp(n, self.config)}
         if mtp:

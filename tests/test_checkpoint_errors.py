@@ -168,9 +168,9 @@ def test_unsupported_quant_method_is_named(fresh_checkpoint, method):
     assert "\n" not in str(err)
 
 
-@pytest.mark.parametrize("method,what", [("fp8", "FP8"), ("mxfp4", "MXFP4")])
+@pytest.mark.parametrize("method,what", [("mxfp4", "MXFP4")])
 def test_pending_quant_method_says_not_yet_supported(fresh_checkpoint, method, what):
-    """FP8 and MXFP4 parse (the config keeps them) but do not load until issue 12 items 2 and 3."""
+    """MXFP4 parses (the config keeps it) but does not load until issue 12 item 3."""
     from coordinator.config import load_config
 
     _, UnsupportedModelError = errors()

@@ -228,7 +228,6 @@ def test_fp8_fixture_is_in_the_released_format(block, tmp_path):
 
 
 @pytest.mark.parametrize("name", FP8)
-@pytest.mark.xfail(strict=True, reason="FP8 experts: issue 12 item 2")
 def test_fp8_release_loads(name, tmp_path):
     """As released: FP8 weights with 128x128 block scales (all partial at these sizes), YaRN in the
     released spelling, the MTP layer in the files, sharded; transformers runs on the dequantized weights."""

@@ -22,12 +22,10 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .kernels import ExpertWeights
+from .dtypes import FILE_DTYPES, FLOAT_FILE_DTYPES
+from .kernels import ExpertWeights, FP8Weights, block_grid
 from .spec import ExpertSpec, TensorSpec
 
-FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-               "I8": torch.int8, "U8": torch.uint8}
-FLOAT_FILE_DTYPES = ("F32", "BF16", "F16")
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ class ExpertFormat(Protocol):
         ...
 
     def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
-        """True when each weight's single file tensor is byte-for-byte its single slot part."""
+        """True when each weight's file tensors are byte-for-byte its slot parts, in order."""
         ...
 
     def convert(self, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
@@ -104,7 +102,49 @@ class Dense:
         return ExpertWeights(views[0][0], views[1][0], views[2][0], activation=spec.activation)
 
 
-FORMATS: dict[str, ExpertFormat] = {"dense": Dense()}
+class FP8Blocks:
+    """FP8 block-quantized experts as DeepSeek-V3/R1 and Kimi-K2 ship them, held as stored: each weight
+    float8_e4m3fn (1 byte per weight) plus its float32 block scales, read straight from the file into
+    the slot, dequantized per use (workers/kernels.py `FP8Weights`)."""
+
+    name = "fp8"
+
+    def check(self, spec: ExpertSpec) -> None:
+        if len(spec.block) != 2 or min(spec.block) < 1:
+            raise ValueError(f"expert {spec.key}: FP8 weights need a [out, in] block size, got {list(spec.block)}")
+        if len(spec.scales) != 3:
+            raise ValueError(f"expert {spec.key}: FP8 weights need 3 scale tensors (gate, up, down), "
+                             f"got {len(spec.scales)}")
+        for t, shape, s in zip(spec.tensors, weight_shapes(spec), spec.scales):
+            if t.dtype != "F8_E4M3" or t.shape != shape:
+                raise ValueError(f"expert {spec.key} tensor {t.key}: FP8 experts hold F8_E4M3 {list(shape)}, "
+                                 f"got {t.dtype} {list(t.shape)}")
+            grid = block_grid(t.shape, spec.block)
+            if s.dtype != "F32" or s.shape != grid:
+                raise ValueError(f"expert {spec.key} scale {s.key}: expected F32 {list(grid)} (one per "
+                                 f"{spec.block[0]}x{spec.block[1]} block of {list(t.shape)}), got {s.dtype} "
+                                 f"{list(s.shape)}")
+
+    def parts(self, spec: ExpertSpec) -> list[list[Part]]:
+        return [[Part(t.shape, torch.float8_e4m3fn), Part(s.shape, torch.float32)]
+                for t, s in zip(spec.tensors, spec.scales)]
+
+    def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
+        return [[t, s] for t, s in zip(spec.tensors, spec.scales)]
+
+    def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
+        return True  # weights and scales are held exactly as the file stores them
+
+    def convert(self, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+        for s, d in zip(src, dst):
+            d.copy_(s)
+
+    def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> FP8Weights:
+        (g, gs), (u, us), (d, ds) = views
+        return FP8Weights(g, u, d, (gs, us, ds), tuple(spec.block), activation=spec.activation)
+
+
+FORMATS: dict[str, ExpertFormat] = {"dense": Dense(), "fp8": FP8Blocks()}
 
 
 def format_of(spec: ExpertSpec) -> ExpertFormat:

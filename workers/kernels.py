@@ -50,6 +50,57 @@ class ExpertWeights:
         return expert_forward(self, x)
 
 
+def block_grid(shape: Sequence[int], block: Sequence[int]) -> tuple[int, int]:
+    """How many [bo, bi] blocks cover a [out, in] weight, edge blocks partial: the shape of its scales."""
+    (rows, cols), (bo, bi) = shape, block
+    return -(-rows // bo), -(-cols // bi)
+
+
+def dequantize_fp8(q: Tensor, scale_inv: Tensor, block: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """The weight an FP8 tensor q [out, in] and its float32 block scales [ceil(out/bo), ceil(in/bi)]
+    stand for, in `dtype`: q * scale_inv of its block, computed in float32 (as DeepSeek's
+    weight_dequant does), edge blocks partial. The one FP8 dequantization: dense weights at load
+    and routed experts per use both come here."""
+    (rows, cols), (bo, bi) = q.shape, block
+    nbo, nbi = block_grid(q.shape, block)
+    w = q.to(torch.float32)
+    if rows == nbo * bo and cols == nbi * bi:  # whole blocks: one broadcast multiply, no expanded scales
+        w = w.view(nbo, bo, nbi, bi).mul_(scale_inv.view(nbo, 1, nbi, 1)).view(rows, cols)
+    else:
+        w.mul_(scale_inv.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols])
+    return w.to(dtype)
+
+
+@dataclass(frozen=True)
+class FP8Weights:
+    """One expert held as FP8 block-quantized weights (1 byte per weight) plus float32 block scales,
+    views into its slot; dequantized into the activations' dtype on every use."""
+
+    gate: Tensor      # float8_e4m3fn [I, H]
+    up: Tensor        # float8_e4m3fn [I, H]
+    down: Tensor      # float8_e4m3fn [H, I]
+    scales: tuple[Tensor, Tensor, Tensor]   # float32 block scales of gate, up, down
+    block: tuple[int, int]
+    activation: str = "silu"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.gate.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down, *self.scales))
+
+    def dense(self, dtype: torch.dtype) -> ExpertWeights:
+        """The expert dequantized into `dtype` (fresh tensors, outside any budget)."""
+        g, u, d = (dequantize_fp8(q, s, self.block, dtype) for q, s in zip((self.gate, self.up, self.down),
+                                                                            self.scales))
+        return ExpertWeights(g, u, d, self.activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return expert_forward(self.dense(x.dtype), x)
+
+
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
     """Look up an activation by name; raise ValueError listing the known ones."""
     try:
