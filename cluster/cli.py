@@ -126,6 +126,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{ckpt.path}: {len(specs)} routed experts ({cfg.num_experts} per layer x {len(layers)} MoE layers, "
           f"top-{cfg.top_k}), dtype {opts.dtype}, min_resident {min_resident}"
           + (f", {len(pinned)} pinned" if pinned else ""))
+    for line in ckpt.summary(COMPUTE_DTYPES[opts.dtype].itemsize).lines(opts.dtype):  # what the checkpoint is
+        print(f"  {line}")
     for line in plan.table():
         print(line)
     return 0

@@ -107,6 +107,43 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What a checkpoint is, read from its config and headers only (`moeshard plan` prints it)."""
+
+    family: str
+    layers: int
+    moe_layers: int
+    experts_per_layer: int
+    top_k: int
+    dense_dtypes: tuple[str, ...]     # file dtypes of everything that is not a routed expert
+    expert_dtypes: tuple[str, ...]    # file dtypes of the routed experts' weights (scales not counted)
+    expert_format: str                # how the workers hold them: "dense" (compute dtype), "fp8", ...
+    quantization: str                 # "none", or the method with its block size
+    rope: str
+    expert_file_bytes: int            # the largest routed expert in the files (weights plus scales)
+    expert_held_bytes: int            # one slot: the largest expert as held in a store
+    total_expert_bytes: int           # every routed expert as held
+    token_read_bytes: int             # what one token reads when every expert it routes to is paged in
+
+    def lines(self, compute_dtype: str) -> list[str]:
+        from workers.units import format_bytes
+
+        def b(n: int) -> str:
+            return f"{n} B ({format_bytes(n)})"
+
+        held = "as stored" if self.expert_format != "dense" else f"in {compute_dtype}"
+        return [
+            f"model: {self.family}, {self.layers} layers ({self.moe_layers} MoE), {self.experts_per_layer} experts "
+            f"per MoE layer, top-{self.top_k}, rope {self.rope}",
+            f"weights: dense part {'/'.join(self.dense_dtypes)} (computed in {compute_dtype}), experts "
+            f"{'/'.join(self.expert_dtypes)} held {self.expert_format} {held}; quantization {self.quantization}",
+            f"expert bytes: {b(self.expert_held_bytes)} per expert held ({b(self.expert_file_bytes)} in the files), "
+            f"{b(self.total_expert_bytes)} in all; one token reads up to {b(self.token_read_bytes)} of experts "
+            f"(top-{self.top_k} x {self.moe_layers} MoE layers)",
+        ]
+
+
 class Checkpoint:
     """A validated checkpoint directory: config, tensor index, dense loading, expert specs."""
 
@@ -248,6 +285,35 @@ class Checkpoint:
                 specs.append(ExpertSpec(layer, e, *parts, activation=c.hidden_act, expert_dtype="fp8",
                                         stored="fp8", scales=scales, block=self.fp8_block))
         return specs
+
+    def summary(self, itemsize: int) -> CheckpointSummary:
+        """What this checkpoint is, with experts held in a compute dtype of `itemsize` bytes
+        (workers/budget.py sizes the slots)."""
+        from workers.budget import expert_nbytes, slot_bytes
+
+        c, specs = self.config, self.expert_specs()
+        experts = self.expert_names()
+        q = c.quantization
+        if q is None:
+            quant = "none"
+        elif q.weight_block_size:
+            quant = f"{q.method} ({q.fmt or 'e4m3'}, {'x'.join(map(str, q.weight_block_size))} blocks)"
+        else:
+            quant = q.method
+        moe = len(c.moe_layer_ids)
+        held = slot_bytes(specs, itemsize)
+        return CheckpointSummary(
+            family=c.model_type, layers=c.num_layers, moe_layers=moe, experts_per_layer=c.num_experts,
+            top_k=c.top_k,
+            dense_dtypes=tuple(sorted({t.dtype for n, t in self.tensors.items()
+                                       if n not in experts and not _is_mtp(n, c)})),
+            expert_dtypes=tuple(sorted({t.dtype for s in specs for t in s.tensors})),
+            expert_format="/".join(sorted({s.held_format for s in specs})) or "none",
+            quantization=quant, rope=c.rope.kind,
+            expert_file_bytes=max((s.file_nbytes for s in specs), default=0),
+            expert_held_bytes=held,
+            total_expert_bytes=sum(expert_nbytes(s, itemsize) for s in specs),
+            token_read_bytes=min(c.top_k, c.num_experts) * moe * max((s.file_nbytes for s in specs), default=0))
 
     def _tensor_spec(self, name: str, shape: tuple[int, ...] | None = None) -> TensorSpec:
         t = self.info(name, shape)

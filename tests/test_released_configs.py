@@ -1,9 +1,9 @@
 """Released config.json files (tests/fixtures/configs/, sizes shrunk) parse as the releases mean them,
 and a tiny random checkpoint in each release's layout and dtype matches transformers.
 
-The FP8 (DeepSeek-V3, R1, Kimi-K2) and MXFP4 (gpt-oss-20b) releases are tested here with the
-quantization stripped from config.json and the weights in bfloat16; the loads with
-`quantization_config` kept are the xfails below, until issue 12 items 2 and 3 land.
+The FP8 (DeepSeek-V3, R1, Kimi-K2) and MXFP4 (gpt-oss-20b) releases are tested here both with the
+quantization stripped from config.json (weights in bfloat16) and as released (`quantization_config`
+kept: FP8 weights with block scales, MXFP4 expert blocks).
 """
 from __future__ import annotations
 
@@ -230,37 +230,49 @@ def test_fp8_fixture_is_in_the_released_format(block, tmp_path):
 @pytest.mark.parametrize("name", FP8)
 def test_fp8_release_loads(name, tmp_path):
     """As released: FP8 weights with 128x128 block scales (all partial at these sizes), YaRN in the
-    released spelling, the MTP layer in the files, sharded; transformers runs on the dequantized weights."""
-    from coordinator.errors import UnsupportedModelError
+    released spelling, the MTP layer in the files, sharded; transformers runs on the dequantized weights.
+    The routed experts are held FP8: a slot is the FP8 bytes plus the scales."""
+    from coordinator.checkpoint import Checkpoint
+    from workers.budget import expert_nbytes
 
     path = make_released_checkpoint(tmp_path / "ckpt", name, strip_quantization=False)
     ref = released_reference(path)
+    specs = Checkpoint.open(path).expert_specs()
+    assert {s.held_format for s in specs} == {"fp8"}
     ids = random_ids(2, 11)
-    try:
-        c = open_coordinator(path)
-    except UnsupportedModelError as e:
-        pytest.xfail(f"refused today: {e}")
-    with c:
+    lp_ids, mask = make_prompts((9, 5, 1), seed=11)
+    expected, scores = hf_greedy(ref, lp_ids, mask, with_scores=True)
+    with open_coordinator(path) as c:
         assert_close(c.forward(ids), hf_logits(ref, ids), f"{name} FP8 forward")
+        out = c.generate(lp_ids, max_new_tokens=expected.shape[1] - lp_ids.shape[1], do_sample=False,
+                         attention_mask=mask, eos_token_id=None)
+        stats = c.stats()["experts"]
+    assert_same_tokens(out, expected, f"{name} FP8 greedy", scores)
+    assert stats["actors"][0]["slot_bytes"] == max(expert_nbytes(s, 4) for s in specs)
+    assert stats["actors"][0]["slot_bytes"] < 2 * max(s.numel() for s in specs)   # not float32 (4 bytes a weight)
 
 
 # The releases issue 12 names for its distributed and paged checks (FP8 / MXFP4 ones stripped for now).
-SPREAD = ["deepseek-v3", "glm-4.5-air", "deepseek-v2-lite"]
+SPREAD = ["deepseek-v3-fp8", "deepseek-v3", "glm-4.5-air", "deepseek-v2-lite"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["2-actors", "paged-15%"])
 @pytest.mark.parametrize("name", SPREAD)
-def test_released_checkpoint_spread_and_paged_matches_transformers(name, how, released, ray_session):
+def test_released_checkpoint_spread_and_paged_matches_transformers(name, how, released, ray_session, tmp_path):
     from coordinator.checkpoint import Checkpoint
+    from workers.budget import expert_nbytes
 
-    path = released(name)
+    if name.endswith("-fp8"):  # as released: FP8 experts and attention, 128x128 blocks, YaRN, MTP layer, sharded
+        path = make_released_checkpoint(tmp_path / "ckpt", name[:-len("-fp8")], strip_quantization=False)
+    else:
+        path = released(name)
     ref = released_reference(path)
     if how == "2-actors":
         options = dict(num_workers=2)
     else:
-        # the store holds experts in the compute dtype (float32 here)
-        total = sum(s.numel() * 4 for s in Checkpoint.open(path).expert_specs())
+        # 15% of the experts as the store holds them (FP8 bytes plus scales, or the compute dtype: float32)
+        total = sum(expert_nbytes(s, 4) for s in Checkpoint.open(path).expert_specs())
         options = dict(worker_memory=int(0.15 * total))
     ids, mask = make_prompts((9, 5, 1), seed=11)
     expected, scores = hf_greedy(ref, ids, mask, new_tokens=16, with_scores=True)
