@@ -46,9 +46,9 @@ RENAMES = {
 
 # Families whose routed experts are fused per layer into 3-D tensors (these names under mlp.experts).
 FUSED_EXPERTS = {"gpt_oss": ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
-
-# What each quantization method is, for the one-line refusal until its loader exists (issue 12).
-PENDING_QUANT = {"mxfp4": "MXFP4 experts"}
+# ... and as they ship in MXFP4 (quant_method mxfp4): blocks and e8m0 scales instead of the weights.
+MXFP4_EXPERTS = {"gpt_oss": ("gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias",
+                             "down_proj_blocks", "down_proj_scales", "down_proj_bias")}
 
 # DeepSeek-V3/R1 and Kimi-K2: FP8 weight `<name>` has its float32 block scales in `<name>_scale_inv`.
 SCALE_SUFFIX = "_scale_inv"
@@ -160,10 +160,10 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint directory {root} does not exist")
         config = load_config(root)
         q = config.quantization
-        if q is not None and q.method in PENDING_QUANT:
+        if q is not None and q.method == "mxfp4" and config.model_type not in MXFP4_EXPERTS:
             raise UnsupportedModelError(
-                f"{PENDING_QUANT[q.method]} (quantization_config.quant_method {q.method!r} in {root / 'config.json'}) "
-                "are not yet supported (issue 12): use a bfloat16 copy of the checkpoint")
+                f"quantization_config.quant_method 'mxfp4' in {root / 'config.json'} is for gpt-oss's fused experts; "
+                f"moeshard reads MXFP4 for {', '.join(MXFP4_EXPERTS)}, not {config.model_type}")
         index = root / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -205,7 +205,9 @@ class Checkpoint:
         method = q.method if q is not None else None
         allowed = ALLOWED_KINDS[method]
         for name, t in sorted(self.tensors.items()):
-            if ROWS[t.dtype].kind not in allowed:
+            kind = ROWS[t.dtype].kind
+            if kind not in allowed or (kind == "int" and method == "mxfp4" and
+                                       not name.endswith(("_blocks", "_scales"))):
                 holder = f"quant_method {method!r}" if method else "a checkpoint without quantization_config"
                 raise CheckpointError(
                     f"tensor {name} in {t.file.name} is {t.dtype}, which {holder} does not hold; moeshard reads "
@@ -262,6 +264,8 @@ class Checkpoint:
     def expert_specs(self) -> list[ExpertSpec]:
         """Every routed expert as plain data: file, absolute offset, dtype, shape of its three weights."""
         c = self.config
+        if c.model_type in MXFP4_EXPERTS and c.quantization is not None and c.quantization.method == "mxfp4":
+            return self._mxfp4_specs()
         if c.model_type in FUSED_EXPERTS:
             raise UnsupportedModelError(
                 f"{c.model_type} experts fused per layer (mlp.experts.{', '.join(FUSED_EXPERTS[c.model_type])}; "
@@ -315,14 +319,56 @@ class Checkpoint:
             total_expert_bytes=sum(expert_nbytes(s, itemsize) for s in specs),
             token_read_bytes=min(c.top_k, c.num_experts) * moe * max((s.file_nbytes for s in specs), default=0))
 
+    def _mxfp4_specs(self) -> list[ExpertSpec]:
+        """gpt-oss in MXFP4: each expert is its slice (along the expert axis) of the layer's fused
+        blocks [E, 2I, H/32, 16], scales [E, 2I, H/32] (e8m0), and biases; gate/up interleaved."""
+        c = self.config
+        E, H, I = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        if H % 32 or I % 32:
+            raise CheckpointError(f"MXFP4 experts need hidden_size ({H}) and intermediate_size ({I}) that are "
+                                  f"multiples of 32 (one e8m0 scale per 32 weights): check {self.path / 'config.json'}")
+        shapes = {"gate_up_proj_blocks": ((E, 2 * I, H // 32, 16), "U8"),
+                  "gate_up_proj_scales": ((E, 2 * I, H // 32), "U8"),
+                  "gate_up_proj_bias": ((E, 2 * I), None),
+                  "down_proj_blocks": ((E, H, I // 32, 16), "U8"),
+                  "down_proj_scales": ((E, H, I // 32), "U8"),
+                  "down_proj_bias": ((E, H), None)}
+        specs = []
+        for layer in c.moe_layer_ids:
+            fused = {}
+            for short, (shape, dtype) in shapes.items():
+                name = t_name(layer, short)
+                t = self.info(name, shape)
+                if (dtype or "float") != (t.dtype if dtype else ROWS[t.dtype].kind):
+                    raise CheckpointError(f"tensor {name} in {t.file.name} is {t.dtype}; MXFP4 experts store "
+                                          f"{dtype or 'a float dtype'} there (quantization_config quant_method mxfp4)")
+                fused[short] = t
+            for e in range(E):
+                part = {}
+                for short, t in fused.items():
+                    per = t.nbytes // E
+                    rows = t.shape[1]
+                    # 2-D per expert: blocks as [rows, bytes], the rest as stored
+                    shape = (rows, per // (rows * ROWS[t.dtype].itemsize)) if len(t.shape) > 2 else t.shape[1:]
+                    part[short] = TensorSpec(str(t.file.resolve()), f"{t_name(layer, short)}[{e}]", t.dtype,
+                                             tuple(shape), t.offset + e * per, per)
+                gu = part["gate_up_proj_blocks"]
+                specs.append(ExpertSpec(
+                    layer, e, gu, gu, part["down_proj_blocks"], activation=c.hidden_act, expert_dtype="mxfp4",
+                    stored="mxfp4", scales=(part["gate_up_proj_scales"], part["gate_up_proj_bias"],
+                                            part["down_proj_scales"], part["down_proj_bias"]),
+                    swiglu=(c.swiglu_alpha, c.swiglu_limit)))
+        return specs
+
     def _tensor_spec(self, name: str, shape: tuple[int, ...] | None = None) -> TensorSpec:
         t = self.info(name, shape)
         return TensorSpec(str(t.file.resolve()), name, t.dtype, t.shape, t.offset, t.nbytes)
 
     def expert_names(self) -> set[str]:
         c = self.config
-        if c.model_type in FUSED_EXPERTS:
-            return {f"model.layers.{l}.mlp.experts.{w}" for l in c.moe_layer_ids for w in FUSED_EXPERTS[c.model_type]}
+        fused = MXFP4_EXPERTS if c.quantization is not None and c.quantization.method == "mxfp4" else FUSED_EXPERTS
+        if c.model_type in fused:
+            return {t_name(l, w) for l in c.moe_layer_ids for w in fused[c.model_type]}
         names = {n for l in c.moe_layer_ids for e in range(c.num_experts) for n in self.expert_tensor_names(l, e)}
         return names | {n + SCALE_SUFFIX for n in names if n + SCALE_SUFFIX in self.tensors}
 
@@ -381,6 +427,11 @@ class Checkpoint:
                                   f"{', '.join(sorted(extra)[:5])}{' ...' if len(extra) > 5 else ''}; "
                                   "check that config.json matches the weights")
         return loaded
+
+
+def t_name(layer: int, short: str) -> str:
+    """The checkpoint name of a fused expert tensor of `layer` (gpt-oss)."""
+    return f"model.layers.{layer}.mlp.experts.{short}"
 
 
 def _is_mtp(name: str, config: ModelConfig) -> bool:

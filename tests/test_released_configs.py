@@ -165,15 +165,27 @@ def test_gpt_oss_dense_part_matches_transformers(released):
     assert_close(torch.cat(steps, 1)[real], want[real], "gpt-oss cached decode")
 
 
-@pytest.mark.xfail(strict=True, reason="MXFP4 experts: issue 12 item 3")
 def test_mxfp4_release_loads(tmp_path):
-    """With quantization_config kept (weights still bfloat16 here: the MXFP4 helper must make
-    make_released_checkpoint write *_blocks / *_scales)."""
+    """As released: the experts fused per layer as MXFP4 blocks and e8m0 scales with bfloat16 biases,
+    sinks, alternating windows, YaRN, sharded; transformers runs on the weights its own
+    convert_moe_packed_tensors dequantizes. The experts are held MXFP4 (4 bits a weight plus scales)."""
+    from coordinator.checkpoint import Checkpoint
+    from workers.budget import expert_nbytes
+
     path = make_released_checkpoint(tmp_path / "ckpt", "gpt-oss-20b", strip_quantization=False)
     ref = released_reference(path)
+    specs = Checkpoint.open(path).expert_specs()
+    assert {s.held_format for s in specs} == {"mxfp4"}
     ids = random_ids(2, 11)
+    lp_ids, mask = make_prompts((13, 9, 1), seed=11)      # longer than the 6-token window
+    expected, scores = hf_greedy(ref, lp_ids, mask, with_scores=True)
     with open_coordinator(path) as c:
         assert_close(c.forward(ids), hf_logits(ref, ids), "gpt-oss MXFP4 forward")
+        out = c.generate(lp_ids, max_new_tokens=expected.shape[1] - lp_ids.shape[1], do_sample=False,
+                         attention_mask=mask, eos_token_id=None)
+        stats = c.stats()["experts"]
+    assert_same_tokens(out, expected, "gpt-oss MXFP4 greedy", scores)
+    assert stats["actors"][0]["slot_bytes"] == max(expert_nbytes(s, 4) for s in specs)
 
 
 @pytest.mark.parametrize("name", LOADABLE)
@@ -253,7 +265,10 @@ def test_fp8_release_loads(name, tmp_path):
 
 
 # The releases issue 12 names for its distributed and paged checks (FP8 / MXFP4 ones stripped for now).
-SPREAD = ["deepseek-v3-fp8", "deepseek-v3", "glm-4.5-air", "deepseek-v2-lite"]
+# "-fp8"/"-mxfp4": as released, quantization kept (FP8 experts and attention in 128x128 blocks, YaRN,
+# the MTP layer, sharded; gpt-oss's fused MXFP4 experts); the others as the `released` fixture writes them.
+AS_RELEASED = {"deepseek-v3-fp8": "deepseek-v3", "gpt-oss-20b-mxfp4": "gpt-oss-20b"}
+SPREAD = [*AS_RELEASED, "deepseek-v3", "glm-4.5-air", "deepseek-v2-lite"]
 
 
 @pytest.mark.slow
@@ -263,8 +278,8 @@ def test_released_checkpoint_spread_and_paged_matches_transformers(name, how, re
     from coordinator.checkpoint import Checkpoint
     from workers.budget import expert_nbytes
 
-    if name.endswith("-fp8"):  # as released: FP8 experts and attention, 128x128 blocks, YaRN, MTP layer, sharded
-        path = make_released_checkpoint(tmp_path / "ckpt", name[:-len("-fp8")], strip_quantization=False)
+    if name in AS_RELEASED:
+        path = make_released_checkpoint(tmp_path / "ckpt", AS_RELEASED[name], strip_quantization=False)
     else:
         path = released(name)
     ref = released_reference(path)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .dtypes import FILE_DTYPES, FLOAT_FILE_DTYPES
-from .kernels import ExpertWeights, FP8Weights, block_grid
+from .kernels import MXFP4_BLOCK, ExpertWeights, FP8Weights, MXFP4Weights, block_grid
 from .spec import ExpertSpec, TensorSpec
 
 
@@ -144,7 +144,58 @@ class FP8Blocks:
         return FP8Weights(g, u, d, (gs, us, ds), tuple(spec.block), activation=spec.activation)
 
 
-FORMATS: dict[str, ExpertFormat] = {"dense": Dense(), "fp8": FP8Blocks()}
+class MXFP4:
+    """gpt-oss's MXFP4 experts, held as stored: per expert its slices of the layer's fused blocks, e8m0
+    scales and biases, read straight into the slot (4 bits a weight plus a byte per 32), dequantized
+    per use (workers/kernels.py `MXFP4Weights`). Gate and up are one interleaved weight, so the `up`
+    weight holds nothing of its own."""
+
+    name = "mxfp4"
+
+    def check(self, spec: ExpertSpec) -> None:
+        g, d = spec.gate, spec.down
+        h, i2 = d.shape[0], g.shape[0]
+        i = i2 // 2
+        if spec.up != spec.gate:
+            raise ValueError(f"expert {spec.key}: MXFP4 gate and up are one fused tensor, got {spec.up.key}")
+        if len(spec.scales) != 4 or len(spec.swiglu) != 2:
+            raise ValueError(f"expert {spec.key}: MXFP4 experts need 4 scale/bias tensors and (alpha, limit), "
+                             f"got {len(spec.scales)} and {list(spec.swiglu)}")
+        gs, gbias, ds, dbias = spec.scales
+        want = [(g, "U8", (i2, h // 2)), (d, "U8", (h, i // 2)), (gs, "U8", (i2, h // MXFP4_BLOCK)),
+                (ds, "U8", (h, i // MXFP4_BLOCK))]
+        if h % MXFP4_BLOCK or i % MXFP4_BLOCK or i2 % 2:
+            raise ValueError(f"expert {spec.key}: MXFP4 needs hidden {h} and intermediate {i} sizes that are "
+                             f"multiples of {MXFP4_BLOCK}")
+        for t, dtype, shape in want:
+            if t.dtype != dtype or t.shape != shape:
+                raise ValueError(f"expert {spec.key} tensor {t.key}: expected {dtype} {list(shape)}, "
+                                 f"got {t.dtype} {list(t.shape)}")
+        for t, n in ((gbias, i2), (dbias, h)):
+            if t.dtype not in FLOAT_FILE_DTYPES or t.shape != (n,):
+                raise ValueError(f"expert {spec.key} bias {t.key}: expected a float [{n}], got {t.dtype} "
+                                 f"{list(t.shape)}")
+
+    def parts(self, spec: ExpertSpec) -> list[list[Part]]:
+        return [[Part(t.shape, FILE_DTYPES[t.dtype]) for t in w] for w in self.file_tensors(spec)]
+
+    def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
+        gs, gbias, ds, dbias = spec.scales
+        return [[spec.gate, gs, gbias], [], [spec.down, ds, dbias]]
+
+    def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
+        return True
+
+    def convert(self, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+        for s, d in zip(src, dst):
+            d.copy_(s)
+
+    def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> MXFP4Weights:
+        alpha, limit = spec.swiglu
+        return MXFP4Weights(tuple(views[0]), tuple(views[2]), alpha=alpha, limit=limit)
+
+
+FORMATS: dict[str, ExpertFormat] = {"dense": Dense(), "fp8": FP8Blocks(), "mxfp4": MXFP4()}
 
 
 def format_of(spec: ExpertSpec) -> ExpertFormat:

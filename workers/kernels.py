@@ -101,6 +101,56 @@ class FP8Weights:
         return expert_forward(self.dense(x.dtype), x)
 
 
+# The 16 values of an FP4 (e2m1) code, sign bit highest: MXFP4 as gpt-oss ships it (transformers'
+# integrations/mxfp4.py holds the same table).
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_BLOCK = 32          # weights per e8m0 scale: 16 bytes of two codes each
+E8M0_BIAS = 127
+
+
+def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weight [out, in] that MXFP4 blocks [out, in/2] (uint8, two FP4 codes a byte, low nibble first)
+    and e8m0 scales [out, in/32] (uint8, exponent + 127) stand for, in `dtype`: the code's value times
+    2^exponent, as transformers' convert_moe_packed_tensors computes it."""
+    rows, groups = scales.shape
+    b = blocks.reshape(rows, groups, MXFP4_BLOCK // 2)
+    lut = torch.tensor(FP4_VALUES, dtype=dtype)
+    out = torch.empty(rows, groups, MXFP4_BLOCK, dtype=dtype)
+    out[..., 0::2] = lut[(b & 0x0F).long()]
+    out[..., 1::2] = lut[(b >> 4).long()]
+    torch.ldexp(out, (scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1), out=out)
+    return out.view(rows, groups * MXFP4_BLOCK)
+
+
+@dataclass(frozen=True)
+class MXFP4Weights:
+    """One gpt-oss expert held as MXFP4 (4 bits a weight plus one byte per 32), views into its slot:
+    gate and up fused and interleaved in one [2I, H] weight with a bias, then down [H, I] with a bias,
+    and the clamped SwiGLU between them. Dequantized into the activations' dtype on every use."""
+
+    gate_up: tuple[Tensor, Tensor, Tensor]   # blocks uint8 [2I, H/2], scales uint8 [2I, H/32], bias [2I]
+    down: tuple[Tensor, Tensor, Tensor]      # blocks uint8 [H, I/2], scales uint8 [H, I/32], bias [H]
+    alpha: float
+    limit: float
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.down[0].shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.gate_up, *self.down))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = x.dtype
+        (gb, gs, gbias), (db, ds, dbias) = self.gate_up, self.down
+        gate_up = F.linear(x, dequantize_mxfp4(gb, gs, dt), gbias.to(dt))                # [N, 2I]
+        gate = gate_up[:, 0::2].clamp(max=self.limit)
+        up = gate_up[:, 1::2].clamp(min=-self.limit, max=self.limit)
+        h = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))                           # [N, I]
+        return F.linear(h, dequantize_mxfp4(db, ds, dt), dbias.to(dt))                   # [N, H]
+
+
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
     """Look up an activation by name; raise ValueError listing the known ones."""
     try:

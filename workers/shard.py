@@ -43,7 +43,7 @@ class ExpertShard:
             torch.set_num_threads(num_threads)
         self.dtype = compute_dtype(dtype)
         self.specs = [ExpertSpec.from_dict(d) for d in specs]
-        self._hidden = {s.key: s.gate.shape[1] for s in self.specs}
+        self._hidden = {s.key: s.hidden_size for s in self.specs}
         self.budget_bytes = budget_bytes
         self.store = ExpertStore(self.specs, budget_bytes, self.dtype, device, policy,
                                  pinned=[tuple(p) for p in pinned], min_resident=min_resident, spill_dir=spill_dir)

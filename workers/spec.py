@@ -50,7 +50,11 @@ class ExpertSpec:
     "int8"/"int4": a `moeshard quantize`d checkpoint, whose tensor shapes are then the stored
     ones and whose per-weight scales are `scales`, in gate/up/down order). FP8 experts as DeepSeek-V3
     ships them: `expert_dtype` = `stored` = "fp8", F8_E4M3 weights, their float32 `_scale_inv` tensors
-    in `scales` and the [out, in] block they scale in `block`.
+    in `scales` and the [out, in] block they scale in `block`. MXFP4 experts as gpt-oss ships them
+    (`expert_dtype` = `stored` = "mxfp4"): their slices of the layer's fused tensors, `gate` the
+    interleaved gate/up blocks (U8 [2I, H/2]), `up` the same tensor (gate and up are one), `down` the
+    down blocks (U8 [H, I/2]); `scales` = (gate/up e8m0 scales, gate/up bias, down scales, down bias),
+    `swiglu` = (alpha, limit) of its clamped SwiGLU.
     """
 
     layer: int
@@ -64,6 +68,7 @@ class ExpertSpec:
     stored: str | None = None
     scales: tuple[TensorSpec, ...] = ()
     block: tuple[int, ...] = ()
+    swiglu: tuple[float, ...] = ()
 
     @property
     def key(self) -> ExpertKey:
@@ -88,7 +93,8 @@ class ExpertSpec:
 
     @property
     def file_nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes + sum(t.nbytes for t in self.scales)
+        # each distinct file range once: a fused gate/up tensor is both `gate` and `up`
+        return sum({(t.file, t.offset): t.nbytes for t in (*self.tensors, *self.scales)}.values())
 
     def numel(self) -> int:
         n = 0
@@ -112,6 +118,7 @@ class ExpertSpec:
             "stored": self.stored,
             "scales": [t.to_dict() for t in self.scales],
             "block": list(self.block),
+            "swiglu": list(self.swiglu),
         }
 
     @classmethod
@@ -128,4 +135,5 @@ class ExpertSpec:
             d.get("stored"),
             tuple(TensorSpec.from_dict(t) for t in d.get("scales", ())),
             tuple(int(b) for b in d.get("block", ())),
+            tuple(float(v) for v in d.get("swiglu", ())),
         )
