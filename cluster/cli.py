@@ -19,7 +19,8 @@ from workers.errors import BudgetError
 log = logging.getLogger(__name__)
 
 EXIT_ERROR, EXIT_REFUSED = 1, 2
-PLAN_OPTIONS = ("worker_memory", "dtype", "num_cpus_per_worker", "num_gpus_per_worker", "pin_layers")
+PLAN_OPTIONS = ("worker_memory", "dtype", "num_cpus_per_worker", "num_gpus_per_worker", "pin_layers",
+                "expert_dtype", "group_size")
 
 
 class Refused(Exception):
@@ -60,6 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(gen)
     add_output_arguments(gen)
     gen.set_defaults(func=cmd_generate)
+
+    qz = sub.add_parser("quantize", help="write a copy of a checkpoint whose routed experts are int8 or int4",
+                        description="Quantize the routed-expert tensors of SRC into DST (layout: docs/quantization.md); "
+                                    "the dense part is copied unchanged. Streams one tensor at a time; nothing is left "
+                                    "half-written on error. The result loads like any checkpoint.")
+    qz.add_argument("src", help="directory of a Hugging Face MoE checkpoint")
+    qz.add_argument("dst", help="directory to write (refused if it exists, unless --force)")
+    add_option_arguments(qz, ("expert_dtype", "group_size"))
+    qz.add_argument("--force", action="store_true", help="replace DST if it exists (only once the new one is complete)")
+    qz.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser("eval", help="print the perplexity of a checkpoint over a text file",
+                        description="Load the checkpoint as `generate` would and print `perplexity: X` over the text "
+                                    "of FILE, with a sliding window (transformers' perplexity guide).")
+    ev.add_argument("checkpoint", help="directory of a Hugging Face MoE checkpoint (with tokenizer.json)")
+    ev.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score (at least two tokens)")
+    ev.add_argument("--max-length", type=int, default=None, metavar="N",
+                    help="tokens per window (default: the model's context, at most 1024)")
+    ev.add_argument("--stride", type=int, default=None, metavar="N", help="tokens between windows (default: half the window)")
+    add_option_arguments(ev, RUN_OPTIONS)
+    ev.set_defaults(func=cmd_eval)
 
     har = sub.add_parser("harness", help="start/stop a local multi-host test cluster (up, down, list)",
                          description="Multi-host Ray cluster on one machine, for testing distribution.")
@@ -104,6 +126,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from coordinator.api import pinned_experts
     from coordinator.checkpoint import Checkpoint
     from workers.dtypes import COMPUTE_DTYPES
+    from workers.quant import describe
 
     opts = run_options(args, ("num_workers", *PLAN_OPTIONS))
     if opts.placement.num_workers < 1:
@@ -111,7 +134,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.min_resident is not None and args.min_resident < 1:
         raise ValueError(f"--min-resident: must be an integer >= 1, got {args.min_resident}")
     ckpt = Checkpoint.open(args.checkpoint)
-    specs = ckpt.expert_specs()
+    specs = ckpt.expert_specs(opts.store.expert_dtype, opts.store.group_size)
     cfg = ckpt.config
     min_resident = args.min_resident if args.min_resident is not None else cfg.top_k
     pinned = pinned_experts(cfg, (), opts.store.pin_layers)
@@ -124,7 +147,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       f"{cli_message(e)}") from e
     layers = sorted({s.layer for s in specs})
     print(f"{ckpt.path}: {len(specs)} routed experts ({cfg.num_experts} per layer x {len(layers)} MoE layers, "
-          f"top-{cfg.top_k}), dtype {opts.dtype}, min_resident {min_resident}"
+          f"top-{cfg.top_k}), dtype {opts.dtype}, experts {describe(specs[0].expert_dtype, specs[0].group_size)}, "
+          f"min_resident {min_resident}"
           + (f", {len(pinned)} pinned" if pinned else ""))
     for line in ckpt.summary(COMPUTE_DTYPES[opts.dtype].itemsize).lines(opts.dtype):  # what the checkpoint is
         print(f"  {line}")
@@ -152,6 +176,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from cluster.report import write_heatmap
             if (path := write_heatmap(coord.expert_activations(), args.heatmap)) is not None:
                 print(f"heatmap written to {path}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write the quantized checkpoint; print where and how much smaller its experts are."""
+    from cluster.quantize import quantize_checkpoint
+    from workers.quant import describe
+    from workers.units import format_bytes
+
+    opts = run_options(args, ("expert_dtype", "group_size"))
+    if opts.store.expert_dtype is None:
+        raise OptionError("expert_dtype", "quantize needs --expert-dtype int8 or int4")
+    r = quantize_checkpoint(args.src, args.dst, opts.store.expert_dtype, opts.store.group_size, force=args.force)
+    print(f"{r.path}: {r.expert_tensors} expert weights as {describe(opts.store.expert_dtype, opts.store.group_size)}, "
+          f"{format_bytes(r.bytes_in)} -> {format_bytes(r.bytes_out)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Print `perplexity: X` of the checkpoint over --text."""
+    from coordinator import Coordinator
+
+    options = run_options(args)              # every flag checked before anything loads
+    for flag, v in (("--max-length", args.max_length), ("--stride", args.stride)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag}: must be an integer >= 1, got {v}")
+    try:
+        text = open(args.text, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--text: cannot read {args.text}: {e}") from None
+    if not text.strip():
+        raise ValueError(f"--text: {args.text} is empty; give a text of at least two tokens")
+    with Coordinator.open(args.checkpoint, options) as coord:
+        ppl = coord.perplexity(text, max_length=args.max_length, stride=args.stride)
+    print(f"perplexity: {ppl:.4f}")
     return 0
 
 

@@ -17,7 +17,7 @@ from coordinator.options import BY_NAME, OPTIONS, RunOptions, SamplingOptions, d
 #: flags of every command that loads a model and generates (generate, job), in --help order
 RUN_OPTIONS = ("num_workers", "worker_memory", "dtype", "num_cpus_per_worker", "num_gpus_per_worker",
                "ray_address", "call_timeout_s", "ready_timeout_s", "transport", "coordinator_threads", "policy",
-               "prefetch_depth", "prefetch_extra", "pin_layers", "spill_dir")
+               "prefetch_depth", "prefetch_extra", "pin_layers", "spill_dir", "expert_dtype", "group_size")
 SAMPLING_OPTIONS = tuple(o.name for o in OPTIONS if o.group == "generate")
 
 
@@ -56,8 +56,9 @@ def add_option_arguments(p: argparse.ArgumentParser, names: Iterable[str], *,
         if kind == "flag":
             p.add_argument(opt.flag, dest=name, action="store_true", default=None, help=opt.help or opt.allowed)
         elif kind == "choice":
-            p.add_argument(opt.flag, dest=name, choices=opt.check.choices, default=None,  # type: ignore[attr-defined]
-                           help=text)
+            choices = opt.check.choices  # type: ignore[attr-defined]
+            p.add_argument(opt.flag, dest=name, choices=choices, default=None, help=text,
+                           type=type(choices[0]))  # int choices (--group-size) read as ints
         else:
             p.add_argument(opt.flag, dest=name, default=None, help=text, **_ARG_TYPES[kind])
 

@@ -311,7 +311,7 @@ def _run(args: argparse.Namespace) -> int:
         raise JobFailure(EXIT_ERROR, str(e)) from None
     try:
         ckpt = Checkpoint.open(args.model)
-        specs = ckpt.expert_specs()
+        specs = ckpt.expert_specs(opts.store.expert_dtype, opts.store.group_size)
     except (CheckpointError, UnsupportedModelError, OSError) as e:
         raise JobFailure(EXIT_NO_MODEL, f"no usable model at {args.model}: {e}") from None
     if kind == "text" and not (ckpt.path / "tokenizer.json").is_file():

@@ -86,7 +86,7 @@ class Coordinator:
         ckpt = Checkpoint.open(path)
         cfg = ckpt.config
         store = options.store
-        specs = ckpt.expert_specs()
+        specs = ckpt.expert_specs(store.expert_dtype, store.group_size)
         pinned = pinned_experts(cfg, store.pin, store.pin_layers)
         if not options.distributed:     # the distributed planner checks each actor's share the same way
             check_budget(specs, COMPUTE_DTYPES[options.dtype].itemsize, store.budget_bytes, min_resident=cfg.top_k,
@@ -205,6 +205,34 @@ class Coordinator:
         kwargs.setdefault("eos_token_id", self.config.eos_token_id)
         self.generate(ids, max_new_tokens=max_new_tokens, on_token=stream, **kwargs)
         return tok.decode(new)
+
+    def perplexity(self, text_or_ids: str | torch.Tensor | list[int], *, max_length: int | None = None,
+                   stride: int | None = None, progress: bool | None = None) -> float:
+        """Perplexity of a text (tokenized with the checkpoint's tokenizer) or of token ids [T] / [1, T],
+        over sliding windows of `max_length` tokens (default: the context, at most 1024) moved by
+        `stride` (default: max_length // 2), as in transformers' perplexity guide
+        (coordinator/perplexity.py). A bar on a terminal only, unless `progress` says otherwise."""
+        from .perplexity import sliding_perplexity
+        if isinstance(text_or_ids, str):
+            if not text_or_ids.strip():
+                raise ValueError("perplexity: the text is empty; give at least two tokens of text")
+            ids = torch.tensor(self.tokenizer.encode(text_or_ids).ids, dtype=torch.long)
+        else:
+            ids = torch.as_tensor(text_or_ids, dtype=torch.long)
+            if ids.dim() == 2 and ids.shape[0] == 1:
+                ids = ids[0]
+            if ids.dim() != 1:
+                raise ValueError(f"perplexity takes one sequence of ids [T] or [1, T], got {tuple(ids.shape)}")
+        if ids.numel() < 2:
+            raise ValueError(f"perplexity needs at least two tokens, got {ids.numel()}: give a longer text")
+        limit = self.config.max_position_embeddings
+        max_length = min(limit, 1024) if max_length is None else max_length
+        if not isinstance(max_length, int) or not 2 <= max_length <= limit:
+            raise ValueError(f"max_length must be an integer in [2, {limit}] (the model's context), got {max_length}")
+        stride = max(1, max_length // 2) if stride is None else stride
+        if not isinstance(stride, int) or not 1 <= stride <= max_length:
+            raise ValueError(f"stride must be an integer in [1, max_length={max_length}], got {stride}")
+        return sliding_perplexity(self.forward, ids, max_length, stride, progress)
 
     # -- lifecycle and reporting --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -20,7 +20,9 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from workers.dtypes import FILE_DTYPES, FLOAT_FILE_DTYPES, ROWS
+from workers.formats import held_as, stored_tensors
 from workers.kernels import block_grid, dequantize_fp8
+from workers.quant import DEFAULT_GROUP_SIZE, stored_quantization
 from workers.spec import ExpertSpec, TensorSpec
 
 from .config import ModelConfig, load_config
@@ -53,7 +55,7 @@ MXFP4_EXPERTS = {"gpt_oss": ("gate_up_proj_blocks", "gate_up_proj_scales", "gate
 # DeepSeek-V3/R1 and Kimi-K2: FP8 weight `<name>` has its float32 block scales in `<name>_scale_inv`.
 SCALE_SUFFIX = "_scale_inv"
 # Which stored dtype kinds (workers/dtypes.py) a checkpoint may hold, by quant_method (None: unquantized).
-ALLOWED_KINDS = {None: ("float",), "fp8": ("float", "fp8"), "mxfp4": ("float", "int")}
+ALLOWED_KINDS = {None: ("float",), "fp8": ("float", "fp8"), "mxfp4": ("float", "int")}  # int: experts only
 
 
 def checkpoint_name(family: str, name: str) -> str:
@@ -151,6 +153,12 @@ class Checkpoint:
         self.path = path
         self.config = config
         self.tensors = tensors
+        # (expert_dtype, group_size) of a `moeshard quantize`d checkpoint, else None (docs/quantization.md)
+        try:
+            self.quantization = stored_quantization(json.loads((path / "config.json").read_text()),
+                                                    str(path / "config.json"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(str(e)) from None
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
@@ -204,15 +212,18 @@ class Checkpoint:
         q = self.config.quantization
         method = q.method if q is not None else None
         allowed = ALLOWED_KINDS[method]
+        # I8/U8 only for experts: MXFP4 blocks, or a `moeshard quantize`d checkpoint's weights and scales
+        experts = self.expert_names() if method == "mxfp4" or self.quantization is not None else set()
         for name, t in sorted(self.tensors.items()):
             kind = ROWS[t.dtype].kind
-            if kind not in allowed or (kind == "int" and method == "mxfp4" and
-                                       not name.endswith(("_blocks", "_scales"))):
-                holder = f"quant_method {method!r}" if method else "a checkpoint without quantization_config"
-                raise CheckpointError(
-                    f"tensor {name} in {t.file.name} is {t.dtype}, which {holder} does not hold; moeshard reads "
-                    f"{', '.join(FLOAT_FILE_DTYPES)}, F8_E4M3 weights with quantization_config quant_method fp8 "
-                    "and U8 MXFP4 expert blocks with mxfp4: check config.json or convert the checkpoint")
+            if kind == "float" or (kind in allowed and kind != "int") or (kind == "int" and name in experts):
+                continue
+            holder = f"quant_method {method!r}" if method else "a checkpoint without quantization_config"
+            raise CheckpointError(
+                f"tensor {name} in {t.file.name} is {t.dtype}, which {holder} does not hold outside its experts; "
+                f"moeshard reads {', '.join(FLOAT_FILE_DTYPES)}, F8_E4M3 weights with quantization_config "
+                "quant_method fp8, U8 MXFP4 expert blocks with mxfp4, and I8/U8 experts of a `moeshard quantize`d "
+                "checkpoint: check config.json or convert the checkpoint")
 
     def _check_fp8_scales(self) -> None:
         """Each FP8 weight has its float32 `_scale_inv` of one scale per block (edge blocks partial),
@@ -261,34 +272,54 @@ class Checkpoint:
         fam = self.config.model_type if self.config.model_type in EXPERT_NAMES else "default"
         return tuple(EXPERT_NAMES[fam].format(l=layer, e=expert, w=w) for w in EXPERT_PARTS[fam])
 
-    def expert_specs(self) -> list[ExpertSpec]:
-        """Every routed expert as plain data: file, absolute offset, dtype, shape of its three weights."""
+    def expert_specs(self, expert_dtype: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> list[ExpertSpec]:
+        """Every routed expert as plain data: file, absolute offset, dtype, shape of its three weights
+        (and their scales in a quantized checkpoint), held as `expert_dtype` (None: as stored)."""
         c = self.config
         if c.model_type in MXFP4_EXPERTS and c.quantization is not None and c.quantization.method == "mxfp4":
-            return self._mxfp4_specs()
+            return self._held_as(self._mxfp4_specs(), expert_dtype, group_size)
         if c.model_type in FUSED_EXPERTS:
             raise UnsupportedModelError(
-                f"{c.model_type} experts fused per layer (mlp.experts.{', '.join(FUSED_EXPERTS[c.model_type])}; "
-                "biases, clamped SwiGLU) are not yet supported by the expert workers (issue 12 item 3)")
+                f"{c.model_type} experts fused per layer unquantized (mlp.experts."
+                f"{', '.join(FUSED_EXPERTS[c.model_type])}) are not supported by the expert workers; moeshard reads "
+                f"{c.model_type} as released, its experts in MXFP4 (quantization_config quant_method mxfp4)")
         H, I = c.hidden_size, c.moe_intermediate_size
+        q = self.quantization
         specs = []
         for layer in c.moe_layer_ids:
             for e in range(c.num_experts):
                 names = self.expert_tensor_names(layer, e)
-                parts = [self._tensor_spec(name, shape) for name, shape in zip(names, ((I, H), (I, H), (H, I)))]
-                fp8 = [p.dtype == "F8_E4M3" for p in parts]
-                if not any(fp8):
-                    specs.append(ExpertSpec(layer, e, *parts, activation=c.hidden_act))
+                if q is None and any(self.info(n).dtype == "F8_E4M3" for n in names):
+                    specs.append(self._fp8_spec(layer, e, names))
                     continue
-                if not all(fp8):
-                    raise CheckpointError(f"expert {e} of layer {layer} mixes FP8 and unquantized weights "
-                                          f"({', '.join(f'{n} {p.dtype}' for n, p in zip(names, parts))}); "
-                                          "moeshard holds an expert in one format")
-                # FP8 experts stay FP8 in every tier: the workers read weights and scales as stored
-                scales = tuple(self._tensor_spec(n + SCALE_SUFFIX) for n in names)
-                specs.append(ExpertSpec(layer, e, *parts, activation=c.hidden_act, expert_dtype="fp8",
-                                        stored="fp8", scales=scales, block=self.fp8_block))
-        return specs
+                parts, scales = [], []
+                for name, shape in zip(names, ((I, H), (I, H), (H, I))):
+                    weight, *extra = [self._tensor_spec(n, s) for n, s in stored_tensors(q, name, shape)]
+                    parts.append(weight)
+                    scales += extra
+                specs.append(ExpertSpec(layer, e, *parts, activation=c.hidden_act, stored=q and q[0],
+                                        group_size=q[1] if q else 0, scales=tuple(scales)))
+        return self._held_as(specs, expert_dtype, group_size)
+
+    def _held_as(self, specs: list[ExpertSpec], expert_dtype: str | None, group_size: int) -> list[ExpertSpec]:
+        try:
+            return held_as(specs, expert_dtype, group_size)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+
+    def _fp8_spec(self, layer: int, e: int, names: tuple[str, str, str]) -> ExpertSpec:
+        """An FP8 expert as DeepSeek-V3 ships it: it stays FP8 in every tier, the workers reading weights
+        and block scales as stored."""
+        c = self.config
+        H, I = c.hidden_size, c.moe_intermediate_size
+        parts = [self._tensor_spec(n, shape) for n, shape in zip(names, ((I, H), (I, H), (H, I)))]
+        if not all(p.dtype == "F8_E4M3" for p in parts):
+            raise CheckpointError(f"expert {e} of layer {layer} mixes FP8 and unquantized weights "
+                                  f"({', '.join(f'{n} {p.dtype}' for n, p in zip(names, parts))}); "
+                                  "moeshard holds an expert in one format")
+        scales = tuple(self._tensor_spec(n + SCALE_SUFFIX) for n in names)
+        return ExpertSpec(layer, e, *parts, activation=c.hidden_act, stored="fp8", scales=scales,
+                          block=self.fp8_block)
 
     def summary(self, itemsize: int) -> CheckpointSummary:
         """What this checkpoint is, with experts held in a compute dtype of `itemsize` bytes
@@ -365,11 +396,14 @@ class Checkpoint:
         return TensorSpec(str(t.file.resolve()), name, t.dtype, t.shape, t.offset, t.nbytes)
 
     def expert_names(self) -> set[str]:
-        c = self.config
+        c, q = self.config, self.quantization
         fused = MXFP4_EXPERTS if c.quantization is not None and c.quantization.method == "mxfp4" else FUSED_EXPERTS
         if c.model_type in fused:
             return {t_name(l, w) for l in c.moe_layer_ids for w in fused[c.model_type]}
-        names = {n for l in c.moe_layer_ids for e in range(c.num_experts) for n in self.expert_tensor_names(l, e)}
+        H, I = c.hidden_size, c.moe_intermediate_size
+        names = {n for l in c.moe_layer_ids for e in range(c.num_experts)
+                 for name, shape in zip(self.expert_tensor_names(l, e), ((I, H), (I, H), (H, I)))
+                 for n, _ in stored_tensors(q, name, shape)}
         return names | {n + SCALE_SUFFIX for n in names if n + SCALE_SUFFIX in self.tensors}
 
     def load_dense(self, model: torch.nn.Module) -> set[str]:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from workers.dtypes import COMPUTE_DTYPES
 from workers.errors import MoeshardError
+from workers.quant import DEFAULT_GROUP_SIZE, EXPERT_DTYPES, GROUP_SIZES
 from workers.units import parse_bytes
 
 DTYPE_NAMES = tuple(COMPUTE_DTYPES)
@@ -90,12 +91,14 @@ def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
     return "" if hi is None else f" <= {hi:g}"
 
 
-def choice(names: Iterable[str]) -> Callable[[Any], Any]:
+def choice(names: Iterable[str], optional: bool = False) -> Callable[[Any], Any]:
     names = tuple(names)
 
     def check(v: Any) -> Any:
-        if v not in names:
-            raise ValueError(f"must be one of {', '.join(names)}, got {_show(v)}")
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or v not in names or type(v) is not type(names[0]):
+            raise ValueError(f"must be one of {', '.join(map(str, names))}, got {_show(v)}")
         return v
     check.kind, check.choices = "choice", names  # type: ignore[attr-defined]
     return check
@@ -243,6 +246,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("pin_layers", "store", int_list(), "MoE layer indices of the model (comma-separated on the CLI)",
            "--pin-layers", invalid=([-1], "0"), cli_invalid=("a,b", "-1"),
            help="keep every expert of these MoE layers resident (never evicted; counts against the budget)"),
+    Option("expert_dtype", "store", choice(EXPERT_DTYPES, optional=True),
+           " | ".join(EXPERT_DTYPES) + ", or None (experts as stored)", "--expert-dtype",
+           invalid=("int3", "fp8", 8), cli_invalid=("int3",),
+           help="hold and compute routed experts in int8 (per output channel) or int4 (groups of --group-size); "
+                "quantized when first read, then held quantized in memory, spill files and the budget "
+                "(docs/quantization.md); default: as stored"),
+    Option("group_size", "store", choice(GROUP_SIZES), " | ".join(map(str, GROUP_SIZES)) + " (int4 only)",
+           "--group-size", invalid=(48, 0, "64", True), cli_invalid=("48", "x"),
+           help="int4 group size along each weight's input dimension; must divide the hidden and intermediate sizes"),
     Option("spill_dir", "store", text(), "directory (created if missing), or None", "--spill-dir",
            invalid=("", 5), cli_invalid=("",),
            help="keep each expert's compute-dtype image here after its first read, for faster reloads (a folder, created if missing)"),
@@ -338,6 +350,8 @@ class StoreOptions(_Checked):
     pin: tuple[tuple[int, int], ...] = ()
     pin_layers: tuple[int, ...] = ()
     spill_dir: str | None = None
+    expert_dtype: str | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
     prefetch_depth: int = 1
     prefetch_extra: int = 0
 

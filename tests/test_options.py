@@ -28,6 +28,8 @@ BASE = {
     ("harness", "up"): ["harness", "up"],
     ("harness", "down"): ["harness", "down"],
     ("bench",): ["bench"],
+    ("quantize",): ["quantize", MODEL, "/nonexistent-dst/q", "--expert-dtype", "int8"],
+    ("eval",): ["eval", MODEL, "--text", "docs/data/heldout-pydoc.txt"],
 }
 #: invalid values of the flags outside the option table (those in it bring their own `cli_invalid`)
 CLI_INVALID = {
@@ -62,6 +64,12 @@ CLI_INVALID = {
     ("bench", "--host-memory"): ["lots", "0"],
     ("bench", "--transport"): ["auto"],
     ("bench", "--out"): ["/dev/null/out"],
+    ("quantize", "src"): ["/nonexistent/model"],
+    ("quantize", "dst"): ["/nonexistent/model"],
+    ("eval", "checkpoint"): ["/nonexistent/model"],
+    ("eval", "--text"): ["/nonexistent/text.txt"],
+    ("eval", "--max-length"): ["0", "x"],
+    ("eval", "--stride"): ["0", "x"],
 }
 #: flags that take free text where no value is wrong (a name, a label)
 FREE_TEXT = {("bench", "--machine")}
@@ -207,8 +215,8 @@ def test_unknown_and_inapplicable_options_are_type_errors_in_both_backends():
     for workers in (0, 1):
         with pytest.raises(TypeError, match="bogus"):
             Coordinator.from_pretrained(MODEL, num_workers=workers, bogus=1)
-        with pytest.raises(TypeError, match="expert_dtype"):
-            Coordinator.from_pretrained(MODEL, num_workers=workers, expert_dtype="int8")
+        with pytest.raises(TypeError, match="kv_cache_dtype"):
+            Coordinator.from_pretrained(MODEL, num_workers=workers, kv_cache_dtype="int8")
     with pytest.raises(TypeError, match="transport: applies only to expert actors"):
         Coordinator.from_pretrained(MODEL, num_workers=0, transport="graph")
     with pytest.raises(TypeError, match="not both"):

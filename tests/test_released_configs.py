@@ -102,10 +102,10 @@ def test_gpt_oss_config_parses_as_released():
     assert (cfg.swiglu_limit, cfg.swiglu_alpha) == (7.0, 1.702)
 
 
-def test_gpt_oss_load_says_fused_experts_are_not_yet_supported(released):
+def test_gpt_oss_with_unquantized_fused_experts_is_refused_by_name(released):
     from coordinator.errors import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match=r"fused per layer .* not yet supported .*issue 12 item 3"):
+    with pytest.raises(UnsupportedModelError, match=r"fused per layer unquantized .* not supported .*MXFP4"):
         open_coordinator(released("gpt-oss-20b")).close()
 
 

@@ -26,14 +26,14 @@ def _intermediate(e: int) -> int:
 
 
 def make_expert_file(path: Path, layers: list[int], experts: list[int], dtype=torch.float32, seed: int = 0,
-                     intermediate=_intermediate) -> tuple[list[ExpertSpec], dict[str, torch.Tensor]]:
+                     intermediate=_intermediate, hidden: int = H) -> tuple[list[ExpertSpec], dict[str, torch.Tensor]]:
     """Write one safetensors file holding gate/up/down of each (layer, expert); return specs and tensors."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in layers:
         for e in experts:
             i = intermediate(e)
-            for name, shape in (("gate", (i, H)), ("up", (i, H)), ("down", (H, i))):
+            for name, shape in (("gate", (i, hidden)), ("up", (i, hidden)), ("down", (hidden, i))):
                 tensors[f"model.layers.{layer}.experts.{e}.{name}.weight"] = (
                     torch.randn(shape, generator=g) * 0.2).to(dtype)
     save_file(tensors, str(path))

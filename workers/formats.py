@@ -15,15 +15,17 @@ describes the interface.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+from . import quant
 from .dtypes import FILE_DTYPES, FLOAT_FILE_DTYPES
-from .kernels import MXFP4_BLOCK, ExpertWeights, FP8Weights, MXFP4Weights, block_grid
+from .kernels import MXFP4_BLOCK, ExpertWeights, FP8Weights, MXFP4Weights, activation_fn, block_grid
 from .spec import ExpertSpec, TensorSpec
 
 
@@ -59,8 +61,9 @@ class ExpertFormat(Protocol):
         """True when each weight's file tensors are byte-for-byte its slot parts, in order."""
         ...
 
-    def convert(self, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
-        """Fill one weight's slot parts `dst` (typed views) from its file tensors `src` (typed views)."""
+    def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+        """Fill one weight's slot parts `dst` (typed views, on the store's device) from its file
+        tensors `src` (typed views of the staging buffer, CPU)."""
         ...
 
     def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> "ExpertWeights":
@@ -95,7 +98,7 @@ class Dense:
     def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
         return all(FILE_DTYPES[t.dtype] == dtype for t in spec.tensors)
 
-    def convert(self, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+    def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
         dst[0].copy_(src[0])
 
     def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> ExpertWeights:
@@ -135,7 +138,7 @@ class FP8Blocks:
     def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
         return True  # weights and scales are held exactly as the file stores them
 
-    def convert(self, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+    def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
         for s, d in zip(src, dst):
             d.copy_(s)
 
@@ -186,7 +189,7 @@ class MXFP4:
     def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
         return True
 
-    def convert(self, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+    def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
         for s, d in zip(src, dst):
             d.copy_(s)
 
@@ -195,7 +198,182 @@ class MXFP4:
         return MXFP4Weights(tuple(views[0]), tuple(views[2]), alpha=alpha, limit=limit)
 
 
-FORMATS: dict[str, ExpertFormat] = {"dense": Dense(), "fp8": FP8Blocks(), "mxfp4": MXFP4()}
+def _check_file(spec: ExpertSpec, t: TensorSpec, dtypes: Sequence[str], shape: tuple[int, ...]) -> None:
+    """A quantized checkpoint's tensor: the dtype and shape its layout implies (docs/quantization.md)."""
+    if t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"expert {spec.key} tensor {t.key}: {t.dtype} {list(t.shape)} but a {spec.stored} "
+                         f"checkpoint stores {'/'.join(dtypes)} {list(shape)} there; the checkpoint is damaged or "
+                         "was not written by this build's `moeshard quantize`: re-run it")
+
+
+def _check_scales(spec: ExpertSpec) -> None:
+    if len(spec.scales) != 3:
+        raise ValueError(f"expert {spec.key}: a {spec.stored} checkpoint needs a scale tensor for each of "
+                         f"gate, up and down, found {len(spec.scales)}: re-run `moeshard quantize`")
+
+
+@dataclass(frozen=True)
+class Int8Weights:
+    """An int8 expert: per weight, codes [N, K] and per-output-channel scales [N] (compute dtype)."""
+
+    q: tuple[Tensor, Tensor, Tensor]       # gate, up, down codes
+    scale: tuple[Tensor, Tensor, Tensor]
+    activation: str = "silu"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.q[0].shape[1])
+
+    def dequantized(self) -> ExpertWeights:
+        """The plain reference (float32 weights)."""
+        w = [quant.dequantize_int8(q, s) for q, s in zip(self.q, self.scale)]
+        return ExpertWeights(*w, activation=self.activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = activation_fn(self.activation)
+        (gq, uq, dq), (gs, us, ds) = self.q, self.scale
+        return quant.int8_linear(act(quant.int8_linear(x, gq, gs)) * quant.int8_linear(x, uq, us), dq, ds)
+
+
+class Int8:
+    """Weight-only int8, symmetric per output channel (workers/quant.py)."""
+
+    name = "int8"
+
+    def check(self, spec: ExpertSpec) -> None:
+        if spec.stored is None:
+            return Dense().check(spec)
+        _check_scales(spec)
+        for t, sc, (n, k) in zip(spec.tensors, spec.scales, weight_shapes(spec)):
+            _check_file(spec, t, ("I8",), (n, k))
+            _check_file(spec, sc, FLOAT_FILE_DTYPES, (n,))
+
+    def parts(self, spec: ExpertSpec) -> list[list[Part]]:
+        return [[Part((n, k), torch.int8), Part((n,), None)] for n, k in weight_shapes(spec)]
+
+    def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
+        if spec.stored is None:
+            return [[t] for t in spec.tensors]
+        return [[t, sc] for t, sc in zip(spec.tensors, spec.scales)]
+
+    def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
+        return False
+
+    def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+        if len(src) == 1:  # a float file: quantize now
+            src = quant.quantize_int8(src[0], dst[1].dtype)
+        dst[0].copy_(src[0])
+        dst[1].copy_(src[1])
+
+    def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> Int8Weights:
+        return Int8Weights(tuple(v[0] for v in views), tuple(v[1] for v in views), spec.activation)
+
+
+@dataclass(frozen=True)
+class Int4Weights:
+    """An int4 expert: per weight, the kernel's packed codes and [K/g, N, 2] scales and zeros."""
+
+    packed: tuple[Tensor, Tensor, Tensor]
+    scales_zeros: tuple[Tensor, Tensor, Tensor]
+    group_size: int
+    activation: str = "silu"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.scales_zeros[0].shape[0]) * self.group_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = activation_fn(self.activation)
+        (gp, up, dp), (gs, us, ds), g = self.packed, self.scales_zeros, self.group_size
+        return quant.int4_linear(act(quant.int4_linear(x, gp, g, gs)) * quant.int4_linear(x, up, g, us), dp, g, ds)
+
+
+class Int4:
+    """Weight-only int4, asymmetric groups along the input dimension (workers/quant.py).
+
+    Held in the kernel's packed layout, packed when read (the layout is the kernel's own, so
+    files keep the portable one: docs/quantization.md)."""
+
+    name = "int4"
+
+    def check(self, spec: ExpertSpec) -> None:
+        g = spec.group_size
+        quant.check_group_size(g)
+        h, i = spec.hidden_size, spec.intermediate_size
+        if h % g or i % g or h % quant.INT4_OUT_MULTIPLE or i % quant.INT4_OUT_MULTIPLE:
+            raise ValueError(f"expert {spec.key}: int4 with group_size {g} needs hidden size {h} and intermediate "
+                             f"size {i} to be multiples of {g} (and of {quant.INT4_OUT_MULTIPLE}); choose a "
+                             "group_size that divides both, or expert_dtype int8")
+        if spec.stored is None:
+            return Dense().check(spec)
+        _check_scales(spec)
+        for t, sc, (n, k) in zip(spec.tensors, spec.scales, weight_shapes(spec)):
+            _check_file(spec, t, ("U8",), (n, k // 2))
+            _check_file(spec, sc, FLOAT_FILE_DTYPES, (n, k // g, 2))
+
+    def parts(self, spec: ExpertSpec) -> list[list[Part]]:
+        g = spec.group_size
+        return [[Part((n * k // 2,), torch.uint8), Part((k // g, n, 2), None)] for n, k in weight_shapes(spec)]
+
+    def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
+        return Int8.file_tensors(self, spec)  # type: ignore[arg-type]  # same pairing: weight, then scales
+
+    def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
+        return False
+
+    def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+        if len(src) == 1:  # a float file: quantize now
+            src = quant.quantize_int4(src[0], spec.group_size, dst[1].dtype)
+        dst[0].copy_(quant.pack_int4(src[0], dst[0].device).reshape(-1).view(torch.uint8))
+        dst[1].copy_(quant.int4_kernel_qparams(src[1]))
+
+    def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> Int4Weights:
+        packed = []
+        for (n, k), v in zip(weight_shapes(spec), views):
+            packed.append(_packed_view(v[0], n, k))
+        return Int4Weights(tuple(packed), tuple(v[1] for v in views), spec.group_size, spec.activation)
+
+
+def _packed_view(flat: Tensor, n: int, k: int) -> Tensor:
+    """The packed codes' shape on their device (same bytes: N*K/2)."""
+    if flat.device.type == "cuda":
+        return flat.view(torch.int32).view(n // 8, k // (8 * 16), 32, 4)
+    return flat.view(n, k // 2)
+
+
+FORMATS: dict[str, ExpertFormat] = {"dense": Dense(), "int8": Int8(), "int4": Int4(), "fp8": FP8Blocks(),
+                                     "mxfp4": MXFP4()}
+
+
+def stored_tensors(stored: tuple[str, int] | None, name: str, shape: tuple[int, int]) -> list[tuple[str, tuple]]:
+    """The file tensors (name, shape) holding weight `name` of computed shape [N, K]: the weight
+    itself, then its scales for a `moeshard quantize`d checkpoint (docs/quantization.md)."""
+    if stored is None:
+        return [(name, tuple(shape))]
+    dtype, g = stored
+    n, k = shape
+    if dtype == "int8":
+        return [(name, (n, k)), (name + "_scale", (n,))]
+    return [(name, (n, k // 2)), (name + "_scale", (n, k // g, 2))]
+
+
+def held_as(specs: Iterable[ExpertSpec], expert_dtype: str | None, group_size: int) -> list[ExpertSpec]:
+    """The specs held in `expert_dtype` (None: as stored) with `group_size` for int4; ValueError
+    (one line) when a quantized checkpoint is asked for another format, or the shapes do not allow it."""
+    out = []
+    for s in specs:
+        if s.stored is not None:
+            stored = quant.describe(s.stored, s.group_size)
+            if expert_dtype is not None and quant.describe(expert_dtype, group_size) != stored:
+                raise ValueError(f"expert_dtype: the checkpoint's experts are already quantized as {stored}; "
+                                 f"{quant.describe(expert_dtype, group_size)} would need the original checkpoint: "
+                                 "leave expert_dtype out (or ask for the stored format), or quantize the original")
+            s = dataclasses.replace(s, expert_dtype=s.stored)
+        elif expert_dtype is not None:
+            s = dataclasses.replace(s, expert_dtype=expert_dtype, group_size=group_size if expert_dtype == "int4" else 0)
+        format_of(s).check(s)
+        out.append(s)
+    return out
 
 
 def format_of(spec: ExpertSpec) -> ExpertFormat:

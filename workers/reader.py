@@ -99,7 +99,7 @@ class ExpertReader:
                 src.append(stage[at:at + t.nbytes].view(FILE_DTYPES[t.dtype]).view(t.shape))
                 at += t.nbytes
             dst = [_typed(buf, s, p.dtype or self.dtype) for s, p in zip(slots, weight)]
-            fmt.convert(src, dst)  # synchronous: the staging buffer is reused
+            fmt.convert(spec, src, dst)  # synchronous: the staging buffer is reused
 
     def _stage(self) -> torch.Tensor:
         stage = getattr(self._local, "stage", None)

@@ -1,0 +1,143 @@
+"""Weight-only int8 and int4 for routed experts: quantization, its plain reference, and the kernels.
+
+- int8: symmetric, one scale per output channel: w ~= q * scale, q in [-127, 127].
+- int4: asymmetric, groups of `group_size` along the input dimension, one (scale, zero) pair
+  per group: w ~= (q - 8) * scale + zero, q in [0, 15] (the convention of torch's int4 kernels:
+  `zero` is the value at the middle code). Portable storage: two codes per byte, the even
+  column in the low nibble, scales and zeros as `qparams` [N, K / group_size, 2].
+
+Scales are rounded to the dtype they are kept in *before* the codes are chosen, so the codes
+are the best ones for the scales the kernel will really use, and quantizing at read time or
+in `moeshard quantize` gives the same bytes when the scale dtypes agree.
+
+Kernels (CPU, torch >= 2.6): `torch.ops.aten._weight_int8pack_mm` and
+`torch._weight_int4pack_mm_for_cpu` over `torch._convert_weight_to_int4pack_for_cpu`'s layout.
+On CUDA int4 uses `torch._weight_int4pack_mm` (bf16 activations), int8 a dequantize-per-use
+`F.linear` (torch has no weight-only int8 GEMM for CUDA); both only run where a GPU exists.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+EXPERT_DTYPES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
+INT4_OUT_MULTIPLE = 16      # torch's int4 CPU packing needs the output dimension in multiples of 16
+CONFIG_KEY = "moeshard_quantization"   # config.json entry of a `moeshard quantize`d checkpoint
+LAYOUT_VERSION = 1
+
+
+# ---- quantization (float32 math, deterministic on any thread count) ------------------------------
+
+def _safe(s: Tensor) -> Tensor:
+    """Divisor for a scale: an all-zero row/group has scale 0 and codes that do not matter."""
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def quantize_int8(w: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (q int8 [N, K], scale [N] in scale_dtype)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).to(scale_dtype)
+    q = torch.round(w / _safe(scale.float())[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    """The plain reference: float32 [N, K]."""
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int4(w: Tensor, group_size: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (codes uint8 [N, K/2], even column in the low nibble; qparams [N, K/g, 2] (scale, zero))."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = ((hi - lo) / 15).to(scale_dtype)
+    zero = (lo + 8 * scale.float()).to(scale_dtype)
+    q = torch.round((g - zero.float()[..., None]) / _safe(scale.float())[..., None] + 8).clamp_(0, 15)
+    q = q.to(torch.uint8).reshape(n, k)
+    codes = q[:, 0::2] | (q[:, 1::2] << 4)
+    return codes.contiguous(), torch.stack([scale, zero], dim=2)
+
+
+def unpack_int4(codes: Tensor) -> Tensor:
+    """codes uint8 [N, K/2] -> int32 [N, K] in [0, 15]."""
+    lo, hi = (codes & 0xF).to(torch.int32), (codes >> 4).to(torch.int32)
+    return torch.stack([lo, hi], dim=2).reshape(codes.shape[0], -1)
+
+
+def dequantize_int4(codes: Tensor, qparams: Tensor, group_size: int) -> Tensor:
+    """The plain reference: float32 [N, K]."""
+    q = unpack_int4(codes).float()
+    n, k = q.shape
+    p = qparams.float()
+    g = (q.reshape(n, k // group_size, group_size) - 8) * p[..., 0:1] + p[..., 1:2]
+    return g.reshape(n, k)
+
+
+# ---- kernels ----------------------------------------------------------------------------------
+
+def pack_int4(codes: Tensor, device: torch.device) -> Tensor:
+    """Portable codes [N, K/2] -> the int4 kernel's own layout on `device` (uint8 on CPU)."""
+    if device.type == "cuda":
+        hi_first = ((codes & 0xF) << 4) | (codes >> 4)   # the CUDA packer wants the even column high
+        return torch._convert_weight_to_int4pack(hi_first.to(device), 8)
+    return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(codes), 1)
+
+
+def int4_kernel_qparams(qparams: Tensor) -> Tensor:
+    """[N, K/g, 2] -> the [K/g, N, 2] scales-and-zeros the int4 kernels take."""
+    return qparams.transpose(0, 1).contiguous()
+
+
+def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x [M, K] @ (q * scale).T -> [M, N]."""
+    if x.device.type == "cuda":
+        return F.linear(x, q.to(x.dtype)) * scale
+    return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+
+
+def int4_linear(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor) -> Tensor:
+    """x [M, K] @ dequantized(packed).T -> [M, N]; `scales_zeros` [K/g, N, 2]."""
+    if x.device.type == "cuda":
+        return torch._weight_int4pack_mm(x, packed, group_size, scales_zeros)
+    return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_zeros)
+
+
+# ---- what a checkpoint and the options say ---------------------------------------------------------
+
+def check_group_size(group_size: Any) -> int:
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+    return int(group_size)
+
+
+def stored_quantization(config: Mapping[str, Any], where: str) -> tuple[str, int] | None:
+    """(expert_dtype, group_size) a `moeshard quantize`d checkpoint's config.json records, or None.
+    ValueError (one line) for an entry this build cannot read."""
+    entry = config.get(CONFIG_KEY)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("expert_dtype") not in EXPERT_DTYPES \
+            or entry.get("layout_version") != LAYOUT_VERSION:
+        raise ValueError(f"{where}: {CONFIG_KEY} {entry!r} is not a quantization this build reads "
+                         f"(expert_dtype {' | '.join(EXPERT_DTYPES)}, layout_version {LAYOUT_VERSION}); "
+                         "re-run `moeshard quantize` on the original checkpoint")
+    group = int(entry.get("group_size") or 0)
+    if entry["expert_dtype"] == "int4":
+        check_group_size(group)
+    return entry["expert_dtype"], group if entry["expert_dtype"] == "int4" else 0
+
+
+def describe(expert_dtype: str | None, group_size: int) -> str:
+    """'int4/g64', 'int8' or 'as stored': how a person reads a held format."""
+    if expert_dtype is None:
+        return "as stored"
+    return f"int4/g{group_size}" if expert_dtype == "int4" else expert_dtype
