@@ -527,15 +527,12 @@ def is_fp8_weight(name: str) -> bool:
 
 def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (float8_e4m3fn [out, in], float32 scale_inv [ceil(out/bo), ceil(in/bi)]), one scale per
-    block (edge blocks partial), with w ~= q * scale_inv blockwise as DeepSeek's weight_dequant reads it."""
-    import torch.nn.functional as F
+    block (edge blocks partial), with w ~= q * scale_inv blockwise as DeepSeek's weight_dequant reads it
+    (workers/kernels.py, which `moeshard` and the bench convert with; `dequantize_fp8` below is the
+    independent reference the tests check it against)."""
+    from workers.kernels import quantize_fp8 as quantize
 
-    (rows, cols), (bo, bi) = w.shape, block
-    nbo, nbi = -(-rows // bo), -(-cols // bi)
-    padded = F.pad(w.float(), (0, nbi * bi - cols, 0, nbo * bo - rows)).view(nbo, bo, nbi, bi)
-    scale = padded.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX                      # [nbo, nbi]
-    q = (padded / scale[:, None, :, None]).view(nbo * bo, nbi * bi)[:rows, :cols]
-    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+    return quantize(w, block)
 
 
 def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

@@ -71,6 +71,18 @@ def dequantize_fp8(q: Tensor, scale_inv: Tensor, block: Sequence[int], dtype: to
     return w.to(dtype)
 
 
+def quantize_fp8(w: Tensor, block: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """w [out, in] -> (float8_e4m3fn [out, in], float32 scale_inv [ceil(out/bo), ceil(in/bi)]): per
+    block (edge blocks partial) the scale that maps its largest magnitude to FP8's largest finite
+    value, so that `dequantize_fp8` gives w back within FP8's rounding (DeepSeek-V3's layout)."""
+    (rows, cols), (bo, bi) = w.shape, block
+    nbo, nbi = block_grid(w.shape, block)
+    padded = F.pad(w.float(), (0, nbi * bi - cols, 0, nbo * bo - rows)).view(nbo, bo, nbi, bi)
+    scale = padded.abs().amax(dim=(1, 3)).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    q = (padded / scale[:, None, :, None]).view(nbo * bo, nbi * bi)[:rows, :cols]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
 @dataclass(frozen=True)
 class FP8Weights:
     """One expert held as FP8 block-quantized weights (1 byte per weight) plus float32 block scales,
