@@ -248,3 +248,24 @@ def test_plan_shows_what_an_fp8_checkpoint_is(fp8_checkpoint, capsys):
     assert f"{held} B" in out and f"({file_bytes} B" in out and held <= 1.05 * file_bytes + 6 * 64
     assert f"{sum(expert_nbytes(s, 4) for s in specs)} B" in out
     assert f"reads up to {k * moe * file_bytes} B" in out
+
+
+def test_dtype_knowledge_is_one_table():
+    """workers/dtypes.py is the one place that maps dtype names to torch dtypes: no other module of ours
+    spells such a table out (adding F8 and MXFP4 was one row each there)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    table = re.compile(r"""["'](F32|BF16|F16|F8_E4M3|float32|bfloat16|float16)["']\s*:\s*(torch\.|\d)""")
+    offenders = []
+    for package in ("workers", "coordinator", "cluster", "bench"):
+        for f in sorted((root / package).rglob("*.py")):
+            if f.relative_to(root).as_posix() == "workers/dtypes.py":
+                continue
+            offenders += [f"{f.relative_to(root)}:{i}" for i, line in enumerate(f.read_text().splitlines(), 1)
+                          if table.search(line)]
+    assert not offenders, f"dtype tables outside workers/dtypes.py: {offenders}"
+    from workers.dtypes import DTYPE_SIZES, FILE_DTYPES
+
+    assert FILE_DTYPES["F8_E4M3"] == torch.float8_e4m3fn and DTYPE_SIZES["F8_E4M3"] == 1
+    assert FILE_DTYPES["U8"] == torch.uint8

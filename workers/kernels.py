@@ -126,8 +126,8 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tens
     2^exponent, as transformers' convert_moe_packed_tensors computes it."""
     rows, groups = scales.shape
     b = blocks.reshape(rows, groups, MXFP4_BLOCK // 2)
-    lut = torch.tensor(FP4_VALUES, dtype=dtype)
-    out = torch.empty(rows, groups, MXFP4_BLOCK, dtype=dtype)
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    out = torch.empty(rows, groups, MXFP4_BLOCK, dtype=dtype, device=blocks.device)
     out[..., 0::2] = lut[(b & 0x0F).long()]
     out[..., 1::2] = lut[(b >> 4).long()]
     torch.ldexp(out, (scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1), out=out)
