@@ -459,8 +459,8 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
     layer = specs[0].layer
     if not ray.is_initialized():   # room for both backends' actors (one CPU each, as in the other scenarios)
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    graph = RemoteExperts(specs, num_workers=2, dtype="float32", transport="graph", graph_idle_s=0)
-    calls = RemoteExperts(specs, num_workers=2, dtype="float32", transport="calls")
+    graph = RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="graph", graph_idle_s=0)
+    calls = RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="calls")
     local = LocalExperts(specs, dtype="float32")
     owners = graph.plan.owners()
     mine = {a: [e for (l, e), o in sorted(owners.items()) if l == layer and o == a] for a in (0, 1)}

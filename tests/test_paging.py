@@ -1,7 +1,8 @@
 """Paged experts give exactly the unpaged result, the budget is honoured, prefetch predicts.
 
 In-process (num_workers=0): the coordinator's own ExpertShard pages under `worker_memory`.
-The distributed variant of the same checks lives in test_distributed_paging.py.
+The distributed variant (every family and variant of the registry, over 2 actors, against
+the unpaged run and transformers) lives in test_distributed_paging.py.
 """
 from __future__ import annotations
 
