@@ -269,3 +269,21 @@ def test_dtype_knowledge_is_one_table():
 
     assert FILE_DTYPES["F8_E4M3"] == torch.float8_e4m3fn and DTYPE_SIZES["F8_E4M3"] == 1
     assert FILE_DTYPES["U8"] == torch.uint8
+
+
+def test_bench_fp8_converts_and_measures_the_tiny_preset(tmp_path):
+    """bench/fp8.py end to end on the tiny preset: the converted checkpoint holds FP8 experts and a
+    budget of a quarter of the BF16 expert bytes pages them, reading fewer bytes than BF16 at that budget."""
+    from bench.fp8 import convert_to_fp8, decode
+    from bench.make_checkpoint import make_checkpoint
+    from coordinator.checkpoint import Checkpoint
+    from workers.budget import expert_nbytes
+
+    bf16 = make_checkpoint(tmp_path / "bf16", "tiny", dtype="bfloat16")
+    fp8 = convert_to_fp8(bf16, tmp_path / "fp8")
+    specs = Checkpoint.open(fp8).expert_specs()
+    assert {s.held_format for s in specs} == {"fp8"}
+    budget = sum(expert_nbytes(s, 2) for s in Checkpoint.open(bf16).expert_specs()) // 4
+    a, b = decode(bf16, 4, budget), decode(fp8, 4, budget)
+    assert b["slots"] > a["slots"] and b["bytes_read_per_token"] < a["bytes_read_per_token"]
+    assert a["tok_s"] > 0 and b["tok_s"] > 0
