@@ -134,7 +134,6 @@ class ReferenceExperts:
 
 @torch.no_grad()
 def test_gpt_oss_dense_part_matches_transformers(released):
-
     from coordinator.checkpoint import Checkpoint, read_header
     from coordinator.config import load_config
     from coordinator.model import MoETransformer
