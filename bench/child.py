@@ -212,7 +212,7 @@ def op_load(system: str, path: str, **o: Any) -> dict:
         kw = dict(num_workers=o.get("num_workers", 0), worker_memory=o.get("worker_memory"),
                   prefetch_depth=o.get("prefetch_depth", 1), prefetch_extra=o.get("prefetch_extra", 0),
                   policy=o.get("policy", "lfu-decay"), dtype=o.get("dtype", "float32"))
-        for k in ("num_cpus_per_worker", "resources", "call_timeout_s", "transport"):
+        for k in ("num_cpus_per_worker", "resources", "call_timeout_s", "transport", "expert_dtype", "group_size"):
             if o.get(k) is not None:
                 kw[k] = o[k]
         if o.get("num_workers", 0) and o.get("ray"):

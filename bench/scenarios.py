@@ -596,6 +596,103 @@ def scenario_6(ctx: Ctx) -> dict:
     return {"figures": figures, "details": details, "notes": notes}
 
 
+# ---- scenario 7: low-bit experts --------------------------------------------------------------
+
+LLAMA_CPP_NOTE = ("llama.cpp peer skipped: `pip install llama-cpp-python` (compiles on install), then convert with "
+                  "its convert_hf_to_gguf.py and quantize with llama_cpp.llama_model_quantize (docs/quantization.md)")
+
+
+def _quantized_copy(ctx: Ctx, expert_dtype: str, group_size: int) -> Path:
+    """`moeshard quantize` of the bench checkpoint, cached beside it (rewritten if the source is newer)."""
+    from cluster.quantize import quantize_checkpoint
+
+    dst = ctx.ckpt.parent / f"{ctx.ckpt.name}-{expert_dtype}g{group_size}"
+    src_mtime = max(p.stat().st_mtime for p in ctx.ckpt.glob("*.safetensors"))
+    if not (dst / "config.json").is_file() or (dst / "config.json").stat().st_mtime < src_mtime:
+        ctx.progress(f"s7: moeshard quantize {ctx.ckpt.name} -> {dst.name}")
+        quantize_checkpoint(ctx.ckpt, dst, expert_dtype, group_size, force=True, progress=False)
+    return dst
+
+
+def scenario_7(ctx: Ctx) -> dict:
+    """Low-bit experts: batch-1 decode in memory (0 workers) with experts as stored, int8 and int4, each
+    paired with transformers fp32 in the same rounds; out of core from a `moeshard quantize`d int4
+    checkpoint paired with moeshard fp32 under scenario 2's cgroup. Targets from issue 13."""
+    P = ctx.params
+    figures, details, notes = [], {"rounds": {}, "threads": ctx.threads}, []
+    try:
+        import llama_cpp  # noqa: F401  # optional peer
+        notes.append("llama-cpp-python is installed, but the GGUF conversion is not automated yet: peer not run")
+    except ImportError:
+        notes.append(LLAMA_CPP_NOTE)
+    ctx.progress("s7: loading transformers fp32")
+    hf = ctx.child("s7-transformers")
+    details["transformers_load"] = hf.call("load", system="transformers", path=str(ctx.ckpt))
+    hf.call("decode", batch=1, prompt_len=P.prompt_len, new_tokens=2, seed=99)
+    ms = ctx.child("s7-moeshard")
+    kw = dict(batch=1, prompt_len=P.prompt_len, new_tokens=P.b1_tokens)
+    variants = [("stored", None, "float32", None), ("int8", "int8", "float32", 4.0),
+                ("int4", "int4", "float32", 5.0), ("int4-bf16", "int4", "bfloat16", 5.0)]
+    for tag, fmt, dtype, target in variants:
+        ctx.progress(f"s7: loading moeshard 0 workers, experts {tag}, compute {dtype}")
+        opts = dict(num_workers=0, worker_memory=None, prefetch_depth=0, pin_all=True, threads=ctx.threads,
+                    dtype=dtype, expert_dtype=fmt, group_size=64)
+        details[f"moeshard_{tag}_load"] = ms.call("load", system="moeshard", path=str(ctx.ckpt), **opts)
+        ms.call("decode", batch=1, prompt_len=P.prompt_len, new_tokens=2, seed=99)
+        res: dict[str, list[dict]] = {"moeshard": [], "transformers": []}
+        for r in range(P.rounds):
+            for name, ch in (("moeshard", ms), ("transformers", hf)):
+                ctx.progress(f"s7 {tag}: {name} round {r + 1}/{P.rounds}")
+                x = ch.call("decode", seed=r, **kw)
+                x.pop("step_s", None)
+                res[name].append(x)
+        details["rounds"][tag] = res
+        figures.append(figure(f"s7.b1.{tag}", f"in memory, 0 workers, experts {tag} ({dtype} compute): decode tok/s, "
+                              "batch 1", _med(res["moeshard"]), "tok/s", peer="transformers fp32",
+                              peer_value=_med(res["transformers"]), ratio=_ratio(res["moeshard"], res["transformers"]),
+                              target=target))
+    ctx.close_children()
+
+    why = cgroups_usable()
+    if why:
+        notes.append(f"out-of-core rows skipped: {why}")
+        return {"figures": figures, "details": details, "notes": notes}
+    q = _quantized_copy(ctx, "int4", 64)
+    cgs, runs = [], {}
+    try:
+        budget = _ooc_budget(ctx, 0)
+        chs = {}
+        for tag, path in (("fp32", ctx.ckpt), ("int4", q)):
+            cg = memory_cgroup(f"s7-{tag}", ctx.ooc_memory)
+            cgs.append(cg)
+            ctx.progress(f"s7: loading moeshard out of core, {tag} checkpoint, budget {format_bytes(budget)}")
+            ch = ctx.child(f"s7-ooc-{tag}", cgroup=cg)
+            details[f"ooc_{tag}_load"] = ch.call("load", system="moeshard", path=str(path), num_workers=0,
+                                                 worker_memory=budget, prefetch_depth=1, prefetch_extra=0)
+            ch.call("decode", batch=1, prompt_len=16, new_tokens=2, seed=99)
+            chs[tag] = (ch, cg)
+            runs[tag] = []
+        for r in range(P.ooc_rounds):
+            for tag, (ch, cg) in chs.items():
+                ctx.progress(f"s7 out of core: {tag} round {r + 1}/{P.ooc_rounds}")
+                runs[tag].append(_ooc_round(ch, cg, seed=r, batch=1, prompt_len=16, new_tokens=P.ooc_tokens))
+        details["ooc_rounds"] = runs
+        details["ooc_budget"] = budget
+        figures.append(figure("s7.ooc.int4", f"{format_bytes(ctx.ooc_memory)} cgroup, 0 workers, budget "
+                              f"{format_bytes(budget)}: decode tok/s from a quantized int4/g64 checkpoint",
+                              _med(runs["int4"]), "tok/s", peer="moeshard fp32 checkpoint",
+                              peer_value=_med(runs["fp32"]), ratio=_ratio(runs["int4"], runs["fp32"]), target=3.0))
+    finally:
+        ctx.close_children()
+        for cg in cgs:
+            try:
+                cg.remove()
+            except (OSError, cgroups.CgroupError):
+                pass
+    notes.append("two-host row (scenario 3 with int4) not run by this scenario yet")
+    return {"figures": figures, "details": details, "notes": notes}
+
+
 SCENARIOS: dict[int, tuple[str, Callable[[Ctx], dict]]] = {
     1: ("In memory, one host", scenario_1),
     2: ("Out of core, one host (3 GB cgroup)", scenario_2),
@@ -603,10 +700,11 @@ SCENARIOS: dict[int, tuple[str, Callable[[Ctx], dict]]] = {
     4: ("Dispatch overhead", scenario_4),
     5: ("Cache and prefetch", scenario_5),
     6: ("Memory", scenario_6),
+    7: ("Low-bit experts", scenario_7),
 }
 
 # Rough wall time per scenario on the 2-core bench machine (full / quick), for the progress bar.
-STEPS = {1: 32, 2: 14, 3: 8, 4: 1, 5: 20, 6: 3}
+STEPS = {1: 32, 2: 14, 3: 8, 4: 1, 5: 20, 6: 3, 7: 16}
 
 
 def run_scenario(n: int, ctx: Ctx) -> dict:

@@ -2,7 +2,7 @@
 
 The layout is in docs/quantization.md: each expert weight `<name>` is replaced by its codes
 (I8 [N, K] for int8; U8 [N, K/2], two codes a byte, for int4) and gains `<name>_scale` (int8:
-[N]; int4: [N, K/g, 2] scale and zero), in the source tensor's float dtype. Everything else is
+[N]; int4: [N, K/g, 2] scale and zero), in the low-bit kernels' dtype (bf16; fp16 for an fp16 source). Everything else is
 copied byte for byte, config.json records `moeshard_quantization`. The codes are exactly the
 ones `expert_dtype` computes when it quantizes at read time (same functions, workers/quant.py),
 so a quantized checkpoint and quantize-at-read give the same experts when the scales' dtype is
@@ -53,9 +53,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, expert_d
         raise ValueError(f"expert_dtype: must be one of {', '.join(quant.EXPERT_DTYPES)}, got {expert_dtype!r}")
     group_size = quant.check_group_size(group_size) if expert_dtype == "int4" else 0
     ckpt = Checkpoint.open(src)
-    if ckpt.quantization is not None:
+    if ckpt.expert_quantization is not None:
         raise CheckpointError(f"{ckpt.path}: its experts are already quantized as "
-                              f"{quant.describe(*ckpt.quantization)}; quantize the original checkpoint")
+                              f"{quant.describe(*ckpt.expert_quantization)}; quantize the original checkpoint")
     dst = Path(dst)
     if dst.resolve() == ckpt.path.resolve():
         raise ValueError(f"DST {dst} is the source checkpoint: write the quantized one elsewhere")
@@ -126,7 +126,7 @@ def _write_file(src: Path, out: Path, names: list[str], ckpt: Checkpoint, plan, 
         if n in plan:
             (wname, wshape), (sname, sshape) = plan[n]
             entries.append((wname, "I8" if stored[0] == "int8" else "U8", wshape, n, 0))
-            entries.append((sname, t.dtype, sshape, n, 1))
+            entries.append((sname, _DTYPE_NAMES[quant.kernel_dtype(FILE_DTYPES[t.dtype])], sshape, n, 1))
         else:
             entries.append((n, t.dtype, t.shape, n, None))
     header, off = {"__metadata__": {"format": "pt"}}, 0
@@ -147,7 +147,7 @@ def _write_file(src: Path, out: Path, names: list[str], ckpt: Checkpoint, plan, 
             else:
                 if which == 0:
                     w = fi.get_tensor(source)
-                    scale_dtype = w.dtype
+                    scale_dtype = quant.kernel_dtype(w.dtype)   # the dtype the kernels hold them in
                     if stored[0] == "int8":
                         pending[source] = list(quant.quantize_int8(w, scale_dtype))
                     else:

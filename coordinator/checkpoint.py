@@ -155,7 +155,7 @@ class Checkpoint:
         self.tensors = tensors
         # (expert_dtype, group_size) of a `moeshard quantize`d checkpoint, else None (docs/quantization.md)
         try:
-            self.quantization = stored_quantization(json.loads((path / "config.json").read_text()),
+            self.expert_quantization = stored_quantization(json.loads((path / "config.json").read_text()),
                                                     str(path / "config.json"))
         except (OSError, ValueError) as e:
             raise CheckpointError(str(e)) from None
@@ -213,7 +213,7 @@ class Checkpoint:
         method = q.method if q is not None else None
         allowed = ALLOWED_KINDS[method]
         # I8/U8 only for experts: MXFP4 blocks, or a `moeshard quantize`d checkpoint's weights and scales
-        experts = self.expert_names() if method == "mxfp4" or self.quantization is not None else set()
+        experts = self.expert_names() if method == "mxfp4" or self.expert_quantization is not None else set()
         for name, t in sorted(self.tensors.items()):
             kind = ROWS[t.dtype].kind
             if kind == "float" or (kind in allowed and kind != "int") or (kind == "int" and name in experts):
@@ -284,7 +284,7 @@ class Checkpoint:
                 f"{', '.join(FUSED_EXPERTS[c.model_type])}) are not supported by the expert workers; moeshard reads "
                 f"{c.model_type} as released, its experts in MXFP4 (quantization_config quant_method mxfp4)")
         H, I = c.hidden_size, c.moe_intermediate_size
-        q = self.quantization
+        q = self.expert_quantization
         specs = []
         for layer in c.moe_layer_ids:
             for e in range(c.num_experts):
@@ -396,7 +396,7 @@ class Checkpoint:
         return TensorSpec(str(t.file.resolve()), name, t.dtype, t.shape, t.offset, t.nbytes)
 
     def expert_names(self) -> set[str]:
-        c, q = self.config, self.quantization
+        c, q = self.config, self.expert_quantization
         fused = MXFP4_EXPERTS if c.quantization is not None and c.quantization.method == "mxfp4" else FUSED_EXPERTS
         if c.model_type in fused:
             return {t_name(l, w) for l in c.moe_layer_ids for w in fused[c.model_type]}

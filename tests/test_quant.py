@@ -89,12 +89,14 @@ def test_kernels_equal_dequantize_then_matmul(big_experts, expert_dtype, group, 
         for key in [(0, 0), (1, 3)]:
             w = store.get(key)
             assert type(w).__name__ == ("Int8Weights" if expert_dtype == "int8" else "Int4Weights")
-            ref_w = ExpertWeights(*(quantized_reference(t, expert_dtype, group, dtype)
+            kdt = quant.kernel_dtype(dtype)    # the kernels run in bf16 (their fast path), scales kept in it
+            ref_w = ExpertWeights(*(quantized_reference(t, expert_dtype, group, kdt)
                                     for t in file_weights(tensors, key)))
-            ref = expert_forward(ref_w, x.float())
-            out = w.forward(x).float()
-            tol = 1e-4 if dtype == torch.float32 else 3e-2
-            assert (out - ref).abs().max().item() <= tol * ref.abs().max().item(), (key, expert_dtype, group)
+            ref = expert_forward(ref_w, x.to(kdt).float())
+            out = w.forward(x)
+            assert out.dtype == dtype
+            err = (out.float() - ref).abs().max().item()
+            assert err <= 2e-2 * ref.abs().max().item(), (key, expert_dtype, group, err)
     finally:
         store.close()
 
@@ -178,7 +180,9 @@ def fake_quantized_copy(src: Path, dst: Path, expert_dtype: str, group: int) -> 
             tensors = {n: fi.get_tensor(n) for n in fi.keys()}
         for n in tensors:
             if n in names:
-                tensors[n] = quantized_reference(tensors[n], expert_dtype, group, tensors[n].dtype).to(tensors[n].dtype)
+                # scales rounded as the kernels hold them (bf16), see workers/quant.py kernel_dtype
+                tensors[n] = quantized_reference(tensors[n], expert_dtype, group,
+                                                 quant.kernel_dtype(tensors[n].dtype)).to(tensors[n].dtype)
         save_file(tensors, str(f), metadata={"format": "pt"})
     return dst
 
@@ -199,11 +203,16 @@ def test_every_family_equals_the_dequantized_reference(family, expert_dtype, gro
     with Coordinator.from_pretrained(path, expert_dtype=expert_dtype, group_size=group or 64) as c:
         ours = c.forward(ids, attention_mask=mask)
         actor = c.stats()["experts"]["actors"][0]
-    diff = (ours - ref)[mask.bool()].abs().max().item()
-    assert diff <= 1e-3, f"{family} {expert_dtype}: max abs logit diff {diff:.3g}"
     with Coordinator.from_pretrained(path) as c:
         dense = c.forward(ids, attention_mask=mask)
         ratio = c.stats()["experts"]["actors"][0]["slot_bytes"] / actor["slot_bytes"]
+    m = mask.bool()
+    diff, effect = (ours - ref)[m].abs(), (dense - ref)[m].abs()
+    # the kernels run the experts with bf16 activations (their fast path): rounding of that size,
+    # next to the quantization's own effect (int4: ~20x larger; int8: about 2x)
+    assert diff.max().item() <= 0.06 and diff.mean().item() <= 0.01, \
+        f"{family} {expert_dtype}: logit diff max {diff.max().item():.3g} mean {diff.mean().item():.3g}"
+    assert effect.mean().item() > diff.mean().item()
     assert ratio > (3.5 if expert_dtype == "int8" else 5.0), ratio
     assert (ours - dense).abs().max().item() > 0       # the experts really were quantized
 
@@ -285,6 +294,11 @@ def test_quantize_plan_and_eval_commands_on_the_embedded_model(tmp_path, capsys)
     assert main(["plan", str(MODEL), "--workers", "2"]) == 0
     dense_plan = capsys.readouterr().out
     assert "experts int4/g64" in quantized_plan and "experts as stored" in dense_plan
+
+    def total(plan: str) -> float:           # "routed experts total: 7.5 MiB"
+        value, unit = plan.split("routed experts total: ")[1].split()[:2]
+        return float(value) * {"MiB": 2**20, "MB": 10**6, "KiB": 2**10, "kB": 10**3}[unit]
+    assert 6.0 < total(dense_plan) / total(quantized_plan) < 8.0      # fp32 compute: 7.1x at g64
     text = tmp_path / "t.txt"
     text.write_text(HELDOUT.read_text()[:3000])
     assert main(["eval", str(dst), "--text", str(text), "--dtype", "bfloat16"]) == 0
@@ -324,3 +338,19 @@ def test_perplexity_is_the_sliding_window_of_the_guide():
                 c.perplexity(bad)
         with pytest.raises(ValueError, match="stride"):
             c.perplexity(ids, max_length=64, stride=65)
+
+
+def test_bench_scenario_7_runs_on_the_tiny_checkpoint(tmp_path, monkeypatch):
+    """The bench rows run end to end (figures meaningless at this size; no timing asserted)."""
+    from bench import make_checkpoint as mk
+    from bench import scenarios as S
+
+    tiny = mk.make_checkpoint(tmp_path / "tiny", "tiny")
+    monkeypatch.setattr(S, "cgroups_usable", lambda: "needs root (memory cgroups and drop_caches)")
+    res = S.run_scenario(7, S.Ctx(ckpt=tiny, params=S.Params.for_mode(False, True), threads=1, tiny=True,
+                                  log_dir=tmp_path / "logs"))
+    assert res["status"] == "ok", res.get("reason")
+    ids = {f["id"] for f in res["figures"]}
+    assert ids == {"s7.b1.stored", "s7.b1.int8", "s7.b1.int4", "s7.b1.int4-bf16"}
+    assert all(f["value"] and f["peer_value"] for f in res["figures"])
+    assert any("llama" in n for n in res["notes"]) and any("out-of-core rows skipped" in n for n in res["notes"])

@@ -30,16 +30,29 @@ from .spec import ExpertSpec, TensorSpec
 
 
 
+KERNEL = "kernel"   # a Part's dtype: the low-bit kernels' activation dtype (workers/quant.py kernel_dtype)
+
+
 @dataclass(frozen=True)
 class Part:
     """One tensor a weight holds in a slot."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype | None   # None: the compute dtype
+    dtype: torch.dtype | str | None   # None: the compute dtype; KERNEL: quant.kernel_dtype of it
 
     def nbytes(self, itemsize: int) -> int:
-        size = itemsize if self.dtype is None else self.dtype.itemsize
+        if self.dtype is None:
+            size = itemsize
+        elif self.dtype == KERNEL:
+            size = 2                  # bf16 or fp16, whatever the compute dtype
+        else:
+            size = self.dtype.itemsize
         return math.prod(self.shape) * size
+
+    def torch_dtype(self, compute: torch.dtype) -> torch.dtype:
+        if self.dtype is None:
+            return compute
+        return quant.kernel_dtype(compute) if self.dtype == KERNEL else self.dtype
 
 
 class ExpertFormat(Protocol):
@@ -212,6 +225,13 @@ def _check_scales(spec: ExpertSpec) -> None:
                          f"gate, up and down, found {len(spec.scales)}: re-run `moeshard quantize`")
 
 
+def _weights_then_scales(spec: ExpertSpec) -> list[list[TensorSpec]]:
+    """Per weight: a float file's weight alone, or a quantized file's codes then their scales."""
+    if spec.stored is None:
+        return [[t] for t in spec.tensors]
+    return [[t, sc] for t, sc in zip(spec.tensors, spec.scales)]
+
+
 @dataclass(frozen=True)
 class Int8Weights:
     """An int8 expert: per weight, codes [N, K] and per-output-channel scales [N] (compute dtype)."""
@@ -224,15 +244,11 @@ class Int8Weights:
     def hidden_size(self) -> int:
         return int(self.q[0].shape[1])
 
-    def dequantized(self) -> ExpertWeights:
-        """The plain reference (float32 weights)."""
-        w = [quant.dequantize_int8(q, s) for q, s in zip(self.q, self.scale)]
-        return ExpertWeights(*w, activation=self.activation)
-
     def forward(self, x: Tensor) -> Tensor:
         act = activation_fn(self.activation)
         (gq, uq, dq), (gs, us, ds) = self.q, self.scale
-        return quant.int8_linear(act(quant.int8_linear(x, gq, gs)) * quant.int8_linear(x, uq, us), dq, ds)
+        k = x.to(gs.dtype)             # the kernels' activation dtype (see workers/quant.py)
+        return quant.int8_linear(act(quant.int8_linear(k, gq, gs)) * quant.int8_linear(k, uq, us), dq, ds).to(x.dtype)
 
 
 class Int8:
@@ -249,12 +265,10 @@ class Int8:
             _check_file(spec, sc, FLOAT_FILE_DTYPES, (n,))
 
     def parts(self, spec: ExpertSpec) -> list[list[Part]]:
-        return [[Part((n, k), torch.int8), Part((n,), None)] for n, k in weight_shapes(spec)]
+        return [[Part((n, k), torch.int8), Part((n,), KERNEL)] for n, k in weight_shapes(spec)]
 
     def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
-        if spec.stored is None:
-            return [[t] for t in spec.tensors]
-        return [[t, sc] for t, sc in zip(spec.tensors, spec.scales)]
+        return _weights_then_scales(spec)
 
     def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
         return False
@@ -285,7 +299,9 @@ class Int4Weights:
     def forward(self, x: Tensor) -> Tensor:
         act = activation_fn(self.activation)
         (gp, up, dp), (gs, us, ds), g = self.packed, self.scales_zeros, self.group_size
-        return quant.int4_linear(act(quant.int4_linear(x, gp, g, gs)) * quant.int4_linear(x, up, g, us), dp, g, ds)
+        k = x.to(gs.dtype)             # the kernels' activation dtype (see workers/quant.py)
+        h = act(quant.int4_linear(k, gp, g, gs)) * quant.int4_linear(k, up, g, us)
+        return quant.int4_linear(h, dp, g, ds).to(x.dtype)
 
 
 class Int4:
@@ -313,10 +329,10 @@ class Int4:
 
     def parts(self, spec: ExpertSpec) -> list[list[Part]]:
         g = spec.group_size
-        return [[Part((n * k // 2,), torch.uint8), Part((k // g, n, 2), None)] for n, k in weight_shapes(spec)]
+        return [[Part((n * k // 2,), torch.uint8), Part((k // g, n, 2), KERNEL)] for n, k in weight_shapes(spec)]
 
     def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
-        return Int8.file_tensors(self, spec)  # type: ignore[arg-type]  # same pairing: weight, then scales
+        return _weights_then_scales(spec)
 
     def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
         return False

@@ -12,6 +12,10 @@ in `moeshard quantize` gives the same bytes when the scale dtypes agree.
 
 Kernels (CPU, torch >= 2.6): `torch.ops.aten._weight_int8pack_mm` and
 `torch._weight_int4pack_mm_for_cpu` over `torch._convert_weight_to_int4pack_for_cpu`'s layout.
+Their fast paths take bf16/fp16 activations only: with float32 activations both fall back to a
+path 4x (int8) to 30x (int4) slower than a float32 GEMV (measured, docs/quantization.md). So the
+low-bit experts compute in `kernel_dtype(compute dtype)` (bf16 for a float32 run), with their
+scales held in it; rows are cast in and out, and the dense part keeps the compute dtype.
 On CUDA int4 uses `torch._weight_int4pack_mm` (bf16 activations), int8 a dequantize-per-use
 `F.linear` (torch has no weight-only int8 GEMM for CUDA); both only run where a GPU exists.
 """
@@ -83,6 +87,11 @@ def dequantize_int4(codes: Tensor, qparams: Tensor, group_size: int) -> Tensor:
 
 
 # ---- kernels ----------------------------------------------------------------------------------
+
+def kernel_dtype(compute: torch.dtype) -> torch.dtype:
+    """The activation (and scale) dtype of the low-bit kernels for a run computing in `compute`."""
+    return torch.float16 if compute == torch.float16 else torch.bfloat16
+
 
 def pack_int4(codes: Tensor, device: torch.device) -> Tensor:
     """Portable codes [N, K/2] -> the int4 kernel's own layout on `device` (uint8 on CPU)."""

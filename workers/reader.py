@@ -80,7 +80,7 @@ class ExpertReader:
         parts = iter(info.layout)
         views = []
         for weight in fmt.parts(spec):
-            views.append([_typed(buf, next(parts), p.dtype or self.dtype) for p in weight])
+            views.append([_typed(buf, next(parts), p.torch_dtype(self.dtype)) for p in weight])
         return fmt.weights(spec, views)
 
     def _read_checkpoint(self, info: ExpertInfo, buf: torch.Tensor) -> None:
@@ -98,7 +98,7 @@ class ExpertReader:
                 self.read_raw(spec, t, stage[at:at + t.nbytes])
                 src.append(stage[at:at + t.nbytes].view(FILE_DTYPES[t.dtype]).view(t.shape))
                 at += t.nbytes
-            dst = [_typed(buf, s, p.dtype or self.dtype) for s, p in zip(slots, weight)]
+            dst = [_typed(buf, s, p.torch_dtype(self.dtype)) for s, p in zip(slots, weight)]
             fmt.convert(spec, src, dst)  # synchronous: the staging buffer is reused
 
     def _stage(self) -> torch.Tensor:
