@@ -36,13 +36,13 @@ from typing import Callable
 
 import torch
 
+from workers.dtypes import COMPUTE_DTYPES, file_dtype_name
 from workers.units import format_bytes
 
 CACHE_DIR = Path(os.environ.get("MOESHARD_BENCH_CACHE", Path(__file__).resolve().parent / "cache"))
 MANIFEST = "bench-manifest.json"
 _DATA_ALIGN = 4096
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = COMPUTE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def write_safetensors(path: Path, tensors: list[TensorPlan], dtype: torch.dtype,
     off = 0
     for t in tensors:
         nbytes = math.prod(t.shape) * itemsize
-        header[t.name] = {"dtype": _ST_DTYPES[dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        header[t.name] = {"dtype": file_dtype_name(dtype), "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     pad = (-(8 + len(raw))) % _DATA_ALIGN

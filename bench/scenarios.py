@@ -446,10 +446,11 @@ def _sweep_model(ctx: Ctx, path: Path, model: str, texts: bool) -> list[dict]:
     m_cfg = __import__("json").loads((path / "config.json").read_text())
     from coordinator.checkpoint import Checkpoint
     from workers.budget import min_budget
+    from workers.dtypes import DTYPE_SIZES
 
     specs = Checkpoint.open(path).expert_specs()
     # budgets are fractions of the experts' bytes in the compute dtype (float32), which is what slots hold
-    numel = [sum(t.nbytes // {"F32": 4, "BF16": 2, "F16": 2}[t.dtype] for t in (s.gate, s.up, s.down)) for s in specs]
+    numel = [sum(t.nbytes // DTYPE_SIZES[t.dtype] for t in (s.gate, s.up, s.down)) for s in specs]
     expert_bytes = 4 * sum(numel)
     floor = min_budget(specs, 4, m_cfg["num_experts_per_tok"] + 1)  # what the store must hold, + one slot
     ch = ctx.child(f"s5-{model}")

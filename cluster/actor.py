@@ -5,7 +5,8 @@ import os
 from typing import Any
 
 from workers.budget import slot_bytes
-from workers.shard import DTYPES, ExpertShard
+from workers.dtypes import COMPUTE_DTYPES
+from workers.shard import ExpertShard
 from workers.spec import ExpertSpec
 
 from . import recovery
@@ -24,7 +25,7 @@ class ShardActor(ExpertShard):
         self.takeover: dict[str, Any] | None = None
         if takeover is not None:
             recovery.check_files(t["file"] for d in specs for t in (d["gate"], d["up"], d["down"]))
-            itemsize = DTYPES[kwargs.get("dtype", "float32")].itemsize
+            itemsize = COMPUTE_DTYPES[kwargs.get("dtype", "float32")].itemsize
             parsed = [ExpertSpec.from_dict(d) for d in specs]
             slot = slot_bytes(parsed, itemsize)
             machine = recovery.available_memory()        # this process's view (cgroup limits if readable)

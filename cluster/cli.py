@@ -142,8 +142,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from cluster.placement import plan_placement
     from coordinator.api import pinned_experts
     from coordinator.checkpoint import Checkpoint
+    from workers.dtypes import COMPUTE_DTYPES
     from workers.quant import describe
-    from workers.shard import DTYPES
 
     opts = run_options(args, ("num_workers", *PLAN_OPTIONS))
     if opts.placement.num_workers < 1:
@@ -156,7 +156,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     min_resident = args.min_resident if args.min_resident is not None else cfg.top_k
     pinned = pinned_experts(cfg, (), opts.store.pin_layers)
     try:
-        plan = plan_placement(specs, opts.placement.num_workers, dtype_bytes=DTYPES[opts.dtype].itemsize,
+        plan = plan_placement(specs, opts.placement.num_workers, dtype_bytes=COMPUTE_DTYPES[opts.dtype].itemsize,
                               worker_memory=opts.store.budget_bytes, min_resident=min_resident, pinned=pinned,
                               num_cpus=opts.placement.num_cpus, num_gpus=opts.placement.num_gpus)
     except ClusterError as e:
@@ -167,6 +167,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"top-{cfg.top_k}), dtype {opts.dtype}, experts {describe(specs[0].expert_dtype, specs[0].group_size)}, "
           f"min_resident {min_resident}"
           + (f", {len(pinned)} pinned" if pinned else ""))
+    for line in ckpt.summary(COMPUTE_DTYPES[opts.dtype].itemsize).lines(opts.dtype):  # what the checkpoint is
+        print(f"  {line}")
     for line in plan.table():
         print(line)
     return 0

@@ -40,7 +40,7 @@ from coordinator.options import (PlacementOptions, RecoveryOptions, RunOptions, 
                                  UnknownOption)
 from workers import wire
 from workers.errors import MoeshardError
-from workers.shard import DTYPES
+from workers.dtypes import compute_dtype
 from workers.spec import ExpertSpec
 
 from . import recovery
@@ -137,11 +137,9 @@ class RemoteExperts:
                  load: dict[tuple[int, int], float] | None = None):
         import ray
 
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        self.dtype = compute_dtype(dtype)
         num_workers = placement.num_workers
         self.transport = transport.transport
-        self.dtype = DTYPES[dtype]
         self.call_timeout_s = transport.call_timeout_s
         self.recovery = recovery
         worker_memory, spill_dir = store.budget_bytes, store.spill_dir

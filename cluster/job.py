@@ -239,10 +239,10 @@ def assign_nodes(nodes: Sequence[NodeSlot], resident: Sequence[int], cpus: float
 def _plan(specs, workers: int, opts: RunOptions, top_k: int, pinned):
     from cluster.errors import ClusterError
     from cluster.placement import PlacementBudgetError, plan_placement
-    from workers.shard import DTYPES
+    from workers.dtypes import COMPUTE_DTYPES
 
     try:
-        return plan_placement(specs, workers, dtype_bytes=DTYPES[opts.dtype].itemsize,
+        return plan_placement(specs, workers, dtype_bytes=COMPUTE_DTYPES[opts.dtype].itemsize,
                               worker_memory=opts.store.budget_bytes, min_resident=top_k, pinned=pinned,
                               num_cpus=opts.placement.num_cpus, num_gpus=opts.placement.num_gpus)
     except PlacementBudgetError as e:

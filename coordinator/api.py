@@ -12,7 +12,7 @@ import torch
 
 from workers.errors import MoeshardError
 from workers.budget import check_budget
-from workers.shard import DTYPES
+from workers.dtypes import COMPUTE_DTYPES
 
 from .checkpoint import Checkpoint
 from .experts import LocalExperts, RoutedExperts
@@ -89,7 +89,7 @@ class Coordinator:
         specs = ckpt.expert_specs(store.expert_dtype, store.group_size)
         pinned = pinned_experts(cfg, store.pin, store.pin_layers)
         if not options.distributed:     # the distributed planner checks each actor's share the same way
-            check_budget(specs, DTYPES[options.dtype].itemsize, store.budget_bytes, min_resident=cfg.top_k,
+            check_budget(specs, COMPUTE_DTYPES[options.dtype].itemsize, store.budget_bytes, min_resident=cfg.top_k,
                          pinned=pinned, option="worker_memory")
         threads = _CoordinatorThreads(options.coordinator_threads if not options.distributed else None)
         try:
@@ -108,7 +108,7 @@ class Coordinator:
             threads.restore()
             raise
         try:
-            model = MoETransformer(cfg, experts, DTYPES[options.dtype], prefetch_depth=store.prefetch_depth,
+            model = MoETransformer(cfg, experts, COMPUTE_DTYPES[options.dtype], prefetch_depth=store.prefetch_depth,
                                    prefetch_extra=store.prefetch_extra)
             ckpt.load_dense(model)
             model.eval()

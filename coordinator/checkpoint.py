@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import struct
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +19,16 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from workers.dtypes import FILE_DTYPES, FLOAT_FILE_DTYPES, ROWS
 from workers.formats import held_as, stored_tensors
+from workers.kernels import block_grid, dequantize_fp8
 from workers.quant import DEFAULT_GROUP_SIZE, stored_quantization
-from workers.spec import DTYPE_SIZES, ExpertSpec, TensorSpec
+from workers.spec import ExpertSpec, TensorSpec
 
 from .config import ModelConfig, load_config
 from .errors import CheckpointError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 # Checkpoint names of a routed expert's (gate, up, down) weights, per family.
 EXPERT_NAMES = {
@@ -47,9 +48,14 @@ RENAMES = {
 
 # Families whose routed experts are fused per layer into 3-D tensors (these names under mlp.experts).
 FUSED_EXPERTS = {"gpt_oss": ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
+# ... and as they ship in MXFP4 (quant_method mxfp4): blocks and e8m0 scales instead of the weights.
+MXFP4_EXPERTS = {"gpt_oss": ("gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias",
+                             "down_proj_blocks", "down_proj_scales", "down_proj_bias")}
 
-# What each quantization method is, for the one-line refusal until its loader exists (issue 12).
-PENDING_QUANT = {"fp8": "FP8 block-quantized weights", "mxfp4": "MXFP4 experts"}
+# DeepSeek-V3/R1 and Kimi-K2: FP8 weight `<name>` has its float32 block scales in `<name>_scale_inv`.
+SCALE_SUFFIX = "_scale_inv"
+# Which stored dtype kinds (workers/dtypes.py) a checkpoint may hold, by quant_method (None: unquantized).
+ALLOWED_KINDS = {None: ("float",), "fp8": ("float", "fp8"), "mxfp4": ("float", "int")}  # int: experts only
 
 
 def checkpoint_name(family: str, name: str) -> str:
@@ -91,9 +97,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in DTYPE_SIZES:
+        if meta["dtype"] not in FILE_DTYPES:
             raise CheckpointError(f"tensor {name} in {path} has unsupported dtype {meta['dtype']}; "
-                                  f"moeshard reads {', '.join(DTYPE_SIZES)}: convert the checkpoint")
+                                  f"moeshard reads {', '.join(FILE_DTYPES)}: convert the checkpoint")
         a, b = meta["data_offsets"]
         out[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), base + a, b - a)
         end = max(end, base + b)
@@ -101,6 +107,43 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path} is truncated: tensors need {end} bytes but the file has {size}; "
                               "re-download the shard")
     return out
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What a checkpoint is, read from its config and headers only (`moeshard plan` prints it)."""
+
+    family: str
+    layers: int
+    moe_layers: int
+    experts_per_layer: int
+    top_k: int
+    dense_dtypes: tuple[str, ...]     # file dtypes of everything that is not a routed expert
+    expert_dtypes: tuple[str, ...]    # file dtypes of the routed experts' weights (scales not counted)
+    expert_format: str                # how the workers hold them: "dense" (compute dtype), "fp8", ...
+    quantization: str                 # "none", or the method with its block size
+    rope: str
+    expert_file_bytes: int            # the largest routed expert in the files (weights plus scales)
+    expert_held_bytes: int            # one slot: the largest expert as held in a store
+    total_expert_bytes: int           # every routed expert as held
+    token_read_bytes: int             # what one token reads when every expert it routes to is paged in
+
+    def lines(self, compute_dtype: str) -> list[str]:
+        from workers.units import format_bytes
+
+        def b(n: int) -> str:
+            return f"{n} B ({format_bytes(n)})"
+
+        held = "as stored" if self.expert_format != "dense" else f"in {compute_dtype}"
+        return [
+            f"model: {self.family}, {self.layers} layers ({self.moe_layers} MoE), {self.experts_per_layer} experts "
+            f"per MoE layer, top-{self.top_k}, rope {self.rope}",
+            f"weights: dense part {'/'.join(self.dense_dtypes)} (computed in {compute_dtype}), experts "
+            f"{'/'.join(self.expert_dtypes)} held {self.expert_format} {held}; quantization {self.quantization}",
+            f"expert bytes: {b(self.expert_held_bytes)} per expert held ({b(self.expert_file_bytes)} in the files), "
+            f"{b(self.total_expert_bytes)} in all; one token reads up to {b(self.token_read_bytes)} of experts "
+            f"(top-{self.top_k} x {self.moe_layers} MoE layers)",
+        ]
 
 
 class Checkpoint:
@@ -125,10 +168,10 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint directory {root} does not exist")
         config = load_config(root)
         q = config.quantization
-        if q is not None:
+        if q is not None and q.method == "mxfp4" and config.model_type not in MXFP4_EXPERTS:
             raise UnsupportedModelError(
-                f"{PENDING_QUANT[q.method]} (quantization_config.quant_method {q.method!r} in {root / 'config.json'}) "
-                "are not yet supported (issue 12): use a bfloat16 copy of the checkpoint")
+                f"quantization_config.quant_method 'mxfp4' in {root / 'config.json'} is for gpt-oss's fused experts; "
+                f"moeshard reads MXFP4 for {', '.join(MXFP4_EXPERTS)}, not {config.model_type}")
         index = root / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -152,13 +195,68 @@ class Checkpoint:
                 if name not in tensors or tensors[name].file.name != fname:
                     raise CheckpointError(f"tensor {name} is listed in {index} under {fname} but is not in that file")
         ckpt = cls(root, config, tensors)
+        ckpt._check_dtypes()
+        if q is not None and q.method == "fp8":
+            ckpt._check_fp8_scales()
         ckpt.expert_specs()  # validates every expert's presence, shape and dtype without reading data
-        experts = ckpt.expert_names()
-        for name, t in tensors.items():  # I8/U8 are only for a quantized checkpoint's experts
-            if t.dtype not in TORCH_DTYPES and name not in experts:
-                raise CheckpointError(f"tensor {name} in {t.file} has unsupported dtype {t.dtype}; moeshard reads "
-                                      f"{', '.join(TORCH_DTYPES)} outside quantized experts: convert the checkpoint")
         return ckpt
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        """[out, in] block of the FP8 scales (quantization_config.weight_block_size), None if not FP8."""
+        q = self.config.quantization
+        return tuple(q.weight_block_size) if q is not None and q.method == "fp8" else None
+
+    def _check_dtypes(self) -> None:
+        """Every tensor's dtype is one this checkpoint's quantization_config accounts for."""
+        q = self.config.quantization
+        method = q.method if q is not None else None
+        allowed = ALLOWED_KINDS[method]
+        # I8/U8 only for experts: MXFP4 blocks, or a `moeshard quantize`d checkpoint's weights and scales
+        experts = self.expert_names() if method == "mxfp4" or self.expert_quantization is not None else set()
+        for name, t in sorted(self.tensors.items()):
+            kind = ROWS[t.dtype].kind
+            if kind == "float" or (kind in allowed and kind != "int") or (kind == "int" and name in experts):
+                continue
+            holder = f"quant_method {method!r}" if method else "a checkpoint without quantization_config"
+            raise CheckpointError(
+                f"tensor {name} in {t.file.name} is {t.dtype}, which {holder} does not hold outside its experts; "
+                f"moeshard reads {', '.join(FLOAT_FILE_DTYPES)}, F8_E4M3 weights with quantization_config "
+                "quant_method fp8, U8 MXFP4 expert blocks with mxfp4, and I8/U8 experts of a `moeshard quantize`d "
+                "checkpoint: check config.json or convert the checkpoint")
+
+    def _check_fp8_scales(self) -> None:
+        """Each FP8 weight has its float32 `_scale_inv` of one scale per block (edge blocks partial),
+        and each scale its FP8 weight, before anything loads."""
+        q = self.config.quantization
+        block = q.weight_block_size
+        where = f"quantization_config.weight_block_size in {self.path / 'config.json'}"
+        if block is None or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+            raise CheckpointError(f"{where} is {list(block) if block else None}: FP8 block scales need "
+                                  "[out, in] positive block sizes, e.g. [128, 128]")
+        for name, t in sorted(self.tensors.items()):
+            if name.endswith(SCALE_SUFFIX):
+                w = self.tensors.get(name[:-len(SCALE_SUFFIX)])
+                if w is None or w.dtype != "F8_E4M3":
+                    raise CheckpointError(f"scale tensor {name} in {t.file.name} has no F8_E4M3 weight "
+                                          f"{name[:-len(SCALE_SUFFIX)]}: the checkpoint is incomplete or mislabelled")
+                continue
+            if t.dtype != "F8_E4M3":
+                continue
+            if len(t.shape) != 2:
+                raise CheckpointError(f"FP8 tensor {name} in {t.file.name} has shape {list(t.shape)}; moeshard "
+                                      "reads FP8 block-quantized 2-D linear weights only")
+            s = self.tensors.get(name + SCALE_SUFFIX)
+            if s is None:
+                raise CheckpointError(f"FP8 tensor {name} in {t.file.name} has no scale tensor "
+                                      f"{name + SCALE_SUFFIX}: FP8 weights need their float32 block scales "
+                                      "(re-download the shard)")
+            grid = block_grid(t.shape, block)
+            if s.dtype != "F32" or s.shape != grid:
+                raise CheckpointError(
+                    f"scale tensor {name + SCALE_SUFFIX} in {s.file.name} is {s.dtype} {list(s.shape)} but the "
+                    f"FP8 weight {list(t.shape)} in {list(block)} blocks ({where}) needs F32 {list(grid)}: "
+                    "the checkpoint and config.json disagree")
 
     def info(self, name: str, shape: tuple[int, ...] | None = None) -> TensorInfo:
         """Header entry of tensor `name`, checked against the shape the config implies."""
@@ -178,39 +276,135 @@ class Checkpoint:
         """Every routed expert as plain data: file, absolute offset, dtype, shape of its three weights
         (and their scales in a quantized checkpoint), held as `expert_dtype` (None: as stored)."""
         c = self.config
+        if c.model_type in MXFP4_EXPERTS and c.quantization is not None and c.quantization.method == "mxfp4":
+            return self._held_as(self._mxfp4_specs(), expert_dtype, group_size)
         if c.model_type in FUSED_EXPERTS:
             raise UnsupportedModelError(
-                f"{c.model_type} experts fused per layer (mlp.experts.{', '.join(FUSED_EXPERTS[c.model_type])}; "
-                "biases, clamped SwiGLU) are not yet supported by the expert workers (issue 12 item 3)")
+                f"{c.model_type} experts fused per layer unquantized (mlp.experts."
+                f"{', '.join(FUSED_EXPERTS[c.model_type])}) are not supported by the expert workers; moeshard reads "
+                f"{c.model_type} as released, its experts in MXFP4 (quantization_config quant_method mxfp4)")
         H, I = c.hidden_size, c.moe_intermediate_size
         q = self.expert_quantization
         specs = []
         for layer in c.moe_layer_ids:
             for e in range(c.num_experts):
+                names = self.expert_tensor_names(layer, e)
+                if q is None and any(self.info(n).dtype == "F8_E4M3" for n in names):
+                    specs.append(self._fp8_spec(layer, e, names))
+                    continue
                 parts, scales = [], []
-                for name, shape in zip(self.expert_tensor_names(layer, e), ((I, H), (I, H), (H, I))):
+                for name, shape in zip(names, ((I, H), (I, H), (H, I))):
                     weight, *extra = [self._tensor_spec(n, s) for n, s in stored_tensors(q, name, shape)]
                     parts.append(weight)
                     scales += extra
                 specs.append(ExpertSpec(layer, e, *parts, activation=c.hidden_act, stored=q and q[0],
                                         group_size=q[1] if q else 0, scales=tuple(scales)))
+        return self._held_as(specs, expert_dtype, group_size)
+
+    def _held_as(self, specs: list[ExpertSpec], expert_dtype: str | None, group_size: int) -> list[ExpertSpec]:
         try:
             return held_as(specs, expert_dtype, group_size)
         except ValueError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
 
-    def _tensor_spec(self, name: str, shape: tuple[int, ...]) -> TensorSpec:
+    def _fp8_spec(self, layer: int, e: int, names: tuple[str, str, str]) -> ExpertSpec:
+        """An FP8 expert as DeepSeek-V3 ships it: it stays FP8 in every tier, the workers reading weights
+        and block scales as stored."""
+        c = self.config
+        H, I = c.hidden_size, c.moe_intermediate_size
+        parts = [self._tensor_spec(n, shape) for n, shape in zip(names, ((I, H), (I, H), (H, I)))]
+        if not all(p.dtype == "F8_E4M3" for p in parts):
+            raise CheckpointError(f"expert {e} of layer {layer} mixes FP8 and unquantized weights "
+                                  f"({', '.join(f'{n} {p.dtype}' for n, p in zip(names, parts))}); "
+                                  "moeshard holds an expert in one format")
+        scales = tuple(self._tensor_spec(n + SCALE_SUFFIX) for n in names)
+        return ExpertSpec(layer, e, *parts, activation=c.hidden_act, stored="fp8", scales=scales,
+                          block=self.fp8_block)
+
+    def summary(self, itemsize: int) -> CheckpointSummary:
+        """What this checkpoint is, with experts held in a compute dtype of `itemsize` bytes
+        (workers/budget.py sizes the slots)."""
+        from workers.budget import expert_nbytes, slot_bytes
+
+        c, specs = self.config, self.expert_specs()
+        experts = self.expert_names()
+        q = c.quantization
+        if q is None:
+            quant = "none"
+        elif q.weight_block_size:
+            quant = f"{q.method} ({q.fmt or 'e4m3'}, {'x'.join(map(str, q.weight_block_size))} blocks)"
+        else:
+            quant = q.method
+        moe = len(c.moe_layer_ids)
+        held = slot_bytes(specs, itemsize)
+        return CheckpointSummary(
+            family=c.model_type, layers=c.num_layers, moe_layers=moe, experts_per_layer=c.num_experts,
+            top_k=c.top_k,
+            dense_dtypes=tuple(sorted({t.dtype for n, t in self.tensors.items()
+                                       if n not in experts and not _is_mtp(n, c)})),
+            expert_dtypes=tuple(sorted({t.dtype for s in specs for t in s.tensors})),
+            expert_format="/".join(sorted({s.held_format for s in specs})) or "none",
+            quantization=quant, rope=c.rope.kind,
+            expert_file_bytes=max((s.file_nbytes for s in specs), default=0),
+            expert_held_bytes=held,
+            total_expert_bytes=sum(expert_nbytes(s, itemsize) for s in specs),
+            token_read_bytes=min(c.top_k, c.num_experts) * moe * max((s.file_nbytes for s in specs), default=0))
+
+    def _mxfp4_specs(self) -> list[ExpertSpec]:
+        """gpt-oss in MXFP4: each expert is its slice (along the expert axis) of the layer's fused
+        blocks [E, 2I, H/32, 16], scales [E, 2I, H/32] (e8m0), and biases; gate/up interleaved."""
+        c = self.config
+        E, H, I = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        if H % 32 or I % 32:
+            raise CheckpointError(f"MXFP4 experts need hidden_size ({H}) and intermediate_size ({I}) that are "
+                                  f"multiples of 32 (one e8m0 scale per 32 weights): check {self.path / 'config.json'}")
+        shapes = {"gate_up_proj_blocks": ((E, 2 * I, H // 32, 16), "U8"),
+                  "gate_up_proj_scales": ((E, 2 * I, H // 32), "U8"),
+                  "gate_up_proj_bias": ((E, 2 * I), None),
+                  "down_proj_blocks": ((E, H, I // 32, 16), "U8"),
+                  "down_proj_scales": ((E, H, I // 32), "U8"),
+                  "down_proj_bias": ((E, H), None)}
+        specs = []
+        for layer in c.moe_layer_ids:
+            fused = {}
+            for short, (shape, dtype) in shapes.items():
+                name = t_name(layer, short)
+                t = self.info(name, shape)
+                if (dtype or "float") != (t.dtype if dtype else ROWS[t.dtype].kind):
+                    raise CheckpointError(f"tensor {name} in {t.file.name} is {t.dtype}; MXFP4 experts store "
+                                          f"{dtype or 'a float dtype'} there (quantization_config quant_method mxfp4)")
+                fused[short] = t
+            for e in range(E):
+                part = {}
+                for short, t in fused.items():
+                    per = t.nbytes // E
+                    rows = t.shape[1]
+                    # 2-D per expert: blocks as [rows, bytes], the rest as stored
+                    shape = (rows, per // (rows * ROWS[t.dtype].itemsize)) if len(t.shape) > 2 else t.shape[1:]
+                    part[short] = TensorSpec(str(t.file.resolve()), f"{t_name(layer, short)}[{e}]", t.dtype,
+                                             tuple(shape), t.offset + e * per, per)
+                gu = part["gate_up_proj_blocks"]
+                specs.append(ExpertSpec(
+                    layer, e, gu, gu, part["down_proj_blocks"], activation=c.hidden_act, expert_dtype="mxfp4",
+                    stored="mxfp4", scales=(part["gate_up_proj_scales"], part["gate_up_proj_bias"],
+                                            part["down_proj_scales"], part["down_proj_bias"]),
+                    swiglu=(c.swiglu_alpha, c.swiglu_limit)))
+        return specs
+
+    def _tensor_spec(self, name: str, shape: tuple[int, ...] | None = None) -> TensorSpec:
         t = self.info(name, shape)
         return TensorSpec(str(t.file.resolve()), name, t.dtype, t.shape, t.offset, t.nbytes)
 
     def expert_names(self) -> set[str]:
         c, q = self.config, self.expert_quantization
-        if c.model_type in FUSED_EXPERTS:
-            return {f"model.layers.{l}.mlp.experts.{w}" for l in c.moe_layer_ids for w in FUSED_EXPERTS[c.model_type]}
+        fused = MXFP4_EXPERTS if c.quantization is not None and c.quantization.method == "mxfp4" else FUSED_EXPERTS
+        if c.model_type in fused:
+            return {t_name(l, w) for l in c.moe_layer_ids for w in fused[c.model_type]}
         H, I = c.hidden_size, c.moe_intermediate_size
-        return {n for l in c.moe_layer_ids for e in range(c.num_experts)
-                for name, shape in zip(self.expert_tensor_names(l, e), ((I, H), (I, H), (H, I)))
-                for n, _ in stored_tensors(q, name, shape)}
+        names = {n for l in c.moe_layer_ids for e in range(c.num_experts)
+                 for name, shape in zip(self.expert_tensor_names(l, e), ((I, H), (I, H), (H, I)))
+                 for n, _ in stored_tensors(q, name, shape)}
+        return names | {n + SCALE_SUFFIX for n in names if n + SCALE_SUFFIX in self.tensors}
 
     def load_dense(self, model: torch.nn.Module) -> set[str]:
         """Fill every parameter and buffer of `model` from the checkpoint; return the checkpoint names loaded.
@@ -233,17 +427,28 @@ class Checkpoint:
         # a bar on a terminal only (disable=None): the dense part of a big model is many GB
         bar = tqdm(total=sum(self.tensors[n].nbytes for n in wanted), desc="loading dense weights", unit="B",
                    unit_scale=True, disable=None, leave=False)
-        with torch.no_grad(), bar:
+        scales = {n + SCALE_SUFFIX for n in wanted if self.tensors[n].dtype == "F8_E4M3"}
+        with torch.no_grad(), bar, ExitStack() as files:
+            handles: dict[Path, object] = {}
+
+            def handle(path: Path):
+                if path not in handles:
+                    handles[path] = files.enter_context(safe_open(str(path), framework="pt"))
+                return handles[path]
+
             for path, names in by_file.items():
-                with safe_open(str(path), framework="pt") as f:
-                    for theirs in names:
-                        value = f.get_tensor(theirs)
-                        bar.update(self.tensors[theirs].nbytes)
-                        for ours in wanted[theirs]:
-                            target = state[ours]
-                            # The model was built in its compute dtype (float32 where the reference keeps it).
-                            target.data = value.to(target.dtype)
-        loaded = set(wanted)
+                for theirs in names:
+                    value = handle(path).get_tensor(theirs)
+                    bar.update(self.tensors[theirs].nbytes)
+                    if value.dtype == torch.float8_e4m3fn:  # dense FP8 weights: dequantized once, here
+                        s = theirs + SCALE_SUFFIX
+                        value = dequantize_fp8(value, handle(self.tensors[s].file).get_tensor(s), self.fp8_block,
+                                               torch.float32)
+                    for ours in wanted[theirs]:
+                        target = state[ours]
+                        # The model was built in its compute dtype (float32 where the reference keeps it).
+                        target.data = value.to(target.dtype)
+        loaded = set(wanted) | scales
         extra = set(self.tensors) - loaded - self.expert_names()
         mtp = {n for n in extra if _is_mtp(n, self.config)}
         if mtp:
@@ -256,6 +461,11 @@ class Checkpoint:
                                   f"{', '.join(sorted(extra)[:5])}{' ...' if len(extra) > 5 else ''}; "
                                   "check that config.json matches the weights")
         return loaded
+
+
+def t_name(layer: int, short: str) -> str:
+    """The checkpoint name of a fused expert tensor of `layer` (gpt-oss)."""
+    return f"model.layers.{layer}.mlp.experts.{short}"
 
 
 def _is_mtp(name: str, config: ModelConfig) -> bool:

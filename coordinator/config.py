@@ -15,7 +15,7 @@ from .errors import CheckpointError, UnsupportedModelError
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
-QUANT_METHODS = ("fp8", "mxfp4")   # parsed here; the weights themselves are not yet supported (issue 12)
+QUANT_METHODS = ("fp8", "mxfp4")   # what each loads as: coordinator/checkpoint.py
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,8 @@ def _quantization(d: dict[str, Any]) -> Quantization | None:
     if method not in QUANT_METHODS:
         raise UnsupportedModelError(
             f"quantization_config.quant_method {method!r} is not supported; moeshard loads unquantized "
-            "(float32/bfloat16/float16) checkpoints: use the model's unquantized release")
+            "(float32/bfloat16/float16) checkpoints, fp8 (block-quantized, as DeepSeek-V3/R1 and Kimi-K2 ship) "
+            "and mxfp4 (gpt-oss experts): use the model's unquantized or FP8 release")
     block = q.get("weight_block_size")
     return Quantization(method=method, fmt=q.get("fmt"), weight_block_size=tuple(block) if block else None,
                         activation_scheme=q.get("activation_scheme"),

@@ -20,11 +20,12 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
+from workers.dtypes import COMPUTE_DTYPES
 from workers.errors import MoeshardError
 from workers.quant import DEFAULT_GROUP_SIZE, EXPERT_DTYPES, GROUP_SIZES
 from workers.units import parse_bytes
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = tuple(COMPUTE_DTYPES)
 POLICY_NAMES = ("lfu-decay", "lfu", "lru")
 TRANSPORT_NAMES = ("calls", "graph")
 

@@ -472,7 +472,8 @@ def make_released_checkpoint(tmp_dir: str | os.PathLike, name: str, *, shards: i
     strip_quantization: drop `quantization_config` from the written config.json and write the weights
       unquantized. With it kept, an FP8 release gets its linear weights as float8_e4m3fn plus float32
       `<name>_scale_inv` per block (`quantize_fp8`), the block size from the config (or `fp8_block`);
-      MXFP4 writing comes with its loader (issue 12 item 3).
+      an MXFP4 release (gpt-oss) its fused expert weights as `*_blocks` / `*_scales` (`quantize_mxfp4`),
+      biases kept in bfloat16.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -507,6 +508,8 @@ def make_released_checkpoint(tmp_dir: str | os.PathLike, name: str, *, shards: i
         block = tuple(fp8_block or q["weight_block_size"])
         written["quantization_config"] = dict(q, weight_block_size=list(block))
         _quantize_files(out, block)
+    elif q.get("quant_method") == "mxfp4":
+        _quantize_mxfp4_files(out)
     (out / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -524,15 +527,12 @@ def is_fp8_weight(name: str) -> bool:
 
 def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (float8_e4m3fn [out, in], float32 scale_inv [ceil(out/bo), ceil(in/bi)]), one scale per
-    block (edge blocks partial), with w ~= q * scale_inv blockwise as DeepSeek's weight_dequant reads it."""
-    import torch.nn.functional as F
+    block (edge blocks partial), with w ~= q * scale_inv blockwise as DeepSeek's weight_dequant reads it
+    (workers/kernels.py, which `moeshard` and the bench convert with; `dequantize_fp8` below is the
+    independent reference the tests check it against)."""
+    from workers.kernels import quantize_fp8 as quantize
 
-    (rows, cols), (bo, bi) = w.shape, block
-    nbo, nbi = -(-rows // bo), -(-cols // bi)
-    padded = F.pad(w.float(), (0, nbi * bi - cols, 0, nbo * bo - rows)).view(nbo, bo, nbi, bi)
-    scale = padded.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX                      # [nbo, nbi]
-    q = (padded / scale[:, None, :, None]).view(nbo * bo, nbi * bi)[:rows, :cols]
-    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+    return quantize(w, block)
 
 
 def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -576,6 +576,77 @@ def _dequantized_copy(path: Path, ref_dir: Path, block: tuple[int, int]) -> None
         (ref_dir / index_path.name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # e2m1 magnitudes; code | 8 is the negative
+MXFP4_FUSED = ("gate_up_proj", "down_proj")               # gpt-oss's fused expert weights, [E, in, out]
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., K] (K a multiple of 32) -> (blocks uint8 [..., K/32, 16], e8m0 scales uint8 [..., K/32]):
+    per 32 weights the smallest power of two that brings them within FP4's +-6, each weight the nearest
+    FP4 code, two codes a byte with the first in the low nibble (as gpt-oss ships them)."""
+    *lead, K = w.shape
+    g = w.float().reshape(*lead, K // 32, 32)
+    amax = g.abs().amax(-1).clamp(min=2.0 ** -120)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)                       # [..., K/32]
+    scaled = g / torch.exp2(exp).unsqueeze(-1)
+    lut = torch.tensor(FP4_VALUES)
+    code = (scaled.abs().unsqueeze(-1) - lut).abs().argmin(-1)                       # nearest magnitude
+    code = torch.where((scaled < 0) & (code > 0), code | 8, code).to(torch.uint8)
+    blocks = code[..., 0::2] | (code[..., 1::2] << 4)                                # [..., K/32, 16]
+    return blocks.contiguous(), (exp + 127).to(torch.uint8).contiguous()
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 [E, in, out] fused weight gpt-oss's blocks and scales stand for: transformers' own
+    convert_moe_packed_tensors (the reference this project matches)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+
+
+def _quantize_mxfp4_files(path: Path) -> None:
+    """Rewrite every shard with gpt-oss's fused expert weights [E, in, out] as MXFP4 `<name>_blocks` /
+    `<name>_scales` over their rows [E, out, in], as released; biases and everything else unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    for f in sorted(path.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        for name in [n for n in tensors if n.endswith(tuple(f"mlp.experts.{w}" for w in MXFP4_FUSED))]:
+            blocks, scales = quantize_mxfp4(tensors.pop(name).transpose(1, 2))
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+            if index is not None:
+                del index["weight_map"][name]
+                index["weight_map"].update({name + "_blocks": f.name, name + "_scales": f.name})
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    if index is not None:
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _dequantized_mxfp4_copy(path: Path, ref_dir: Path) -> None:
+    """ref_dir gets path's tensors with every MXFP4 expert weight dequantized to float32 [E, in, out]."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(path.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        for name in [n for n in tensors if n.endswith("_blocks")]:
+            w = name[: -len("_blocks")]
+            tensors[w] = dequantize_mxfp4(tensors.pop(name), tensors.pop(w + "_scales"))
+        save_file(tensors, str(ref_dir / f.name), metadata={"format": "pt"})
+    index_path = path / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        wm = {}
+        for k, v in index["weight_map"].items():
+            if k.endswith("_blocks"):
+                wm[k[: -len("_blocks")]] = v
+            elif not k.endswith("_scales"):
+                wm[k] = v
+        index["weight_map"] = wm
+        (ref_dir / index_path.name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def released_reference(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """transformers' model for a released-fixture checkpoint. Where transformers cannot read it as is
     (Kimi-K2's model_type; FP8 weights, which it would quantize its own way) the reference reads a sibling
@@ -590,6 +661,8 @@ def released_reference(path: str | os.PathLike, dtype: torch.dtype = torch.float
     ref_dir.mkdir(exist_ok=True)
     if q.get("quant_method") == "fp8":
         _dequantized_copy(path, ref_dir, tuple(q["weight_block_size"]))
+    elif q.get("quant_method") == "mxfp4":
+        _dequantized_mxfp4_copy(path, ref_dir)
     for f in path.iterdir():
         if f.name != "config.json" and not (ref_dir / f.name).exists():
             (ref_dir / f.name).symlink_to(f.resolve())

@@ -168,18 +168,15 @@ def test_unsupported_quant_method_is_named(fresh_checkpoint, method):
     assert "\n" not in str(err)
 
 
-@pytest.mark.parametrize("method,what", [("fp8", "FP8"), ("mxfp4", "MXFP4")])
-def test_pending_quant_method_says_not_yet_supported(fresh_checkpoint, method, what):
-    """FP8 and MXFP4 parse (the config keeps them) but do not load until issue 12 items 2 and 3."""
+def test_mxfp4_outside_gpt_oss_is_refused_by_name(fresh_checkpoint):
+    """MXFP4 parses (the config keeps it) but is gpt-oss's fused-expert format only."""
     from coordinator.config import load_config
 
     _, UnsupportedModelError = errors()
     path = fresh_checkpoint("deepseek_v3")
-    q = {"quant_method": method, "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-    edit_config(path, quantization_config=q)
-    parsed = load_config(path).quantization
-    assert parsed.method == method and parsed.weight_block_size == (128, 128)
-    expect_error(UnsupportedModelError, path, what, repr(method), "not yet supported")
+    edit_config(path, quantization_config={"quant_method": "mxfp4"})
+    assert load_config(path).quantization.method == "mxfp4"
+    expect_error(UnsupportedModelError, path, "'mxfp4'", "gpt_oss", "deepseek_v3")
 
 
 # ---- tensors outside the model -------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Released config.json files (tests/fixtures/configs/, sizes shrunk) parse as the releases mean them,
 and a tiny random checkpoint in each release's layout and dtype matches transformers.
 
-The FP8 (DeepSeek-V3, R1, Kimi-K2) and MXFP4 (gpt-oss-20b) releases are tested here with the
-quantization stripped from config.json and the weights in bfloat16; the loads with
-`quantization_config` kept are the xfails below, until issue 12 items 2 and 3 land.
+The FP8 (DeepSeek-V3, R1, Kimi-K2) and MXFP4 (gpt-oss-20b) releases are tested here both with the
+quantization stripped from config.json (weights in bfloat16) and as released (`quantization_config`
+kept: FP8 weights with block scales, MXFP4 expert blocks).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 NAMES = sorted(RELEASED)
 QUANTIZED = [n for n in NAMES if RELEASED[n][1] != "bf16"]
-# families moeshard implements; gpt-oss is not one yet
+# loadable as the `released` fixture writes them (quantization stripped); gpt-oss loads as released,
+# its experts in MXFP4 (test_mxfp4_release_loads), not with unquantized fused experts
 LOADABLE = [n for n in NAMES if released_config(n)["model_type"] != "gpt_oss"]
 
 # What each release means, as moeshard must read it: (family, rope type, effective max positions,
@@ -102,10 +103,10 @@ def test_gpt_oss_config_parses_as_released():
     assert (cfg.swiglu_limit, cfg.swiglu_alpha) == (7.0, 1.702)
 
 
-def test_gpt_oss_load_says_fused_experts_are_not_yet_supported(released):
+def test_gpt_oss_with_unquantized_fused_experts_is_refused_by_name(released):
     from coordinator.errors import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match=r"fused per layer .* not yet supported .*issue 12 item 3"):
+    with pytest.raises(UnsupportedModelError, match=r"fused per layer unquantized .* not supported .*MXFP4"):
         open_coordinator(released("gpt-oss-20b")).close()
 
 
@@ -163,15 +164,27 @@ def test_gpt_oss_dense_part_matches_transformers(released):
     assert_close(torch.cat(steps, 1)[real], want[real], "gpt-oss cached decode")
 
 
-@pytest.mark.xfail(strict=True, reason="MXFP4 experts: issue 12 item 3")
 def test_mxfp4_release_loads(tmp_path):
-    """With quantization_config kept (weights still bfloat16 here: the MXFP4 helper must make
-    make_released_checkpoint write *_blocks / *_scales)."""
+    """As released: the experts fused per layer as MXFP4 blocks and e8m0 scales with bfloat16 biases,
+    sinks, alternating windows, YaRN, sharded; transformers runs on the weights its own
+    convert_moe_packed_tensors dequantizes. The experts are held MXFP4 (4 bits a weight plus scales)."""
+    from coordinator.checkpoint import Checkpoint
+    from workers.budget import expert_nbytes
+
     path = make_released_checkpoint(tmp_path / "ckpt", "gpt-oss-20b", strip_quantization=False)
     ref = released_reference(path)
+    specs = Checkpoint.open(path).expert_specs()
+    assert {s.held_format for s in specs} == {"mxfp4"}
     ids = random_ids(2, 11)
+    lp_ids, mask = make_prompts((13, 9, 1), seed=11)      # longer than the 6-token window
+    expected, scores = hf_greedy(ref, lp_ids, mask, with_scores=True)
     with open_coordinator(path) as c:
         assert_close(c.forward(ids), hf_logits(ref, ids), "gpt-oss MXFP4 forward")
+        out = c.generate(lp_ids, max_new_tokens=expected.shape[1] - lp_ids.shape[1], do_sample=False,
+                         attention_mask=mask, eos_token_id=None)
+        stats = c.stats()["experts"]
+    assert_same_tokens(out, expected, "gpt-oss MXFP4 greedy", scores)
+    assert stats["actors"][0]["slot_bytes"] == max(expert_nbytes(s, 4) for s in specs)
 
 
 @pytest.mark.parametrize("name", LOADABLE)
@@ -226,40 +239,54 @@ def test_fp8_fixture_is_in_the_released_format(block, tmp_path):
 
 
 @pytest.mark.parametrize("name", FP8)
-@pytest.mark.xfail(strict=True, reason="FP8 experts: issue 12 item 2")
 def test_fp8_release_loads(name, tmp_path):
     """As released: FP8 weights with 128x128 block scales (all partial at these sizes), YaRN in the
-    released spelling, the MTP layer in the files, sharded; transformers runs on the dequantized weights."""
-    from coordinator.errors import UnsupportedModelError
+    released spelling, the MTP layer in the files, sharded; transformers runs on the dequantized weights.
+    The routed experts are held FP8: a slot is the FP8 bytes plus the scales."""
+    from coordinator.checkpoint import Checkpoint
+    from workers.budget import expert_nbytes
 
     path = make_released_checkpoint(tmp_path / "ckpt", name, strip_quantization=False)
     ref = released_reference(path)
+    specs = Checkpoint.open(path).expert_specs()
+    assert {s.held_format for s in specs} == {"fp8"}
     ids = random_ids(2, 11)
-    try:
-        c = open_coordinator(path)
-    except UnsupportedModelError as e:
-        pytest.xfail(f"refused today: {e}")
-    with c:
+    lp_ids, mask = make_prompts((9, 5, 1), seed=11)
+    expected, scores = hf_greedy(ref, lp_ids, mask, with_scores=True)
+    with open_coordinator(path) as c:
         assert_close(c.forward(ids), hf_logits(ref, ids), f"{name} FP8 forward")
+        out = c.generate(lp_ids, max_new_tokens=expected.shape[1] - lp_ids.shape[1], do_sample=False,
+                         attention_mask=mask, eos_token_id=None)
+        stats = c.stats()["experts"]
+    assert_same_tokens(out, expected, f"{name} FP8 greedy", scores)
+    assert stats["actors"][0]["slot_bytes"] == max(expert_nbytes(s, 4) for s in specs)
+    assert stats["actors"][0]["slot_bytes"] < 2 * max(s.numel() for s in specs)   # not float32 (4 bytes a weight)
 
 
 # The releases issue 12 names for its distributed and paged checks (FP8 / MXFP4 ones stripped for now).
-SPREAD = ["deepseek-v3", "glm-4.5-air", "deepseek-v2-lite"]
+# "-fp8"/"-mxfp4": as released, quantization kept (FP8 experts and attention in 128x128 blocks, YaRN,
+# the MTP layer, sharded; gpt-oss's fused MXFP4 experts); the others as the `released` fixture writes them.
+AS_RELEASED = {"deepseek-v3-fp8": "deepseek-v3", "gpt-oss-20b-mxfp4": "gpt-oss-20b"}
+SPREAD = [*AS_RELEASED, "deepseek-v3", "glm-4.5-air", "deepseek-v2-lite"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["2-actors", "paged-15%"])
 @pytest.mark.parametrize("name", SPREAD)
-def test_released_checkpoint_spread_and_paged_matches_transformers(name, how, released, ray_session):
+def test_released_checkpoint_spread_and_paged_matches_transformers(name, how, released, ray_session, tmp_path):
     from coordinator.checkpoint import Checkpoint
+    from workers.budget import expert_nbytes
 
-    path = released(name)
+    if name in AS_RELEASED:
+        path = make_released_checkpoint(tmp_path / "ckpt", AS_RELEASED[name], strip_quantization=False)
+    else:
+        path = released(name)
     ref = released_reference(path)
     if how == "2-actors":
         options = dict(num_workers=2)
     else:
-        # the store holds experts in the compute dtype (float32 here)
-        total = sum(s.numel() * 4 for s in Checkpoint.open(path).expert_specs())
+        # 15% of the experts as the store holds them (FP8 bytes plus scales, or the compute dtype: float32)
+        total = sum(expert_nbytes(s, 4) for s in Checkpoint.open(path).expert_specs())
         options = dict(worker_memory=int(0.15 * total))
     ids, mask = make_prompts((9, 5, 1), seed=11)
     expected, scores = hf_greedy(ref, ids, mask, new_tokens=16, with_scores=True)

@@ -24,12 +24,10 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .kernels import ExpertWeights, activation_fn
+from .dtypes import FILE_DTYPES, FLOAT_FILE_DTYPES
+from .kernels import MXFP4_BLOCK, ExpertWeights, FP8Weights, MXFP4Weights, activation_fn, block_grid
 from .spec import ExpertSpec, TensorSpec
 
-FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-               "I8": torch.int8, "U8": torch.uint8}
-FLOAT_FILE_DTYPES = ("F32", "BF16", "F16")
 
 
 KERNEL = "kernel"   # a Part's dtype: the low-bit kernels' activation dtype (workers/quant.py kernel_dtype)
@@ -73,7 +71,7 @@ class ExpertFormat(Protocol):
         ...
 
     def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
-        """True when each weight's single file tensor is byte-for-byte its single slot part."""
+        """True when each weight's file tensors are byte-for-byte its slot parts, in order."""
         ...
 
     def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
@@ -118,6 +116,99 @@ class Dense:
 
     def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> ExpertWeights:
         return ExpertWeights(views[0][0], views[1][0], views[2][0], activation=spec.activation)
+
+
+class FP8Blocks:
+    """FP8 block-quantized experts as DeepSeek-V3/R1 and Kimi-K2 ship them, held as stored: each weight
+    float8_e4m3fn (1 byte per weight) plus its float32 block scales, read straight from the file into
+    the slot, dequantized per use (workers/kernels.py `FP8Weights`)."""
+
+    name = "fp8"
+
+    def check(self, spec: ExpertSpec) -> None:
+        if len(spec.block) != 2 or min(spec.block) < 1:
+            raise ValueError(f"expert {spec.key}: FP8 weights need a [out, in] block size, got {list(spec.block)}")
+        if len(spec.scales) != 3:
+            raise ValueError(f"expert {spec.key}: FP8 weights need 3 scale tensors (gate, up, down), "
+                             f"got {len(spec.scales)}")
+        for t, shape, s in zip(spec.tensors, weight_shapes(spec), spec.scales):
+            if t.dtype != "F8_E4M3" or t.shape != shape:
+                raise ValueError(f"expert {spec.key} tensor {t.key}: FP8 experts hold F8_E4M3 {list(shape)}, "
+                                 f"got {t.dtype} {list(t.shape)}")
+            grid = block_grid(t.shape, spec.block)
+            if s.dtype != "F32" or s.shape != grid:
+                raise ValueError(f"expert {spec.key} scale {s.key}: expected F32 {list(grid)} (one per "
+                                 f"{spec.block[0]}x{spec.block[1]} block of {list(t.shape)}), got {s.dtype} "
+                                 f"{list(s.shape)}")
+
+    def parts(self, spec: ExpertSpec) -> list[list[Part]]:
+        return [[Part(t.shape, torch.float8_e4m3fn), Part(s.shape, torch.float32)]
+                for t, s in zip(spec.tensors, spec.scales)]
+
+    def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
+        return [[t, s] for t, s in zip(spec.tensors, spec.scales)]
+
+    def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
+        return True  # weights and scales are held exactly as the file stores them
+
+    def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+        for s, d in zip(src, dst):
+            d.copy_(s)
+
+    def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> FP8Weights:
+        (g, gs), (u, us), (d, ds) = views
+        return FP8Weights(g, u, d, (gs, us, ds), tuple(spec.block), activation=spec.activation)
+
+
+class MXFP4:
+    """gpt-oss's MXFP4 experts, held as stored: per expert its slices of the layer's fused blocks, e8m0
+    scales and biases, read straight into the slot (4 bits a weight plus a byte per 32), dequantized
+    per use (workers/kernels.py `MXFP4Weights`). Gate and up are one interleaved weight, so the `up`
+    weight holds nothing of its own."""
+
+    name = "mxfp4"
+
+    def check(self, spec: ExpertSpec) -> None:
+        g, d = spec.gate, spec.down
+        h, i2 = d.shape[0], g.shape[0]
+        i = i2 // 2
+        if spec.up != spec.gate:
+            raise ValueError(f"expert {spec.key}: MXFP4 gate and up are one fused tensor, got {spec.up.key}")
+        if len(spec.scales) != 4 or len(spec.swiglu) != 2:
+            raise ValueError(f"expert {spec.key}: MXFP4 experts need 4 scale/bias tensors and (alpha, limit), "
+                             f"got {len(spec.scales)} and {list(spec.swiglu)}")
+        gs, gbias, ds, dbias = spec.scales
+        want = [(g, "U8", (i2, h // 2)), (d, "U8", (h, i // 2)), (gs, "U8", (i2, h // MXFP4_BLOCK)),
+                (ds, "U8", (h, i // MXFP4_BLOCK))]
+        if h % MXFP4_BLOCK or i % MXFP4_BLOCK or i2 % 2:
+            raise ValueError(f"expert {spec.key}: MXFP4 needs hidden {h} and intermediate {i} sizes that are "
+                             f"multiples of {MXFP4_BLOCK}")
+        for t, dtype, shape in want:
+            if t.dtype != dtype or t.shape != shape:
+                raise ValueError(f"expert {spec.key} tensor {t.key}: expected {dtype} {list(shape)}, "
+                                 f"got {t.dtype} {list(t.shape)}")
+        for t, n in ((gbias, i2), (dbias, h)):
+            if t.dtype not in FLOAT_FILE_DTYPES or t.shape != (n,):
+                raise ValueError(f"expert {spec.key} bias {t.key}: expected a float [{n}], got {t.dtype} "
+                                 f"{list(t.shape)}")
+
+    def parts(self, spec: ExpertSpec) -> list[list[Part]]:
+        return [[Part(t.shape, FILE_DTYPES[t.dtype]) for t in w] for w in self.file_tensors(spec)]
+
+    def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
+        gs, gbias, ds, dbias = spec.scales
+        return [[spec.gate, gs, gbias], [], [spec.down, ds, dbias]]
+
+    def direct(self, spec: ExpertSpec, dtype: torch.dtype) -> bool:
+        return True
+
+    def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
+        for s, d in zip(src, dst):
+            d.copy_(s)
+
+    def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> MXFP4Weights:
+        alpha, limit = spec.swiglu
+        return MXFP4Weights(tuple(views[0]), tuple(views[2]), alpha=alpha, limit=limit)
 
 
 def _check_file(spec: ExpertSpec, t: TensorSpec, dtypes: Sequence[str], shape: tuple[int, ...]) -> None:
@@ -266,7 +357,8 @@ def _packed_view(flat: Tensor, n: int, k: int) -> Tensor:
     return flat.view(n, k // 2)
 
 
-FORMATS: dict[str, ExpertFormat] = {"dense": Dense(), "int8": Int8(), "int4": Int4()}
+FORMATS: dict[str, ExpertFormat] = {"dense": Dense(), "int8": Int8(), "int4": Int4(), "fp8": FP8Blocks(),
+                                     "mxfp4": MXFP4()}
 
 
 def stored_tensors(stored: tuple[str, int] | None, name: str, shape: tuple[int, int]) -> list[tuple[str, tuple]]:

@@ -50,6 +50,119 @@ class ExpertWeights:
         return expert_forward(self, x)
 
 
+def block_grid(shape: Sequence[int], block: Sequence[int]) -> tuple[int, int]:
+    """How many [bo, bi] blocks cover a [out, in] weight, edge blocks partial: the shape of its scales."""
+    (rows, cols), (bo, bi) = shape, block
+    return -(-rows // bo), -(-cols // bi)
+
+
+def dequantize_fp8(q: Tensor, scale_inv: Tensor, block: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """The weight an FP8 tensor q [out, in] and its float32 block scales [ceil(out/bo), ceil(in/bi)]
+    stand for, in `dtype`: q * scale_inv of its block, computed in float32 (as DeepSeek's
+    weight_dequant does), edge blocks partial. The one FP8 dequantization: dense weights at load
+    and routed experts per use both come here."""
+    (rows, cols), (bo, bi) = q.shape, block
+    nbo, nbi = block_grid(q.shape, block)
+    w = q.to(torch.float32)
+    if rows == nbo * bo and cols == nbi * bi:  # whole blocks: one broadcast multiply, no expanded scales
+        w = w.view(nbo, bo, nbi, bi).mul_(scale_inv.view(nbo, 1, nbi, 1)).view(rows, cols)
+    else:
+        w.mul_(scale_inv.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols])
+    return w.to(dtype)
+
+
+def quantize_fp8(w: Tensor, block: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """w [out, in] -> (float8_e4m3fn [out, in], float32 scale_inv [ceil(out/bo), ceil(in/bi)]): per
+    block (edge blocks partial) the scale that maps its largest magnitude to FP8's largest finite
+    value, so that `dequantize_fp8` gives w back within FP8's rounding (DeepSeek-V3's layout)."""
+    (rows, cols), (bo, bi) = w.shape, block
+    nbo, nbi = block_grid(w.shape, block)
+    padded = F.pad(w.float(), (0, nbi * bi - cols, 0, nbo * bo - rows)).view(nbo, bo, nbi, bi)
+    scale = padded.abs().amax(dim=(1, 3)).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    q = (padded / scale[:, None, :, None]).view(nbo * bo, nbi * bi)[:rows, :cols]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+@dataclass(frozen=True)
+class FP8Weights:
+    """One expert held as FP8 block-quantized weights (1 byte per weight) plus float32 block scales,
+    views into its slot; dequantized into the activations' dtype on every use."""
+
+    gate: Tensor      # float8_e4m3fn [I, H]
+    up: Tensor        # float8_e4m3fn [I, H]
+    down: Tensor      # float8_e4m3fn [H, I]
+    scales: tuple[Tensor, Tensor, Tensor]   # float32 block scales of gate, up, down
+    block: tuple[int, int]
+    activation: str = "silu"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.gate.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down, *self.scales))
+
+    def dense(self, dtype: torch.dtype) -> ExpertWeights:
+        """The expert dequantized into `dtype` (fresh tensors, outside any budget)."""
+        g, u, d = (dequantize_fp8(q, s, self.block, dtype) for q, s in zip((self.gate, self.up, self.down),
+                                                                            self.scales))
+        return ExpertWeights(g, u, d, self.activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return expert_forward(self.dense(x.dtype), x)
+
+
+# The 16 values of an FP4 (e2m1) code, sign bit highest: MXFP4 as gpt-oss ships it (transformers'
+# integrations/mxfp4.py holds the same table).
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_BLOCK = 32          # weights per e8m0 scale: 16 bytes of two codes each
+E8M0_BIAS = 127
+
+
+def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weight [out, in] that MXFP4 blocks [out, in/2] (uint8, two FP4 codes a byte, low nibble first)
+    and e8m0 scales [out, in/32] (uint8, exponent + 127) stand for, in `dtype`: the code's value times
+    2^exponent, as transformers' convert_moe_packed_tensors computes it."""
+    rows, groups = scales.shape
+    b = blocks.reshape(rows, groups, MXFP4_BLOCK // 2)
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    out = torch.empty(rows, groups, MXFP4_BLOCK, dtype=dtype, device=blocks.device)
+    out[..., 0::2] = lut[(b & 0x0F).long()]
+    out[..., 1::2] = lut[(b >> 4).long()]
+    torch.ldexp(out, (scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1), out=out)
+    return out.view(rows, groups * MXFP4_BLOCK)
+
+
+@dataclass(frozen=True)
+class MXFP4Weights:
+    """One gpt-oss expert held as MXFP4 (4 bits a weight plus one byte per 32), views into its slot:
+    gate and up fused and interleaved in one [2I, H] weight with a bias, then down [H, I] with a bias,
+    and the clamped SwiGLU between them. Dequantized into the activations' dtype on every use."""
+
+    gate_up: tuple[Tensor, Tensor, Tensor]   # blocks uint8 [2I, H/2], scales uint8 [2I, H/32], bias [2I]
+    down: tuple[Tensor, Tensor, Tensor]      # blocks uint8 [H, I/2], scales uint8 [H, I/32], bias [H]
+    alpha: float
+    limit: float
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.down[0].shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.gate_up, *self.down))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = x.dtype
+        (gb, gs, gbias), (db, ds, dbias) = self.gate_up, self.down
+        gate_up = F.linear(x, dequantize_mxfp4(gb, gs, dt), gbias.to(dt))                # [N, 2I]
+        gate = gate_up[:, 0::2].clamp(max=self.limit)
+        up = gate_up[:, 1::2].clamp(min=-self.limit, max=self.limit)
+        h = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))                           # [N, I]
+        return F.linear(h, dequantize_mxfp4(db, ds, dt), dbias.to(dt))                   # [N, H]
+
+
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
     """Look up an activation by name; raise ValueError listing the known ones."""
     try:

@@ -90,8 +90,8 @@ class ExpertReader:
         for weight, files in zip(fmt.parts(spec), fmt.file_tensors(spec)):
             slots = [next(layout) for _ in weight]
             if direct:  # the file bytes are the slot bytes: read straight into the slot
-                off, nb, _ = slots[0]
-                self.read_raw(spec, files[0], buf[off:off + nb])
+                for (off, nb, _), t in zip(slots, files):
+                    self.read_raw(spec, t, buf[off:off + nb])
                 continue
             stage, src, at = self._stage(), [], 0
             for t in files:

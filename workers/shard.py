@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import wire
+from .dtypes import compute_dtype
 from .errors import WireError
 from .kernels import forward_into
 from .spec import ExpertKey, ExpertSpec
@@ -23,7 +24,6 @@ from .store import ExpertStore
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _int_list(name: str, v: Any) -> list[int]:
@@ -41,9 +41,7 @@ class ExpertShard:
                  spill_dir: str | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-        self.dtype = DTYPES[dtype]
+        self.dtype = compute_dtype(dtype)
         self.specs = [ExpertSpec.from_dict(d) for d in specs]
         self._hidden = {s.key: s.hidden_size for s in self.specs}
         self.budget_bytes = budget_bytes

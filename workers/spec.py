@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, asdict
 from typing import Any
 
-# safetensors dtype string -> bytes per element. The reader only emits these (I8/U8 only for the
-# weights and scales of a quantized checkpoint's experts, see docs/quantization.md).
-DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1}
+from .dtypes import DTYPE_SIZES  # noqa: F401  (safetensors dtype -> bytes: workers/dtypes.py is the table)
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -27,7 +25,7 @@ class TensorSpec:
 
     file: str        # absolute path of the .safetensors file
     key: str         # tensor name inside that file (for error messages)
-    dtype: str       # safetensors dtype string: "F32", "BF16", "F16"
+    dtype: str       # safetensors dtype string, a key of workers/dtypes.py FILE_DTYPES
     shape: tuple[int, ...]
     offset: int      # absolute byte offset of the first element in `file`
     nbytes: int
@@ -50,7 +48,13 @@ class ExpertSpec:
     expert is held and computed in (None: the compute dtype; "int8", "int4": workers/formats.py)
     with `group_size` for int4. `stored` is how the file holds it (None: a float dtype;
     "int8"/"int4": a `moeshard quantize`d checkpoint, whose tensor shapes are then the stored
-    ones and whose per-weight scales are `scales`, in gate/up/down order).
+    ones and whose per-weight scales are `scales`, in gate/up/down order). FP8 experts as DeepSeek-V3
+    ships them: `expert_dtype` = `stored` = "fp8", F8_E4M3 weights, their float32 `_scale_inv` tensors
+    in `scales` and the [out, in] block they scale in `block`. MXFP4 experts as gpt-oss ships them
+    (`expert_dtype` = `stored` = "mxfp4"): their slices of the layer's fused tensors, `gate` the
+    interleaved gate/up blocks (U8 [2I, H/2]), `up` the same tensor (gate and up are one), `down` the
+    down blocks (U8 [H, I/2]); `scales` = (gate/up e8m0 scales, gate/up bias, down scales, down bias),
+    `swiglu` = (alpha, limit) of its clamped SwiGLU.
     """
 
     layer: int
@@ -63,6 +67,8 @@ class ExpertSpec:
     group_size: int = 0
     stored: str | None = None
     scales: tuple[TensorSpec, ...] = ()
+    block: tuple[int, ...] = ()
+    swiglu: tuple[float, ...] = ()
 
     @property
     def key(self) -> ExpertKey:
@@ -87,7 +93,8 @@ class ExpertSpec:
 
     @property
     def file_nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes + sum(t.nbytes for t in self.scales)
+        # each distinct file range once: a fused gate/up tensor is both `gate` and `up`
+        return sum({(t.file, t.offset): t.nbytes for t in (*self.tensors, *self.scales)}.values())
 
     def numel(self) -> int:
         n = 0
@@ -110,6 +117,8 @@ class ExpertSpec:
             "group_size": self.group_size,
             "stored": self.stored,
             "scales": [t.to_dict() for t in self.scales],
+            "block": list(self.block),
+            "swiglu": list(self.swiglu),
         }
 
     @classmethod
@@ -125,4 +134,6 @@ class ExpertSpec:
             int(d.get("group_size", 0)),
             d.get("stored"),
             tuple(TensorSpec.from_dict(t) for t in d.get("scales", ())),
+            tuple(int(b) for b in d.get("block", ())),
+            tuple(float(v) for v in d.get("swiglu", ())),
         )
