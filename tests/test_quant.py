@@ -231,12 +231,15 @@ def test_quantized_checkpoint_equals_quantize_at_read(checkpoint, tmp_path, expe
     assert r.bytes_in / r.bytes_out > (3.5 if expert_dtype == "int8" else 5.0)
     with Coordinator.from_pretrained(src, expert_dtype=expert_dtype, group_size=group or 64) as c:
         at_read = c.forward(IDS)
-        read_before = c.stats()["experts"]["bytes_read"]
+        st = c.stats()["experts"]
+        read_before = st["bytes_read"] / st["loads"]
     with Coordinator.from_pretrained(dst) as c:
         stored = c.forward(IDS)
-        read_after = c.stats()["experts"]["bytes_read"]
+        st = c.stats()["experts"]
+        read_after = st["bytes_read"] / st["loads"]
     assert torch.equal(at_read, stored)                 # fp32 scales in an fp32 file: the same bytes
-    assert read_before / read_after > 3.5                # the disk tier reads the quantized bytes
+    # the disk tier reads the quantized bytes: per expert loaded (how many prefetches land first varies)
+    assert read_before / read_after > 3.5
     # the same format asked for explicitly is fine; another one is a clear error
     with Coordinator.from_pretrained(dst, expert_dtype=expert_dtype, group_size=group or 64) as c:
         assert torch.equal(c.forward(IDS), stored)
