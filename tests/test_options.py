@@ -60,7 +60,7 @@ CLI_INVALID = {
     ("bench", "--ooc-workers"): ["a", "-1"],
     ("bench", "--ooc-memory"): ["lots", "0"],
     ("bench", "--host-memory"): ["lots", "0"],
-    ("bench", "--transport"): ["auto"],
+    ("bench", "--transport"): ["auto", "graph"],
     ("bench", "--out"): ["/dev/null/out"],
 }
 #: flags that take free text where no value is wrong (a name, a label)
@@ -210,7 +210,7 @@ def test_unknown_and_inapplicable_options_are_type_errors_in_both_backends():
         with pytest.raises(TypeError, match="expert_dtype"):
             Coordinator.from_pretrained(MODEL, num_workers=workers, expert_dtype="int8")
     with pytest.raises(TypeError, match="transport: applies only to expert actors"):
-        Coordinator.from_pretrained(MODEL, num_workers=0, transport="graph")
+        Coordinator.from_pretrained(MODEL, num_workers=0, transport="calls")
     with pytest.raises(TypeError, match="not both"):
         Coordinator.from_pretrained(MODEL, num_workers=1, options=RunOptions())
 

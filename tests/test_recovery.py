@@ -67,9 +67,9 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def coord(ray_session, checkpoint):
-    # the compiled-graph transport (plain calls, the default: test_five_sigkills_with_plain_calls)
+    # the default (direct) transport (plain Ray calls: test_five_sigkills_with_plain_calls)
     c = Coordinator.from_pretrained(checkpoint(FAMILY, VARIANT), num_workers=3, dtype="float32",
-                                    call_timeout_s=20, restart_timeout_s=60, transport="graph")
+                                    call_timeout_s=20, restart_timeout_s=60)
     yield c
     c.close()
 
@@ -87,7 +87,7 @@ def reference(coord, prompts):
 
 def pid(c: Coordinator, i: int) -> int:
     """Actor i's current process id, as the actor itself reported it."""
-    return c.experts._nodes[i]["pid"]
+    return c.experts.nodes[i]["pid"]
 
 
 def gone(p: int, within_s: float = 30.0) -> bool:
@@ -253,7 +253,7 @@ def test_five_sigkills_in_one_generation(coord, reference, prompts):
     assert all(a["alive"] for a in per_actor)
     assert [a["restarts"] for a in per_actor] == [2, 2, 1]          # this is the module's first kill test
     s = coord.stats()["experts"]
-    assert s["graph_failures"] >= 5 and s["graph_builds"] >= 2, "kills take the compiled graph down; it is rebuilt"
+    assert s["transport"] == "direct" and {a["generation"] for a in coord.experts.nodes} <= {1, 2}
     times = recovered_times(coord, before["events"])
     TIMES.setdefault("SIGKILL", []).extend(times)
     print(f"\n5 SIGKILLs: generation took {took:.1f}s; recovery per kill {', '.join(f'{t:.2f}' for t in times)}s")
@@ -261,7 +261,7 @@ def test_five_sigkills_in_one_generation(coord, reference, prompts):
 
 @pytest.mark.timeout(300)
 def test_five_sigkills_with_plain_calls(ray_session, checkpoint, reference, prompts):
-    """The same faults on the plain-call transport: the same tokens, no graph involved."""
+    """The same faults on the plain-call transport: the same tokens."""
     ids, mask = prompts
     with Coordinator.from_pretrained(checkpoint(FAMILY, VARIANT), num_workers=3, dtype="float32", call_timeout_s=20,
                                      restart_timeout_s=60, transport="calls") as c:
@@ -271,7 +271,7 @@ def test_five_sigkills_with_plain_calls(ray_session, checkpoint, reference, prom
             out = c.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD_ID)
         assert len(hit) == 5 and torch.equal(out, reference["greedy"])
         s = c.stats()["experts"]
-        assert s["restarts"] == 5 and s["transport"] == "calls" and s["graph_builds"] == 0
+        assert s["restarts"] == 5 and s["transport"] == "calls"
 
 
 @pytest.mark.timeout(240)
@@ -348,7 +348,7 @@ def test_retry_budget_exhausted_names_actor_node_layer_then_recovers(coord, refe
     finally:
         experts.max_generation_retries = 10
     msg = str(err.value)
-    node = experts._nodes[2]
+    node = experts.nodes[2]
     assert f"actor 2 (node {node['node_id'][:12]} at {node['ip']}), layer " in msg, msg
     assert "max_generation_retries=1" in msg and "gave up" in msg
     assert not experts.stats()["actors"][2]["alive"]
@@ -459,12 +459,9 @@ def test_lock_wait_is_bounded_and_reentry_refused(coord, prompts):
 @pytest.mark.timeout(180)
 def test_bad_input_is_not_retried_and_the_actor_keeps_serving(coord, reference, prompts):
     """Errors raised by the shard itself are the caller's fault: no retry, no restart, same process."""
-    from cluster.dispatch import _Call
-
     experts = coord.experts
     before = counters(coord)
     pids = [pid(coord, i) for i in range(3)]
-    actor = experts.actors[0]
     owned = experts.plan.workers[0].experts_of_layer(0)
     foreign = next(e for e in range(8) if e not in owned)
     bad = [
@@ -483,19 +480,10 @@ def test_bad_input_is_not_retried_and_the_actor_keeps_serving(coord, reference, 
         (wire.encode({"op": "run_layer", "layer": 0, "experts": "all", "counts": [1]},
                      {"rows": torch.zeros(1, 32)}), ClusterError, "list of ints"),
     ]
+    # each goes through the dispatcher's own wait (retries and all): raised once, never retried
     for msg, exc, match in bad:
-        call = _Call(0, actor.run_layer.remote(msg), torch.arange(1), time.perf_counter(), msg)
         with pytest.raises(exc, match=match):
-            experts._reply(call, 0, 32)
-    # the same bad message through wait(): raised once, never retried on a replacement
-    pending_call = _Call(0, actor.run_layer.remote(bad[3][0]), torch.arange(1), time.perf_counter(), bad[3][0],
-                         experts._rec[0].incarnation)
-    from cluster.dispatch import Pending
-    from coordinator.experts import ExpertBatch
-
-    batch = ExpertBatch.from_routing(torch.ones(1, 1), torch.tensor([[foreign]]))
-    with pytest.raises(ClusterError, match="not owned"):
-        experts.wait(Pending(0, batch, torch.zeros(1, 32), [pending_call], time.perf_counter()))
+            experts.run_raw(0, msg, layer=0, rows=1, hidden=32)
     assert counters(coord)["restarts"] == before["restarts"] and counters(coord)["failures"] == before["failures"]
     assert [pid(coord, i) for i in range(3)] == pids
     assert torch.equal(coord.forward(prompts[0], attention_mask=prompts[1]), reference["logits"])
