@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -218,8 +219,6 @@ class DirectTransport:
             link.arrived.pop(ticket.key, None)
 
     def poll(self, tickets: Sequence[Ticket], timeout_s: float) -> list[tuple[Ticket, Any]]:
-        import time
-
         import zmq
 
         deadline = time.perf_counter() + max(0.0, timeout_s)
