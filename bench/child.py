@@ -88,11 +88,11 @@ class Breakdown:
             compute = shard.compute
 
             def timed_compute(*a, **kw):
-                s0, t0 = shard.store._stall, time.perf_counter()
+                s0, t0 = shard.store.stall_seconds, time.perf_counter()
                 try:
                     return compute(*a, **kw)
                 finally:
-                    dt, st = time.perf_counter() - t0, shard.store._stall - s0
+                    dt, st = time.perf_counter() - t0, shard.store.stall_seconds - s0
                     self._calls.append((dt, st))
 
             shard.compute = timed_compute
