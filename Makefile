@@ -8,6 +8,12 @@ PROMPT ?= The for statement
 # 8MB per actor holds 5 of its 16 experts (each 1.6 MB in float32): the run pages.
 WORKER_MEMORY ?= 8MB
 ARGS ?=
+# Modules whose tests must pass in any order: `make test` runs them (only) shuffled, with pytest-randomly and a
+# printed seed; `make test SEED=N` replays an order.
+SHUFFLED ?= tests/test_recovery.py tests/test_dispatch.py
+ifndef SEED
+SEED := $(shell python3 -c 'import random; print(random.randrange(10**6))')
+endif
 
 .PHONY: run test setup clean
 
@@ -23,7 +29,9 @@ run: $(VENV)/.installed
 		--max-new-tokens 64 --heatmap expert_heatmap.png $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra $(ARGS)
+	$(PY) -m pytest -q -ra $(foreach m,$(SHUFFLED),--ignore=$(m)) $(ARGS)
+	@echo "shuffled run of $(SHUFFLED) with --randomly-seed=$(SEED)"
+	$(PY) -m pytest -q -ra -p randomly --randomly-seed=$(SEED) $(ARGS) $(SHUFFLED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

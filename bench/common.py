@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import queue
-import shlex
 import socket
 import statistics
 import subprocess
@@ -22,12 +21,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from cluster import cgroups
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = Path(os.environ.get("MOESHARD_BENCH_RESULTS", BENCH_DIR / "results"))
 MARK = "@@BENCH "
-CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
-CGROUP_V2 = Path("/sys/fs/cgroup")
 
 
 # ---- environment --------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ class Child:
     """
 
     def __init__(self, name: str, *, threads: int, env: dict[str, str] | None = None,
-                 cgroup: "MemoryCgroup | None" = None, log_dir: Path | None = None, timeout_s: float = 900):
+                 cgroup: cgroups.Cgroup | None = None, log_dir: Path | None = None, timeout_s: float = 900):
         self.name = name
         self.timeout_s = timeout_s
         e = dict(os.environ)
@@ -141,7 +140,7 @@ class Child:
         e.update(env or {})
         cmd = [sys.executable, "-m", "bench.child"]
         if cgroup is not None:
-            cmd = ["sh", "-c", f'echo $$ > {shlex.quote(str(cgroup.procs_file))} && exec "$@"', "sh", *cmd]
+            cmd = cgroup.wrap(cmd)
         log_dir = log_dir or Path("/tmp") / "moeshard-bench-logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
@@ -235,120 +234,28 @@ def interleave(children: dict[str, Child], op: str, rounds: int, before: Callabl
     return out
 
 
-# ---- memory cgroups -----------------------------------------------------------------------------
+# ---- memory cgroups (cluster.cgroups does the work; the harness uses the same module) -------------
 
 def cgroup_version() -> int | None:
-    if (CGROUP_V2 / "cgroup.controllers").exists():
-        return 2
-    if CGROUP_V1_MEMORY.is_dir():
-        return 1
-    return None
+    try:
+        return cgroups.detect().version
+    except (cgroups.CgroupError, OSError):
+        return None
 
 
 def cgroups_usable() -> str | None:
     """None if we can create memory cgroups here, else why not."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "needs root (memory cgroups and drop_caches); rerun as root"
-    v = cgroup_version()
-    if v is None:
-        return "no memory cgroup controller found under /sys/fs/cgroup"
-    base = CGROUP_V1_MEMORY if v == 1 else CGROUP_V2
-    if not os.access(base, os.W_OK):
-        return f"{base} is not writable"
-    return None
+    return cgroups.unavailable_reason(pin_cpus=False) or None
 
 
-class MemoryCgroup:
-    """A memory cgroup (v1 or v2) with a hard limit; page cache is charged to it too."""
-
-    def __init__(self, name: str, limit_bytes: int):
-        self.version = cgroup_version()
-        if self.version is None:
-            raise ChildError("no memory cgroup controller")
-        base = CGROUP_V1_MEMORY if self.version == 1 else CGROUP_V2
-        self.path = base / f"moeshard-bench-{name}-{uuid.uuid4().hex[:6]}"
-        self.path.mkdir()
-        self.limit_bytes = limit_bytes
-        if self.version == 1:
-            (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
-            try:
-                (self.path / "memory.swappiness").write_text("0")
-            except OSError:
-                pass
-        else:
-            (self.path / "memory.max").write_text(str(limit_bytes))
-            try:
-                (self.path / "memory.swap.max").write_text("0")
-            except OSError:
-                pass
-
-    @property
-    def procs_file(self) -> Path:
-        return self.path / "cgroup.procs"
-
-    def pids(self) -> list[int]:
-        try:
-            return [int(x) for x in self.procs_file.read_text().split()]
-        except OSError:
-            return []
-
-    def usage(self) -> int:
-        f = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
-        return int((self.path / f).read_text())
-
-    def peak(self) -> int | None:
-        f = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
-        try:
-            return int((self.path / f).read_text())
-        except OSError:
-            return None
-
-    def stat(self) -> dict[str, int]:
-        out = {}
-        try:
-            for line in (self.path / "memory.stat").read_text().splitlines():
-                k, v = line.split()
-                out[k] = int(v)
-        except OSError:
-            pass
-        return out
-
-    def oom_kills(self) -> int:
-        try:
-            if self.version == 1:
-                for line in (self.path / "memory.oom_control").read_text().splitlines():
-                    if line.startswith("oom_kill "):
-                        return int(line.split()[1])
-            else:
-                for line in (self.path / "memory.events").read_text().splitlines():
-                    if line.startswith("oom_kill "):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
-    def remove(self, timeout_s: float = 30) -> None:
-        """Kill what is left inside (only processes in this cgroup, which we started), then rmdir."""
-        deadline = time.monotonic() + timeout_s
-        while self.path.exists():
-            for pid in self.pids():
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def __enter__(self) -> "MemoryCgroup":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
+def memory_cgroup(label: str, limit_bytes: int) -> cgroups.Cgroup:
+    """A fresh memory-only cgroup with a hard limit (page cache is charged to it too); `remove()` it."""
+    try:
+        return cgroups.create(f"{cgroups.PREFIX}bench-{label}-{uuid.uuid4().hex[:6]}", limit_bytes)
+    except cgroups.CgroupError as e:
+        raise ChildError(str(e)) from e
 
 
 def drop_caches() -> bool:

@@ -104,9 +104,12 @@ def _scenarios(spec: str) -> list[int]:
         return sorted(SCENARIOS)
     out = []
     for part in str(spec).split(","):
-        n = int(part)
+        try:
+            n = int(part)
+        except ValueError:
+            raise SystemExit(f"--scenario: {spec!r} is not a scenario number 1-6, a comma list or 'all'") from None
         if n not in SCENARIOS:
-            raise SystemExit(f"unknown scenario {n}; choose from {sorted(SCENARIOS)} or 'all'")
+            raise SystemExit(f"--scenario: unknown scenario {n}; choose from {sorted(SCENARIOS)} or 'all'")
         out.append(n)
     return out
 
@@ -123,8 +126,8 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.checkpoint is not None:
         ckpt = args.checkpoint
         if not (ckpt / mk.MANIFEST).is_file():
-            print(f"{ckpt} has no {mk.MANIFEST}: the bench needs a checkpoint written by bench.make_checkpoint",
-                  file=sys.stderr)
+            print(f"--checkpoint: {ckpt} has no {mk.MANIFEST}: the bench needs a checkpoint written by "
+                  "bench.make_checkpoint", file=sys.stderr)
             return 2
     else:
         preset = "tiny" if args.tiny else "mix8x32"

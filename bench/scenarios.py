@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from cluster import cgroups
 from workers.units import format_bytes
 
 from . import make_checkpoint as mk
-from .common import (ROOT, Child, ChildError, MemoryCgroup, cgroups_usable, drop_caches, median, paired_ratio,
+from .common import (ROOT, Child, ChildError, cgroups_usable, drop_caches, median, memory_cgroup, paired_ratio,
                      percentile, read_bandwidth, store_min_budget)
 from .results import figure
 
@@ -229,7 +230,7 @@ def _accelerate_max_memory(ctx: Ctx, limit: int) -> int:
                                                                                          ["total_bytes"]))
 
 
-def _ooc_round(ch: Child, cg: MemoryCgroup, **kw: Any) -> dict:
+def _ooc_round(ch: Child, cg: cgroups.Cgroup, **kw: Any) -> dict:
     drop_caches()
     r = ch.call("decode", **kw)
     r["cgroup_peak"] = cg.peak()
@@ -251,7 +252,7 @@ def scenario_2(ctx: Ctx) -> dict:
     details["disk"] = bw
     cgs = []
     try:
-        acc_cg = MemoryCgroup("s2-acc", ctx.ooc_memory)
+        acc_cg = memory_cgroup("s2-acc", ctx.ooc_memory)
         cgs.append(acc_cg)
         offload = mk.CACHE_DIR / "offload-s2"
         shutil.rmtree(offload, ignore_errors=True)
@@ -267,7 +268,7 @@ def scenario_2(ctx: Ctx) -> dict:
         acc_runs: list[dict] = []
         for nw in ctx.ooc_workers:
             tag = f"{nw}w"
-            cg = MemoryCgroup(f"s2-ms{nw}", ctx.ooc_memory)
+            cg = memory_cgroup(f"s2-ms{nw}", ctx.ooc_memory)
             cgs.append(cg)
             budget = _ooc_budget(ctx, nw)
             ctx.progress(f"s2: loading moeshard {nw} workers, budget {format_bytes(budget)} per holder "
@@ -328,7 +329,7 @@ def scenario_2(ctx: Ctx) -> dict:
         for cg in cgs:
             try:
                 cg.remove()
-            except OSError:
+            except cgroups.CgroupError:
                 pass
     return {"figures": figures, "details": details, "notes": notes}
 
@@ -513,7 +514,7 @@ def scenario_5(ctx: Ctx) -> dict:
             shutil.rmtree(offload, ignore_errors=True)
             # bound its page cache too: accelerate's offloaded weights are memory-mapped, so without a cgroup
             # the page cache silently becomes an unlimited expert cache
-            cg = MemoryCgroup("s5-acc", int((max_mem + 0.7 * GB) / 0.9))
+            cg = memory_cgroup("s5-acc", int((max_mem + 0.7 * GB) / 0.9))
             ch = ctx.child("s5-accelerate", cgroup=cg)
             try:
                 ch.call("load", system="accelerate", path=str(ctx.ckpt), max_memory=max_mem,
@@ -522,7 +523,7 @@ def scenario_5(ctx: Ctx) -> dict:
                 drop_caches()
                 r = ch.call("decode", batch=1, prompt_len=16, new_tokens=P.accelerate_tokens, seed=1)
                 acc_rows.append({"model": ctx.ckpt.name + " (random routing)", "budget_frac": frac,
-                                 "max_memory": max_mem, "cgroup_limit": cg.limit_bytes, "tok_s": r["tok_s"]})
+                                 "max_memory": max_mem, "cgroup_limit": cg.memory_limit(), "tok_s": r["tok_s"]})
             except ChildError as e:
                 notes.append(f"accelerate at {frac:.0%}: {str(e).splitlines()[0]}")
             finally:

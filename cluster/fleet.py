@@ -202,7 +202,7 @@ class Fleet:
         live = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in dead]
         base = dict(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0)
         try:
-            from ray._private.state import available_resources_per_node
+            from .ray_internal import available_resources_per_node
             free = available_resources_per_node()
         except Exception:  # developer API: placement still works on totals
             free = {}

@@ -194,23 +194,23 @@ def generate_for_prompts(coord, kind: str, prompts: list, sampling: SamplingOpti
     else:
         rows, tok, eos, eos_set = prompts, None, None, set()
     ids, mask = left_pad(rows, pad)
-    on_token = None
-    if stream and len(rows) == 1:
-        new: list[int] = []
-        shown = [""]
+    new: list[int] = []
+    shown = [""]
 
-        def on_token(step: torch.Tensor) -> None:
-            t = int(step[0])
-            if tok is None:
-                print(t, end=" ", flush=True)
-                return
-            if t in eos_set:
-                return
-            new.append(t)
-            text = tok.decode(new)
-            if len(text) > len(shown[0]):
-                print(text[len(shown[0]):], end="", flush=True)
-            shown[0] = text
+    def show(step: torch.Tensor) -> None:
+        t = int(step[0])
+        if tok is None:
+            print(t, end=" ", flush=True)
+            return
+        if t in eos_set:
+            return
+        new.append(t)
+        text = tok.decode(new)
+        if len(text) > len(shown[0]):
+            print(text[len(shown[0]):], end="", flush=True)
+        shown[0] = text
+
+    on_token = show if stream and len(rows) == 1 else None
     out = coord.generate(ids, attention_mask=mask, eos_token_id=eos, pad_token_id=pad, on_token=on_token, **kw)
     if on_token is not None:
         print(flush=True)

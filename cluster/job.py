@@ -37,12 +37,16 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
-from cluster.gen_common import (RUN_OPTIONS, OneLineParser, add_option_arguments, add_output_arguments, add_prompt_arguments,
-                                add_sampling_arguments, generate_for_prompts, run_options, sampling_options)
-from cluster.gen_common import check_writable
+if __name__ == "__main__":  # before the imports below, which fail with a traceback under a Python without torch
+    from cluster.deps import exit_if_missing
+
+    exit_if_missing("moeshard job", 1)
+
+from cluster.gen_common import (RUN_OPTIONS, OneLineParser, add_option_arguments, add_output_arguments,
+                                add_prompt_arguments, add_sampling_arguments, check_writable, generate_for_prompts,
+                                run_options, sampling_options)
 from cluster.gen_common import read_prompts as _read_prompts
 from coordinator.options import OptionError, RunOptions, UnknownOption, cli_message
 from workers.units import format_bytes
@@ -305,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
         ckpt = Checkpoint.open(args.model)
         specs = ckpt.expert_specs()
     except (CheckpointError, UnsupportedModelError, OSError) as e:
-        raise JobFailure(EXIT_NO_MODEL, f"no usable model at {args.model}: {e}") from None
+        raise JobFailure(EXIT_NO_MODEL, f"--model: no usable model at {args.model}: {e}") from None
     if kind == "text" and not (ckpt.path / "tokenizer.json").is_file():
         raise JobFailure(EXIT_NO_MODEL, f"{ckpt.path} has no tokenizer.json, which text prompts need; "
                                         "pass token ids with --ids instead")
@@ -357,7 +361,7 @@ def _run(args: argparse.Namespace) -> int:
                 if coord is not None:
                     coord.close()
             break
-        mode = "sampled" if args.sample else "greedy"
+        mode = "sampled" if sampling_options(args).do_sample else "greedy"
         print(f"\n=== {len(results)} prompt(s), up to {args.max_new_tokens} new tokens each, {mode}, "
               f"{seconds:.2f} s ===")
         for i, (p, c) in enumerate(results, 1):

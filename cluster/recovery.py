@@ -20,10 +20,11 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from workers.errors import ExpertLoadError
+
+from . import cgroups
 
 #: how long to wait for a TCP connection to a node's raylet when deciding whether that node is alive
 NODE_PROBE_TIMEOUT_S = 1.0
@@ -91,48 +92,13 @@ def pick_node(candidates: list[dict[str, Any]], need: Mapping[str, float],
 
 # ---- memory on the node a replacement lands on (runs inside the actor) ---------------------------
 
-def _cgroup_headroom(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> int | None:
-    """Smallest (limit - usage) over this process's memory cgroup and its ancestors (v1 or v2); None if
-    no limit is set or cgroups are not readable."""
-    try:
-        lines = proc.read_text().splitlines()
-    except OSError:
-        return None
-    best: int | None = None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if controllers == "":                       # v2 unified
-            base, limit_f, usage_f = root, "memory.max", "memory.current"
-        elif "memory" in controllers.split(","):    # v1 memory controller
-            base, limit_f, usage_f = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
-        else:
-            continue
-        d = base / path.lstrip("/")
-        while True:
-            try:
-                raw = (d / limit_f).read_text().strip()
-                usage = int((d / usage_f).read_text().strip())
-                if raw != "max" and int(raw) < (1 << 60):
-                    room = max(0, int(raw) - usage)
-                    best = room if best is None else min(best, room)
-            except (OSError, ValueError):
-                pass
-            if d == base or d.parent == d:
-                break
-            d = d.parent
-    return best
-
-
 def available_memory() -> int:
     """Bytes this process could still allocate on its node: the smaller of the machine's available
     memory and the headroom of the memory cgroups it runs in (a harness host, a container)."""
     import psutil
 
     free = int(psutil.virtual_memory().available)
-    room = _cgroup_headroom()
+    room = cgroups.memory_headroom()
     return free if room is None else min(free, room)
 
 

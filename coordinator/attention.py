@@ -52,8 +52,23 @@ class AttentionInputs:
         return self.masks[window][..., :kv_len]
 
 
+def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      sinks: torch.Tensor) -> torch.Tensor:
+    """gpt-oss attention: each head's softmax also covers a learned sink logit, which takes
+    probability mass and contributes no value. q [B, h, T, D], k/v [B, kv, S, D] -> [B, h, T, D]."""
+    B, h, T, _ = q.shape
+    rep = h // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)        # kv head i serves heads i*rep..
+    logits = torch.matmul(q, k.transpose(2, 3)) * scale + mask                       # [B, h, T, S]
+    combined = torch.cat([logits, sinks.view(1, h, 1, 1).expand(B, h, T, 1).to(logits.dtype)], dim=-1)
+    # the reference subtracts the row max before its softmax; done the same way for the same rounding
+    probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 class Attention(nn.Module):
-    """Grouped-query attention (Mixtral, Qwen2/3-MoE, OLMoE) with the families' q/k norms and clipping."""
+    """Grouped-query attention (Mixtral, Qwen2/3-MoE, OLMoE, GLM-4.5, gpt-oss) with the families' q/k norms,
+    clipping, partial RoPE and attention sinks."""
 
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
         super().__init__()
@@ -72,7 +87,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.n_kv * D, cfg.rms_norm_eps, dtype)
         self.clip = cfg.clip_qkv
         self.window = cfg.sliding_window[layer]
-        self.scale = D ** -0.5
+        self.scale = cfg.softmax_scale
+        if cfg.attention == "gqa_sinks":
+            self.sinks = nn.Parameter(torch.zeros(self.n_heads, dtype=dtype))   # one learned logit per head
 
     def forward(self, x: torch.Tensor, a: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -90,16 +107,26 @@ class Attention(nn.Module):
         q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
         if cache is not None:
             k, v = cache.update(a.input_pos, k, v)                            # [B, kv, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask(self.window, q.dtype, k.shape[2]), scale=self.scale,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        mask = a.mask(self.window, q.dtype, k.shape[2])
+        if hasattr(self, "sinks"):
+            y = attend_with_sinks(q, k, v, mask, self.scale, self.sinks)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
         return KVCache(batch, self.n_kv, max_len, self.head_dim, self.head_dim, dtype)
 
 
+LATENT_NORM_EPS = 1e-6
+
+
 class LatentAttention(nn.Module):
-    """DeepSeek-V3 multi-head latent attention. The cache holds expanded per-head keys and values."""
+    """DeepSeek-V2/V3 multi-head latent attention. The cache holds expanded per-head keys and values.
+
+    V2's reference rotates pairs as complex numbers and keeps them interleaved; V3's de-interleaves
+    them. Both apply the same permutation to q and k, so q·k and the outputs are the same."""
 
     def __init__(self, cfg: DeepseekV3Config, layer: int, dtype: torch.dtype):
         super().__init__()
@@ -111,14 +138,15 @@ class LatentAttention(nn.Module):
             self.q_proj = nn.Linear(H, nh * qk, bias=False, dtype=dtype)
         else:
             self.q_a_proj = nn.Linear(H, self.q_rank, bias=cfg.attention_bias, dtype=dtype)
-            self.q_a_layernorm = RMSNorm(self.q_rank, cfg.rms_norm_eps, dtype)
+            # The reference builds both latent norms with RMSNorm's default eps, not rms_norm_eps.
+            self.q_a_layernorm = RMSNorm(self.q_rank, LATENT_NORM_EPS, dtype)
             self.q_b_proj = nn.Linear(self.q_rank, nh * qk, bias=False, dtype=dtype)
         self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_rank + self.rope, bias=cfg.attention_bias, dtype=dtype)
-        self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.rms_norm_eps, dtype)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS, dtype)
         self.kv_b_proj = nn.Linear(self.kv_rank, nh * (self.nope + self.v_dim), bias=False, dtype=dtype)
         self.o_proj = nn.Linear(nh * self.v_dim, H, bias=cfg.attention_bias, dtype=dtype)
         self.rope_fn = apply_rope_interleaved if cfg.rope_interleave else apply_rope
-        self.scale = qk ** -0.5
+        self.scale = cfg.softmax_scale
 
     def forward(self, x: torch.Tensor, a: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape

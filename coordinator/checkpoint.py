@@ -21,7 +21,7 @@ from tqdm import tqdm
 from workers.spec import DTYPE_SIZES, ExpertSpec, TensorSpec
 
 from .config import ModelConfig, load_config
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,16 @@ EXPERT_PARTS = {"mixtral": ("w1", "w3", "w2"), "default": ("gate_proj", "up_proj
 RENAMES = {
     "mixtral": [(".mlp.gate.", ".block_sparse_moe.gate.")],
     "deepseek_v3": [(".mlp.shared_expert.", ".mlp.shared_experts.")],
+    "deepseek_v2": [(".mlp.shared_expert.", ".mlp.shared_experts.")],
+    "glm4_moe": [(".mlp.shared_expert.", ".mlp.shared_experts.")],
+    "gpt_oss": [(".mlp.gate.", ".mlp.router.")],
 }
+
+# Families whose routed experts are fused per layer into 3-D tensors (these names under mlp.experts).
+FUSED_EXPERTS = {"gpt_oss": ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
+
+# What each quantization method is, for the one-line refusal until its loader exists (issue 12).
+PENDING_QUANT = {"fp8": "FP8 block-quantized weights", "mxfp4": "MXFP4 experts"}
 
 
 def checkpoint_name(family: str, name: str) -> str:
@@ -107,6 +116,11 @@ class Checkpoint:
         if not root.is_dir():
             raise CheckpointError(f"checkpoint directory {root} does not exist")
         config = load_config(root)
+        q = config.quantization
+        if q is not None:
+            raise UnsupportedModelError(
+                f"{PENDING_QUANT[q.method]} (quantization_config.quant_method {q.method!r} in {root / 'config.json'}) "
+                "are not yet supported (issue 12): use a bfloat16 copy of the checkpoint")
         index = root / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -150,6 +164,10 @@ class Checkpoint:
     def expert_specs(self) -> list[ExpertSpec]:
         """Every routed expert as plain data: file, absolute offset, dtype, shape of its three weights."""
         c = self.config
+        if c.model_type in FUSED_EXPERTS:
+            raise UnsupportedModelError(
+                f"{c.model_type} experts fused per layer (mlp.experts.{', '.join(FUSED_EXPERTS[c.model_type])}; "
+                "biases, clamped SwiGLU) are not yet supported by the expert workers (issue 12 item 3)")
         H, I = c.hidden_size, c.moe_intermediate_size
         specs = []
         for layer in c.moe_layer_ids:
@@ -163,6 +181,8 @@ class Checkpoint:
 
     def expert_names(self) -> set[str]:
         c = self.config
+        if c.model_type in FUSED_EXPERTS:
+            return {f"model.layers.{l}.mlp.experts.{w}" for l in c.moe_layer_ids for w in FUSED_EXPERTS[c.model_type]}
         return {n for l in c.moe_layer_ids for e in range(c.num_experts) for n in self.expert_tensor_names(l, e)}
 
     def load_dense(self, model: torch.nn.Module) -> set[str]:
@@ -198,7 +218,12 @@ class Checkpoint:
                             target.data = value.to(target.dtype)
         loaded = set(wanted)
         extra = set(self.tensors) - loaded - self.expert_names()
-        extra = {n for n in extra if not _ignorable(n, self.tensors[n], self.config)}
+        mtp = {n for n in extra if _is_mtp(n, self.config)}
+        if mtp:
+            log.info("skipping %d tensors of the multi-token-prediction layer (model.layers.%d and up, "
+                     "num_nextn_predict_layers=%d): moeshard decodes one token per step",
+                     len(mtp), self.config.num_layers, self.config.num_nextn_predict_layers)
+        extra = {n for n in extra - mtp if not _ignorable(n, self.tensors[n])}
         if extra:
             raise CheckpointError(f"checkpoint at {self.path} has tensors the {fam} config does not account for: "
                                   f"{', '.join(sorted(extra)[:5])}{' ...' if len(extra) > 5 else ''}; "
@@ -206,14 +231,20 @@ class Checkpoint:
         return loaded
 
 
-def _ignorable(name: str, info: TensorInfo, config: ModelConfig) -> bool:
+def _is_mtp(name: str, config: ModelConfig) -> bool:
+    """A tensor of a multi-token-prediction layer: DeepSeek-V3/R1 and GLM-4.5 store them as extra
+    decoder layers at index num_hidden_layers and up, announced by num_nextn_predict_layers."""
+    parts = name.split(".")
+    if config.num_nextn_predict_layers <= 0 or len(parts) < 3 or parts[:2] != ["model", "layers"]:
+        return False
+    return parts[2].isdigit() and \
+        config.num_layers <= int(parts[2]) < config.num_layers + config.num_nextn_predict_layers
+
+
+def _ignorable(name: str, info: TensorInfo) -> bool:
     """Tensors real checkpoints carry that a decoder-only forward never uses."""
     if name.endswith("rotary_emb.inv_freq"):
         return True
     if 0 in info.shape:  # e.g. DeepSeek with n_shared_experts=0 still saves empty shared-expert weights
-        return True
-    parts = name.split(".")
-    # DeepSeek-V3's multi-token-prediction layers sit after the last decoder layer.
-    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= config.num_layers:
         return True
     return False

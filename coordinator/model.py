@@ -13,7 +13,7 @@ from .attention import Attention, AttentionInputs, KVCache, LatentAttention
 from .config import ModelConfig
 from .experts import RoutingStats, RoutedExperts
 from .layers import MLP, RMSNorm, Rotary
-from .routing import route_sigmoid_grouped, route_softmax
+from .routing import route_sigmoid_grouped, route_softmax, route_softmax_grouped, route_topk_softmax
 
 
 class MoEBlock(nn.Module):
@@ -23,12 +23,13 @@ class MoEBlock(nn.Module):
                  routing: RoutingStats):
         super().__init__()
         self.cfg, self.layer, self.experts, self.routing = cfg, layer, experts, routing
-        if cfg.router == "sigmoid_grouped":
-            # The reference keeps this router and its bias in float32 whatever the model dtype.
+        if cfg.router in ("sigmoid_grouped", "softmax_grouped"):
+            # The references keep these routers (and the bias) in float32 whatever the model dtype.
             self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=torch.float32)
-            self.gate.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
-        else:
-            self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype)
+            if cfg.router == "sigmoid_grouped":
+                self.gate.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
+        else:  # gpt-oss's router has a bias
+            self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router == "topk_softmax", dtype=dtype)
         if cfg.shared_expert_size:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size, cfg.hidden_act, dtype)
             if cfg.shared_expert_gated:
@@ -41,6 +42,13 @@ class MoEBlock(nn.Module):
             logits = nn.functional.linear(x.float(), self.gate.weight)
             return route_sigmoid_grouped(logits, self.gate.e_score_correction_bias, min(c.top_k + extra, c.num_experts),
                                          c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+        if c.router == "softmax_grouped":
+            logits = nn.functional.linear(x.float(), self.gate.weight)
+            groups = (c.n_group, c.topk_group) if c.topk_method == "group_limited_greedy" else (1, 1)
+            return route_softmax_grouped(logits, min(c.top_k + extra, c.num_experts), *groups,
+                                         c.routed_scaling_factor)
+        if c.router == "topk_softmax":
+            return route_topk_softmax(self.gate(x), min(c.top_k + extra, c.num_experts))
         return route_softmax(self.gate(x), min(c.top_k + extra, c.num_experts), c.norm_topk_prob)
 
     def forward(self, x: torch.Tensor, hints: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -89,7 +97,7 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = Rotary(cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg.rope_dim, cfg.rope_theta, cfg.rope, cfg.max_position_embeddings)
         self.prefetch_depth, self.prefetch_extra = prefetch_depth, prefetch_extra
         self.moe_blocks = {l: layer.mlp for l, layer in enumerate(self.layers) if layer.is_moe}
 

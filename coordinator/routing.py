@@ -40,3 +40,31 @@ def route_sigmoid_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, 
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scaling, ids
+
+
+def route_softmax_grouped(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2: softmax (float32), then top-k among the `topk_group` groups with the highest
+    single expert score; never renormalised, scaled by `scaling`. n_group=1 is plain greedy.
+
+    logits [T, E] float32 -> weights [T, k] float32, ids [T, k].
+    """
+    T, E = logits.shape
+    scores = torch.softmax(logits.float(), dim=-1)                             # [T, E]
+    if n_group > 1:
+        group_scores = scores.view(T, n_group, E // n_group).max(dim=-1).values  # [T, G]
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E).bool()
+        scores = scores.masked_fill(~expert_mask, 0.0)   # the reference zeroes, it does not use -inf
+    weights, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)
+    return weights * scaling, ids
+
+
+def route_topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss: top-k of the (biased) router logits, then softmax over just those k, in the logits' dtype.
+
+    logits [T, E] -> weights [T, k] float32, ids [T, k].
+    """
+    top, ids = torch.topk(logits, top_k, dim=-1)
+    return torch.softmax(top, dim=-1, dtype=top.dtype).float(), ids

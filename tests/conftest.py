@@ -1,6 +1,14 @@
-"""Shared fixtures: a session cache of tiny random HF checkpoints (see checkpoints.py)."""
+"""Shared fixtures: a session cache of tiny random HF checkpoints (see checkpoints.py); the skip policy.
+
+Skip policy: a test that needs something this machine may lack (a capability: ``harness``, ``cgroups``,
+``cuda``) says so with ``@pytest.mark.requires("harness")`` or, at run time, ``require("harness")``.
+Where the capability is missing the test is skipped and the summary says why; with ``CI=true`` it fails
+instead, unless ``MOESHARD_ALLOW_SKIP`` (comma-separated) names the capability. No other skip of a test
+for a missing capability is allowed: that is how a suite ends up passing while testing nothing.
+"""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -23,6 +31,106 @@ except RuntimeError:  # already set (e.g. torch did parallel work before conftes
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# ---- skip policy --------------------------------------------------------------------------------
+
+def _harness_missing() -> str:
+    from cluster.harness import namespace_unavailable_reason
+
+    return namespace_unavailable_reason()
+
+
+def _cgroups_missing() -> str:
+    from cluster import cgroups
+
+    if os.geteuid() != 0:
+        return "not root"
+    return cgroups.unavailable_reason(pin_cpus=False)
+
+
+def _cuda_missing() -> str:
+    return "" if torch.cuda.is_available() else "no CUDA device (torch.cuda.is_available() is False)"
+
+
+#: capability -> probe returning why it is missing here ("" = available)
+CAPABILITIES = {
+    "harness": _harness_missing,   # root, iproute2, network namespaces, cgroups with cpusets
+    "cgroups": _cgroups_missing,   # root and a writable memory controller
+    "cuda": _cuda_missing,
+}
+ALLOW_SKIP_ENV = "MOESHARD_ALLOW_SKIP"
+_SKIPPED: list[tuple[str, str]] = []   # (capability, reason) per skipped test, for the summary
+
+
+def _allowed_skips() -> set[str]:
+    names = {n.strip() for n in os.environ.get(ALLOW_SKIP_ENV, "").split(",") if n.strip()}
+    unknown = names - set(CAPABILITIES)
+    if unknown:
+        raise pytest.UsageError(f"{ALLOW_SKIP_ENV} names unknown capabilities {sorted(unknown)}; "
+                                f"known: {', '.join(sorted(CAPABILITIES))}")
+    return names
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def _known(capability: str) -> None:
+    if capability not in CAPABILITIES:
+        pytest.fail(f"unknown capability {capability!r}; known: {', '.join(sorted(CAPABILITIES))}", pytrace=False)
+
+
+@functools.cache
+def missing(capability: str) -> str:
+    """Why ``capability`` is unavailable on this machine ("" if it is available); probed once per session."""
+    _known(capability)
+    return CAPABILITIES[capability]()
+
+
+def skip_for(capability: str, reason: str) -> None:
+    """Skip the running test because ``capability`` is missing (``reason`` says why); under CI=true fail
+    instead unless MOESHARD_ALLOW_SKIP names the capability."""
+    _known(capability)
+    if _ci() and capability not in _allowed_skips():
+        pytest.fail(f"needs {capability}, which this machine lacks: {reason}. CI=true forbids skipping it; "
+                    f"fix the machine, or set {ALLOW_SKIP_ENV}={capability} to allow the skip", pytrace=False)
+    _SKIPPED.append((capability, reason))
+    pytest.skip(f"needs {capability}: {reason}")
+
+
+def require(capability: str) -> None:
+    """Skip (or under CI=true fail) the running test unless this machine has ``capability``."""
+    reason = missing(capability)
+    if reason:
+        skip_for(capability, reason)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires(capability): the test needs a capability the machine may lack "
+                                       f"({', '.join(sorted(CAPABILITIES))}); see tests/conftest.py")
+    _allowed_skips()   # a misspelt MOESHARD_ALLOW_SKIP is an error before anything runs
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # before fixtures: a missing capability must not first bring up a cluster
+    for mark in item.iter_markers("requires"):
+        if len(mark.args) != 1 or mark.kwargs:
+            pytest.fail(f"use @pytest.mark.requires(capability), got {mark}", pytrace=False)
+        require(mark.args[0])
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _SKIPPED:
+        return
+    terminalreporter.section("skipped: capabilities this machine lacks")
+    counts: dict[tuple[str, str], int] = {}
+    for key in _SKIPPED:
+        counts[key] = counts.get(key, 0) + 1
+    allowed = f" (allowed by {ALLOW_SKIP_ENV})" if _ci() else ""
+    for (capability, reason), n in sorted(counts.items()):
+        terminalreporter.write_line(f"{capability}: {n} test(s) skipped{allowed}: {reason}")
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import FAMILIES, edit_config, expert_tensor_names, moe_layers
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "kimi_k2")
 
 
 def errors():
@@ -127,25 +127,87 @@ def test_unknown_model_type_lists_supported_types(fresh_checkpoint):
         assert name in str(err), f"supported type {name} not listed: {err}"
 
 
+@pytest.mark.parametrize("kind", ["longrope", "llama3"])
 @pytest.mark.parametrize("style", ["legacy_rope_scaling", "rope_parameters"])
-def test_yarn_rope_scaling_is_unsupported(fresh_checkpoint, style):
+def test_unimplemented_rope_type_is_named(fresh_checkpoint, style, kind):
     _, UnsupportedModelError = errors()
     path = fresh_checkpoint("deepseek_v3")
-    yarn = {"factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-            "mscale": 1.0, "mscale_all_dim": 1.0}
+    params = {"factor": 4.0, "original_max_position_embeddings": 64, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     if style == "legacy_rope_scaling":
-        edit_config(path, rope_parameters=..., rope_theta=10000.0, rope_scaling={"type": "yarn", **yarn})
+        edit_config(path, rope_parameters=..., rope_theta=10000.0, rope_scaling={"type": kind, **params})
     else:
-        edit_config(path, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **yarn})
-    expect_error(UnsupportedModelError, path, "yarn")
+        edit_config(path, rope_parameters={"rope_type": kind, "rope_theta": 10000.0, **params})
+    err = expect_error(UnsupportedModelError, path, kind, "yarn", "linear", "dynamic")
+    assert "Remove" not in str(err) and "\n" not in str(err), f"wrong advice or not one line: {err}"
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_linear_rope_scaling_is_unsupported(fresh_checkpoint, family):
+def test_per_layer_type_rope_parameters_are_refused(fresh_checkpoint):
     _, UnsupportedModelError = errors()
-    path = fresh_checkpoint(family, "legacy")
-    edit_config(path, rope_scaling={"type": "linear", "factor": 2.0})
-    expect_error(UnsupportedModelError, path, "linear")
+    path = fresh_checkpoint("qwen3_moe")
+    edit_config(path, rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    expect_error(UnsupportedModelError, path, "full_attention, sliding_attention", "per-layer-type")
+
+
+@pytest.mark.parametrize("kind", ["yarn", "linear", "dynamic"])
+def test_rope_scaling_without_factor(fresh_checkpoint, kind):
+    CheckpointError, _ = errors()
+    path = fresh_checkpoint("mixtral", "legacy")
+    edit_config(path, rope_scaling={"type": kind, "original_max_position_embeddings": 64})
+    expect_error(CheckpointError, path, kind, "factor")
+
+
+# ---- quantization ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors", "bitsandbytes"])
+def test_unsupported_quant_method_is_named(fresh_checkpoint, method):
+    _, UnsupportedModelError = errors()
+    path = fresh_checkpoint("qwen3_moe")
+    edit_config(path, quantization_config={"quant_method": method, "bits": 4, "group_size": 128})
+    err = expect_error(UnsupportedModelError, path, repr(method), "quant_method")
+    assert "\n" not in str(err)
+
+
+@pytest.mark.parametrize("method,what", [("fp8", "FP8"), ("mxfp4", "MXFP4")])
+def test_pending_quant_method_says_not_yet_supported(fresh_checkpoint, method, what):
+    """FP8 and MXFP4 parse (the config keeps them) but do not load until issue 12 items 2 and 3."""
+    from coordinator.config import load_config
+
+    _, UnsupportedModelError = errors()
+    path = fresh_checkpoint("deepseek_v3")
+    q = {"quant_method": method, "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    edit_config(path, quantization_config=q)
+    parsed = load_config(path).quantization
+    assert parsed.method == method and parsed.weight_block_size == (128, 128)
+    expect_error(UnsupportedModelError, path, what, repr(method), "not yet supported")
+
+
+# ---- tensors outside the model -------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_mtp_layer_is_skipped_with_one_log_line(fresh_checkpoint, family, caplog):
+    path = fresh_checkpoint(family, shards=2)
+    n = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    mtp = [k for k in weight_map(path) if k.startswith(f"model.layers.{n}.")]
+    assert any(".eh_proj." in k for k in mtp) and any(".mlp.experts." in k for k in mtp)
+    with caplog.at_level("INFO", logger="coordinator.checkpoint"):
+        load(path).close()
+    lines = [r.getMessage() for r in caplog.records if "multi-token-prediction" in r.getMessage()]
+    assert len(lines) == 1 and str(len(mtp)) in lines[0], lines
+
+
+def test_mtp_tensors_without_num_nextn_predict_layers_are_an_error(fresh_checkpoint):
+    CheckpointError, _ = errors()
+    path = fresh_checkpoint("deepseek_v3")
+    edit_config(path, num_nextn_predict_layers=0)
+    expect_error(CheckpointError, path, "model.layers.3.", "does not account for")
+
+
+def test_tensor_past_the_mtp_layers_is_an_error(fresh_checkpoint):
+    CheckpointError, _ = errors()
+    path = fresh_checkpoint("deepseek_v3")
+    rewrite(path / "model.safetensors", lambda t: t.update({"model.layers.4.enorm.weight": torch.ones(32)}))
+    expect_error(CheckpointError, path, "model.layers.4.enorm.weight")
 
 
 # ---- files ---------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """RemoteExperts over a real local Ray with real actor processes.
 
-One Ray instance is shared by the whole module (starting Ray takes seconds); the
-first test runs before it and checks the start-your-own-Ray lifecycle.
+One Ray instance is shared by the whole module (starting Ray takes seconds). The
+start-your-own-Ray lifecycle is checked in a fresh Python process, so it does not depend on
+running before that Ray (the module runs shuffled in CI).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -72,23 +77,42 @@ def layers_of(specs) -> list[int]:
     return sorted({s.layer for s in specs})
 
 
-@pytest.mark.slow
-def test_starts_and_stops_its_own_ray(specs, local):
-    """Without a Ray connection, RemoteExperts starts a local Ray and shuts it down on close."""
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised by an earlier module")
+_OWN_RAY = textwrap.dedent("""
+    import sys, time
+    import ray, torch
+    from cluster.dispatch import RemoteExperts
+    from coordinator.checkpoint import Checkpoint
+    from coordinator.experts import LocalExperts
+
+    specs = Checkpoint.open(sys.argv[1]).expert_specs()
+    assert not ray.is_initialized(), "a fresh process has no Ray"
     t0 = time.perf_counter()
     re = RemoteExperts.build(specs, num_workers=2, dtype="float32")
     started = time.perf_counter() - t0
     try:
-        assert ray.is_initialized()
-        ids, w, g = routing(5, 3, 8, seed=11)
+        assert ray.is_initialized(), "RemoteExperts did not start a Ray"
+        g = torch.Generator().manual_seed(11)
+        ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(5)])
+        w = torch.rand(5, 3, generator=g).softmax(-1)
         x = torch.randn(5, 32, generator=g)
-        assert torch.allclose(re.forward(0, x, w, ids), local.submit(0, x, w, ids), atol=1e-5, rtol=0)
+        diff = (re.forward(0, x, w, ids) - LocalExperts(specs, dtype="float32").submit(0, x, w, ids)).abs().max()
+        assert diff <= 1e-5, f"max abs diff {diff:.3g}"
     finally:
         re.close()
-    assert not ray.is_initialized()
-    print(f"local Ray start + 2 actors ready: {started:.1f}s")
+    assert not ray.is_initialized(), "close() left the Ray it started running"
+    print(f"OK: local Ray start + 2 actors ready in {started:.1f}s")
+""")
+
+
+@pytest.mark.slow
+def test_starts_and_stops_its_own_ray(checkpoint):
+    """Without a Ray connection, RemoteExperts starts a local Ray and shuts it down on close."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", _OWN_RAY, str(checkpoint(FAMILY, VARIANT))], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "OK:" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    print(proc.stdout.strip())
 
 
 def test_parity_with_local_experts(remote, local, specs):
@@ -156,11 +180,10 @@ def test_one_call_per_active_actor_and_none_for_idle(remote, specs):
     assert [(a[0] - m[0], a[1] - m[1]) for a, m in zip(after, mid)] == [(1, 0)] * len(plan.workers)
     stats = remote.stats()
     assert stats["backend"] == "ray" and stats["calls"] == sum(a["calls"] for a in stats["actors"])
-    assert stats["layers"][layer]["max_calls_per_actor"] == 1
     assert all(a["calls_per_layer"].get(layer, 0) >= 1 for a in stats["actors"])
     for a in stats["actors"]:
         assert a["node_id"] and a["ip"] and a["experts"] == len(plan.workers[a["index"]].experts)
-        assert a["bytes_resident"] > 0 and a["rows"] > 0 and a["compute_s"] > 0 and a["transit_s"] >= 0
+        assert a["bytes_resident"] > 0 and a["rows"] > 0 and a["compute_s"] > 0 and a["transit_s"] > 0
     lat = stats["layers"][layer]
     assert 0 < lat["latency_p50_s"] <= lat["latency_max_s"] and lat["latency_mean_s"] > 0
 
@@ -203,20 +226,34 @@ def test_timeout_names_actor_and_layer(remote, specs):
     x = torch.randn(4, 32, generator=g)
     want = remote.forward(layer, x, w, ids)
     os.kill(remote.nodes[0]["pid"], signal.SIGSTOP)
-    saved, remote.call_timeout_s, remote.max_call_retries = remote.call_timeout_s, 1.0, 0
+    saved = remote.call_timeout_s, remote.max_call_retries
+    remote.call_timeout_s, remote.max_call_retries = 1.0, 0
     try:
         with pytest.raises(ExpertTimeout, match=rf"actor 0 \(node .* layer {layer}"):
             remote.forward(layer, x, w, ids)
     finally:
-        remote.call_timeout_s, remote.max_call_retries = saved, 3
+        remote.call_timeout_s, remote.max_call_retries = saved
     assert torch.equal(remote.forward(layer, x, w, ids), want)   # replaced, same result
 
 
 def test_prefetch_is_one_way_and_skips_actors_with_everything_resident(remote):
+    import os
+    import signal
+    import threading
+
     before = remote.stats()
-    t0 = time.perf_counter()
-    remote.prefetch(1, torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 99]]))   # 99: unknown, ignored
-    assert time.perf_counter() - t0 < 0.5
+    # One-way: with every actor stopped (it cannot answer anything), prefetch still returns.
+    pids = [n["pid"] for n in remote.nodes]
+    sent = threading.Thread(target=remote.prefetch, args=(1, torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 99]])))
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        sent.start()                         # 99: unknown, ignored
+        sent.join(timeout=30)
+        assert not sent.is_alive(), "prefetch waited for a stopped actor"
+    finally:
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
     # one hint per owning actor, except those whose last reply said every expert is resident for good
     can_use = sum(not a["all_resident"] for a in before["actors"])
     assert remote.stats()["hint_calls"] - before["hint_calls"] == can_use
@@ -293,10 +330,10 @@ def test_actor_that_fails_to_start_is_named_with_the_remote_reason(ray_session, 
 
 
 def test_unreachable_address_fails_fast(ray_session, specs):
-    t0 = time.perf_counter()
+    # "cannot reach" is the TCP probe's error, raised before ray.init (which retries for minutes and
+    # would say "cannot connect"): fast by construction, so no timed assertion
     with pytest.raises(ClusterError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
         RemoteExperts.build(specs, num_workers=1, dtype="float32", ray_address="127.0.0.1:1")
-    assert time.perf_counter() - t0 < 5
     with pytest.raises(ClusterError, match="host:port"):
         RemoteExperts.build(specs, num_workers=1, dtype="float32", ray_address="no-port-here")
 

@@ -1,13 +1,14 @@
 """Multi-node harness: real hosts (netns + cgroup) on one machine, faults, clean teardown.
 
-Namespace tests need root and iproute2 and are skipped otherwise; the loopback fallback
-tests run everywhere. Every test has its own timeout (pytest-timeout counts fixture setup,
+Namespace tests need root, iproute2 and cgroups (capability ``harness``; see the skip policy in
+conftest.py: under CI=true a missing capability fails the run); the loopback fallback tests run everywhere. Every test has its own timeout (pytest-timeout counts fixture setup,
 so the first test of the class includes bringing the cluster up).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -17,12 +18,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import ray
-from cluster.harness import HarnessError, HarnessUnsupported, LocalCluster, down_all, leftovers
-from cluster.harness import cgroups, netns
-from cluster.harness.cluster import _CG_WRAPPER, STATE_ROOT, _lock, _proc_start_time
+from cluster import cgroups
+from cluster.harness import HarnessError, HarnessUnsupported, LocalCluster, down_all, leftovers, netns
+from cluster.harness.cluster import STATE_ROOT, _lock, proc_start_time
 
 REPO = Path(__file__).resolve().parents[1]
 # Faster failure detection than Ray's defaults (~15 s), still far above a short link cut.
@@ -33,8 +35,7 @@ FAST_HEALTH = {
     "RAY_health_check_failure_threshold": "5",
 }
 
-_reason = LocalCluster._netns_unavailable_reason()
-needs_netns = pytest.mark.skipif(bool(_reason), reason=f"namespace mode unavailable: {_reason}")
+needs_netns = pytest.mark.requires("harness")   # skipped only where the machine lacks it (see conftest)
 
 
 def _sh(cmd: str) -> str:
@@ -57,13 +58,14 @@ def assert_nothing_left(cluster_id: str, pids: list[int] = ()) -> None:
     assert _pgrep(cluster_id) == ""
     assert not (STATE_ROOT / cluster_id).exists()
     for pid in pids:
-        assert _proc_start_time(pid) is None or _is_zombie(pid), f"pid {pid} survived"
+        assert _gone(pid), f"pid {pid} survived"
 
 
-def _is_zombie(pid: int) -> bool:
+def _gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (exited, or a zombie waiting for its parent)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
 
 
@@ -73,13 +75,11 @@ def where(bridge_ip: str) -> dict:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((bridge_ip, 9))  # UDP connect sends nothing; it only picks the route
         src_ip = s.getsockname()[0]
-    status = Path("/proc/self/status").read_text()
-    cpus = next(line.split(":")[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
     return {
         "node_ip": ray.util.get_node_ip_address(),
         "src_ip": src_ip,
-        "cgroup": Path("/proc/self/cgroup").read_text().splitlines(),
-        "cpus": cpus,
+        "cgroup": cgroups.process_cgroups(),
+        "cpus": psutil.Process().cpu_affinity(),
         "node_id": ray.get_runtime_context().get_node_id(),
     }
 
@@ -93,11 +93,12 @@ def get_nested(refs: list) -> int:
 def assert_auth_enforced(cl: LocalCluster) -> None:
     """A GCS client without the cluster's token is refused; with ``cl.auth_env`` it gets in."""
     probe = textwrap.dedent(f"""
-        from ray._raylet import GcsClient
-        GcsClient(address={cl.address!r}).get_all_node_info(timeout=5)
+        from cluster.ray_internal import gcs_node_states
+        gcs_node_states({cl.address!r})
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = str(cl.temp_dir)  # no ~/.ray/auth_token to fall back on
+    env["PYTHONPATH"] = str(REPO)
     denied = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert denied.returncode != 0 and "Authentication" in denied.stderr, denied.stderr[-2000:]
     allowed = subprocess.run([sys.executable, "-c", probe], env={**env, **cl.auth_env},
@@ -124,7 +125,7 @@ def cl():
 @needs_netns
 @pytest.mark.slow
 class TestNamespaceCluster:
-    """One 3-host cluster shared by the tests of this class, in order; the last tears it down."""
+    """One 3-host cluster shared by the tests of this class, in any order: each undoes its fault."""
 
     @pytest.mark.timeout(300)
     def test_tasks_run_on_their_own_host(self, cl):
@@ -137,11 +138,11 @@ class TestNamespaceCluster:
         for i, info in enumerate(seen):
             assert info["node_ip"] == cl.hosts[i].ip
             assert info["src_ip"] == cl.hosts[i].ip  # the process really is in the host's netns
-            assert any(line.endswith(f"/moeshard-{cl.cluster_id}-h{i}") for line in info["cgroup"]), info
+            assert any(p.endswith(f"/moeshard-{cl.cluster_id}-h{i}") for p in info["cgroup"].values()), info
         assert len({s["node_id"] for s in seen}) == 3
-        assert len({tuple(s["cgroup"]) for s in seen}) == 3
+        assert len({tuple(sorted(s["cgroup"].items())) for s in seen}) == 3
         cpus = cgroups.parent_cpus()
-        assert seen[0]["cpus"] == str(cpus[0]) and seen[1]["cpus"] == str(cpus[1 % len(cpus)])
+        assert seen[0]["cpus"] == [cpus[0]] and seen[1]["cpus"] == [cpus[1 % len(cpus)]]
         # Workers can reach the driver (the reason for the driver node on the bridge IP).
         big = ray.put(b"x" * (1 << 20))
         assert ray.get(get_nested.options(resources={cl.resource(2): 0.01}).remote([big]), timeout=60) == 1 << 20
@@ -192,31 +193,34 @@ class TestNamespaceCluster:
         # Host 1 survives its OOM (only the hog died) and still runs work.
         assert ray.get(hog.options(resources={cl.resource(1): 0.01}).remote(10**6), timeout=60) == 10**6
 
-    @pytest.mark.timeout(120)
-    def test_kill_host_marks_node_dead(self, cl):
-        ip = cl.hosts[2].ip
-        assert _alive(ip) and cl.host_pids(2)
+
+@needs_netns
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_host_then_teardown_leaves_nothing():
+    """Both faults are final, so they get a cluster of their own (the class's tests run in any order)."""
+    cl = LocalCluster(hosts=2, host_memory="1500MB", host_cpus=1, ray_env=FAST_HEALTH)
+    with cl:
+        cl.connect()
+        ip = cl.hosts[1].ip
+        assert _alive(ip) and cl.host_pids(1)
         t0 = time.monotonic()
-        cl.kill_host(2)
-        assert cl.host_pids(2) == []
+        cl.kill_host(1)
+        assert cl.host_pids(1) == []
         while _alive(ip):
             assert time.monotonic() - t0 < 60, "node not marked dead within 60s"
             time.sleep(0.5)
-        print(f"\nhost 2 marked dead {time.monotonic() - t0:.1f}s after SIGKILL")
-        assert _alive(cl.hosts[1].ip)
-        assert ray.get(where.options(resources={cl.resource(1): 0.01}).remote(cl.driver_ip), timeout=60)
-
-    @pytest.mark.timeout(120)
-    def test_teardown_leaves_nothing(self, cl):
-        pids = [p for i in range(3) for p in cl.host_pids(i)]
-        pids += cgroups.open_existing(f"moeshard-{cl.cluster_id}-drv").pids()
+        print(f"\nhost 1 marked dead {time.monotonic() - t0:.1f}s after SIGKILL")
+        assert _alive(cl.hosts[0].ip)
+        assert ray.get(where.options(resources={cl.resource(0): 0.01}).remote(cl.driver_ip), timeout=60)
+        pids = cl.host_pids(0) + cgroups.open_existing(f"moeshard-{cl.cluster_id}-drv").pids()
         assert pids
         t0 = time.monotonic()
         cl.down()
-        print(f"\nteardown took {time.monotonic() - t0:.1f}s")
+        print(f"teardown took {time.monotonic() - t0:.1f}s")
         assert not ray.is_initialized()
         assert_nothing_left(cl.cluster_id, pids)
-        cl.down()  # idempotent; the fixture calls it again too
+        cl.down()  # idempotent; leaving the `with` calls it again too
 
 
 @needs_netns
@@ -243,9 +247,8 @@ def test_down_all_removes_orphans_and_spares_live_owners():
             netns.create_bridge(cid, subnet)
         netns.create_host(cid, 0, subnet)
         cg = cgroups.create(f"moeshard-{cid}-h0", 256 << 20, cgroups.parent_cpus()[:1])
-        env = {**os.environ, "MOESHARD_CGROUP_PROCS": ":".join(map(str, cg.attach_files()))}
-        sleepers.append(subprocess.Popen(["sh", "-c", _CG_WRAPPER, "sh", "ip", "netns", "exec", f"moeshard-{cid}-h0",
-                          "sh", "-c", "sleep 300", str(STATE_ROOT / cid) + "/x"], env=env, start_new_session=True))
+        sleepers.append(subprocess.Popen(cg.wrap(["ip", "netns", "exec", f"moeshard-{cid}-h0",
+                          "sh", "-c", "sleep 300", str(STATE_ROOT / cid) + "/x"]), start_new_session=True))
         deadline = time.monotonic() + 10
         while not cg.pids():
             assert time.monotonic() < deadline
@@ -253,10 +256,10 @@ def test_down_all_removes_orphans_and_spares_live_owners():
         return cid
 
     gone = subprocess.Popen(["sleep", "0.1"])
-    dead_owner = {"pid": gone.pid, "start": _proc_start_time(gone.pid)}
+    dead_owner = {"pid": gone.pid, "start": proc_start_time(gone.pid)}
     gone.wait()
     orphan = fake(dead_owner)
-    live = fake({"pid": os.getppid(), "start": _proc_start_time(os.getppid())})  # alive, not us
+    live = fake({"pid": os.getppid(), "start": proc_start_time(os.getppid())})  # alive, not us
     try:
         assert down_all(orphan) == [orphan]
         assert_nothing_left(orphan)
@@ -323,7 +326,7 @@ def test_loopback_fallback():
     assert _pgrep(cl.cluster_id) == ""
     assert not (STATE_ROOT / cl.cluster_id).exists()
     for pid in pids:
-        assert _proc_start_time(pid) is None or _is_zombie(pid)
+        assert _gone(pid)
 
 
 @pytest.mark.timeout(30)
@@ -346,3 +349,129 @@ def test_cgroup_v2_path_on_a_fake_tree(tmp_path):
     (tmp_path / "cgroup.controllers").write_text("cpu io\n")
     with pytest.raises(cgroups.CgroupError):
         cgroups.detect(tmp_path)
+
+
+@pytest.mark.timeout(30)
+def test_memory_only_cgroup_on_fake_v1_and_v2_trees(tmp_path):
+    """The bench's kind of cgroup: memory only, no cpuset or cpu directories, no cpus written."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpuset cpu memory\n")
+    (v2 / "cgroup.subtree_control").write_text("")
+    cg = cgroups.create("moeshard-bench-x", 10**9, layout=cgroups.detect(v2))
+    assert cg.paths == {"memory": v2 / "moeshard-bench-x"}
+    assert (v2 / "moeshard-bench-x/memory.max").read_text() == str(10**9)
+    assert not (v2 / "moeshard-bench-x/cpuset.cpus").exists()
+    assert (v2 / "cgroup.subtree_control").read_text() == "+memory"
+    (v2 / "moeshard-bench-x/memory.peak").write_text("1234\n")
+    (v2 / "moeshard-bench-x/memory.events").write_text("low 0\noom 2\noom_kill 1\n")
+    assert cg.memory_limit() == 10**9 and cg.peak() == 1234 and cg.oom_kills() == 1
+
+    v1 = tmp_path / "v1"
+    (v1 / "memory/moeshard-bench-y").mkdir(parents=True)
+    (v1 / "cpuset").mkdir()
+    (v1 / "memory/moeshard-bench-y/memory.limit_in_bytes").write_text(str(2**63 - 4096))   # v1's "no limit"
+    (v1 / "memory/moeshard-bench-y/memory.swappiness").write_text("60")
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"cgroup {v1}/memory cgroup rw,memory 0 0\ncgroup {v1}/cpuset cgroup rw,cpuset 0 0\n"
+                      "proc /proc proc rw 0 0\n")
+    layout = cgroups.detect(tmp_path / "nowhere", mounts)
+    assert layout.version == 1 and set(layout.mounts) == {"memory", "cpuset"}
+    cg = cgroups.create("moeshard-bench-y", 5 * 10**8, layout=layout)
+    assert cg.paths == {"memory": v1 / "memory/moeshard-bench-y"}
+    assert cg.memory_limit() == 5 * 10**8
+    assert (v1 / "memory/moeshard-bench-y/memory.swappiness").read_text() == "0"
+    assert not (v1 / "cpuset/moeshard-bench-y").exists()
+    (v1 / "memory/moeshard-bench-y/memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    assert cg.oom_kills() == 3
+
+
+@pytest.mark.timeout(30)
+def test_memory_headroom_v1_and_v2(tmp_path):
+    """What a replacement actor may still allocate: min(limit - usage) up its memory cgroup's ancestors."""
+    v1 = tmp_path / "v1"
+    for d in ("job", "free"):
+        (v1 / "memory/host" / d).mkdir(parents=True)
+    (v1 / "memory/host/memory.limit_in_bytes").write_text("1000\n")
+    (v1 / "memory/host/memory.usage_in_bytes").write_text("400\n")
+    (v1 / "memory/host/job/memory.limit_in_bytes").write_text("300\n")
+    (v1 / "memory/host/job/memory.usage_in_bytes").write_text("100\n")
+    (v1 / "memory/host/free/memory.limit_in_bytes").write_text(str(2**63 - 4096))   # "no limit" in v1
+    (v1 / "memory/host/free/memory.usage_in_bytes").write_text("100\n")
+    (tmp_path / "c1").write_text("4:cpuset:/host\n3:memory:/host/job\n0::/\n")
+    (tmp_path / "c1free").write_text("3:memory:/host/free\n")
+    layout_v1 = cgroups.Layout(1, {"memory": v1 / "memory"})
+    assert cgroups.process_cgroups(tmp_path / "c1") == {"cpuset": "/host", "memory": "/host/job", "": "/"}
+    assert cgroups.memory_headroom(layout_v1, tmp_path / "c1") == 200      # the tighter of job and host
+    assert cgroups.memory_headroom(layout_v1, tmp_path / "c1free") == 600  # unlimited job: the host's room
+    v2 = tmp_path / "v2"
+    (v2 / "a/b").mkdir(parents=True)
+    (v2 / "a/memory.max").write_text("max\n")
+    (v2 / "a/memory.current").write_text("5\n")
+    (v2 / "a/b/memory.max").write_text("700\n")
+    (v2 / "a/b/memory.current").write_text("200\n")
+    (tmp_path / "c2").write_text("0::/a/b\n")
+    layout_v2 = cgroups.Layout(2, {"memory": v2})
+    assert cgroups.memory_headroom(layout_v2, tmp_path / "c2") == 500
+    (tmp_path / "c3").write_text("0::/nowhere\n")
+    assert cgroups.memory_headroom(layout_v2, tmp_path / "c3") is None
+    assert cgroups.memory_headroom(layout_v2, tmp_path / "no-such-file") is None
+
+
+@pytest.mark.timeout(30)
+def test_wrap_refuses_to_run_outside_its_cgroup(tmp_path):
+    """A command that cannot join its cgroup never starts (exit 97), so nothing runs unlimited."""
+    ran = tmp_path / "ran"
+    cg = cgroups.Cgroup("moeshard-gone", cgroups.Layout(2, {"memory": tmp_path}), {"memory": tmp_path / "gone"})
+    proc = subprocess.run(cg.wrap(["touch", str(ran)]), capture_output=True, timeout=30)
+    assert proc.returncode == 97 and not ran.exists()
+
+
+@pytest.mark.requires("cgroups")
+@pytest.mark.timeout(120)
+def test_memory_cgroup_on_this_machine_limits_and_counts_oom_kills():
+    """A real memory-only cgroup (the bench's): its processes are listed, a hog over the limit is
+    OOM-killed inside it and counted, and removal kills what is left and leaves nothing."""
+    cg = cgroups.create(f"moeshard-test-{secrets.token_hex(3)}", 64 << 20)
+    with cg:
+        assert set(cg.paths) == {"memory"} and cg.memory_limit() == 64 << 20
+        hog = subprocess.run(cg.wrap([sys.executable, "-c", "x = b'x' * (512 << 20)"]), capture_output=True,
+                             timeout=60)
+        assert hog.returncode == -signal.SIGKILL, hog.stderr[-2000:]
+        assert cg.oom_kills() >= 1
+        assert cg.peak() is None or cg.peak() <= 64 << 20
+        sleeper = subprocess.Popen(cg.wrap(["sleep", "300"]))
+        deadline = time.monotonic() + 10
+        while sleeper.pid not in cg.pids():
+            assert time.monotonic() < deadline, "sleeper never showed up in its cgroup"
+            time.sleep(0.05)
+    assert sleeper.wait(timeout=10) == -signal.SIGKILL
+    assert not cg.main.exists()
+    assert cg.name not in cgroups.find("moeshard-test-")
+
+
+def _harness_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "cluster.harness", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, expect", [(["--host-memory", "lots"], "--host-memory: cannot read 'lots' as a size"),
+                                          (["--hosts", "0"], "--hosts: need at least one host")])
+def test_harness_up_bad_input_is_one_line_on_stderr(args, expect):
+    out = _harness_cli("up", *args)
+    assert out.returncode == 2 and out.stdout == "", (out.stdout, out.stderr)
+    assert len(out.stderr.strip().splitlines()) == 1 and expect in out.stderr, out.stderr
+
+
+@needs_netns
+@pytest.mark.timeout(120)
+def test_harness_up_failure_is_one_line_on_stderr_and_cleans_up():
+    out = _harness_cli("up", "--hosts", "2", "--host-memory", "1GB", "--timeout", "3")
+    assert out.returncode == 1 and out.stdout == "", (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness up failed: "), out.stderr
+    cid = re.search(rf"{STATE_ROOT}/([0-9a-f]{{6}})", lines[0])
+    assert cid, lines[0]
+    assert_nothing_left(cid.group(1))

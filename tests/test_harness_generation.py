@@ -1,7 +1,7 @@
 """Generation on the multi-node harness: expert actors on their own hosts (netns + cgroup), the
 driver in the root namespace, results equal to the in-process run, actors within their hosts' memory.
 
-Needs namespace mode (root, iproute2, cgroups); skipped otherwise. One 3-host cluster (host 0 is
+Needs namespace mode (root, iproute2, cgroups: capability ``harness``, see the skip policy in conftest.py). One 3-host cluster (host 0 is
 the head) is shared by the module and torn down at its end.
 """
 from __future__ import annotations
@@ -22,12 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 8
 WORKER_MEMORY = "20KB"  # qwen3_moe experts are 9.2 KB: 2 of each actor's 6 resident, the rest paged
 
-_reason = LocalCluster._netns_unavailable_reason()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(_reason), reason=f"needs the harness's namespace mode (root, iproute2, cgroups): "
-                                             f"{_reason}"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.requires("harness")]
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +123,28 @@ def test_job_entry_point_places_one_actor_per_host(cl, model):
         assert line in proc.stdout
     rows = [l.split() for l in proc.stdout.splitlines() if l[:1].isdigit() and len(l.split()) > 10]
     assert [(r[0], r[1]) for r in rows] == [("0", cl.hosts[1].ip), ("1", cl.hosts[2].ip)]
+
+
+def _moeshard_generate(model: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    gen = ["generate", str(model), "--ids", "1,5,9,13", "--max-new-tokens", "5", "--worker-memory", WORKER_MEMORY]
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *gen, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.timeout(600)
+def test_moeshard_generate_with_ray_address_of_a_harness_cluster(cl, model):
+    """What a user does after `harness up`: export the cluster's auth env, run `moeshard generate
+    --ray-address <head>` from the root namespace. The actors land on harness hosts and the tokens equal
+    those of the in-process run of the same command."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    local = _moeshard_generate(model, env, "--workers", "0", "--no-stats")
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    expected = local.stdout.strip().splitlines()[0].split()   # the streamed new tokens
+    assert len(expected) == 5, local.stdout
+    remote = _moeshard_generate(model, {**env, **cl.auth_env}, "--workers", "2", "--call-timeout", "120",
+                                "--ray-address", cl.address)
+    print("\n" + remote.stdout)
+    assert remote.returncode == 0, remote.stdout[-3000:] + remote.stderr[-3000:]
+    assert remote.stdout.strip().splitlines()[0].split() == expected
+    assert any(h.ip in remote.stdout for h in cl.hosts), remote.stdout   # the stats table names actor nodes

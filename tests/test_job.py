@@ -1,152 +1,37 @@
 """`python -m cluster.job` as a real Ray job: a private head (`ray start`, token auth, jobs server),
 submitted through the Jobs API with the repo as working dir, plus the exit statuses.
 
-The head is started once for the module with its own temp dir, ports and auth token, and stopped
-by killing exactly its processes (found by the temp dir in their command lines, plus their
-descendants): `ray stop` would kill every Ray cluster on the machine.
+The head (tests/rayhead.py) is started once for the module with its own temp dir, ports and auth
+token, and stopped by killing exactly its processes: `ray stop` would kill every Ray cluster on the machine.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import checkpoints as ckpts
 from cluster import job
+from rayhead import REPO, Head, free_port, private_head
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 # The upload is the repo minus these (and what .gitignore lists: .venv, bench/cache): ~1 MB.
 EXCLUDES = [".git", "bench/cache", "models", "docs"]
 PROMPTS = ["Hello", "The for statement"]
 
 
-# ---- a private Ray head --------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _pids_of(markers: list[str], also: set[int] = frozenset()) -> set[int]:
-    """Processes whose command line contains one of `markers`, plus `also`, plus all their descendants
-    (Ray workers rename their command line to `ray::...`, but they are children of the raylet)."""
-    parent, pids = {}, set(also)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes()
-            if any(m.encode() in cmdline for m in markers):
-                pids.add(int(proc.name))
-    grew = True
-    while grew:
-        kids = {p for p, pp in parent.items() if pp in pids} - pids
-        pids |= kids
-        grew = bool(kids)
-    return {p for p in pids if p in parent}
-
-
-def stop_head(temp: Path, gcs: str | None, timeout: float = 30.0) -> None:
-    """Kill every process of the head started with --temp-dir `temp` (GCS at `gcs`), and only those.
-
-    The daemons mention the temp dir or the GCS address in their command lines; everything else
-    (workers, the job drivers) descends from them. Freeze first, so no child escapes to init (and
-    out of sight) while its parent dies, then kill.
-    """
-    if gcs is None and (temp / "ray_current_cluster").exists():
-        gcs = (temp / "ray_current_cluster").read_text().strip() or None
-    markers = [str(temp)] + ([gcs] if gcs else [])  # mkdtemp's random name: no other cluster matches
-    frozen: set[int] = set()
-    deadline = time.monotonic() + timeout
-    while (new := _pids_of(markers, frozen) - frozen) and time.monotonic() < deadline:
-        for pid in new:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGSTOP)
-        frozen |= new
-    for pid in frozen:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    while (left := _pids_of(markers)) and time.monotonic() < deadline:
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-    shutil.rmtree(temp, ignore_errors=True)
-    assert not left, f"processes of the test head survived: {left}"
-
-
-@dataclass
-class Head:
-    temp: Path
-    gcs: str                  # host:port
-    dashboard: str            # http://127.0.0.1:port (jobs server)
-    env: dict                 # auth env for clients (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH)
-    token: str
-
-    def client(self, authenticated: bool = True):
-        from ray.job_submission import JobSubmissionClient
-
-        headers = {"Authorization": f"Bearer {self.token}"} if authenticated else None
-        return JobSubmissionClient(self.dashboard, headers=headers)
-
-    def driver_env(self, **extra) -> dict:
-        """Environment of a driver process run directly (not as a job) against this head."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        return {**env, **self.env, "RAY_ADDRESS": self.gcs, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-                **extra}
-
+# ---- a private Ray head (tests/rayhead.py) -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def head():
-    temp = Path(tempfile.mkdtemp(prefix="mj-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
-    token = secrets.token_hex(32)
-    fd = os.open(temp / "auth_token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(temp / "auth_token")}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(auth, RAY_USAGE_STATS_ENABLED="0")
-    dash = _free_port()
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(_free_port()),
-           "--temp-dir", str(temp), "--num-cpus", "3", "--include-dashboard=true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash), "--ray-client-server-port", str(_free_port()),
-           "--dashboard-agent-listen-port", str(_free_port()), "--disable-usage-stats"]
-    t0 = time.monotonic()
-    gcs = None
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        gcs = (temp / "ray_current_cluster").read_text().strip()
-        h = Head(temp, gcs, f"http://127.0.0.1:{dash}", auth, token)
-        deadline = time.monotonic() + 120
-        while True:  # the jobs server comes up a little after `ray start` returns
-            try:
-                h.client()
-                break
-            except Exception:  # noqa: BLE001
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        print(f"\nhead up in {time.monotonic() - t0:.1f}s at {h.gcs}, jobs at {h.dashboard}")
+    with private_head() as h:
         yield h
-    finally:
-        stop_head(temp, gcs)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +127,7 @@ def test_job_with_a_bad_model_fails_with_one_clear_line(head, tmp_path):
     status = _wait(head.client(), job_id, timeout=240)
     logs = head.client().get_job_logs(job_id)
     assert status == JobStatus.FAILED, logs
-    assert f"moeshard job: error: no usable model at {missing}: checkpoint directory {missing} does not exist" in logs
+    assert f"moeshard job: error: --model: no usable model at {missing}: checkpoint directory {missing} does not exist" in logs
     assert "Traceback" not in logs
     info = head.client().get_job_info(job_id)
     assert "exit code 2" in (info.message or ""), info.message
@@ -284,7 +169,7 @@ def test_cluster_too_small_exits_3(head, model):
 @pytest.mark.timeout(120)
 def test_no_cluster_exits_1_fast(model):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_ADDRESS=f"127.0.0.1:{_free_port()}", PYTHONPATH=str(REPO))
+    env.update(RAY_ADDRESS=f"127.0.0.1:{free_port()}", PYTHONPATH=str(REPO))
     t0 = time.monotonic()
     proc = _run_driver(env, ["--model", str(model), "--ids", "1,2"], timeout=100)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -301,14 +186,14 @@ def test_actor_lost_beyond_retry_exits_4(model, monkeypatch, capsys):
 
     calls = []
 
-    def lost(*a, **kw):
-        calls.append(kw["resources"])
+    def lost(path, options):
+        calls.append(list(options.placement.resources))
         raise ShardUnavailable("actor 1 (node abc at 10.0.0.7), layer 0: the actor is gone (killed)")
 
     monkeypatch.setattr(job, "connect", lambda address, debug=False: False)
     monkeypatch.setattr(job, "cluster_nodes", lambda cpus, gpus, suspects=(): (
         [job.NodeSlot("10.0.0.6", 2, 0, 0), job.NodeSlot("10.0.0.7", 2, 0, 0)], []))
-    monkeypatch.setattr(Coordinator, "from_pretrained", lost)
+    monkeypatch.setattr(Coordinator, "open", lost)     # the job opens its Coordinator with typed options
     code = job.run_job(_args(["--model", str(model), "--ids", "1,2", "--retries", "1"]))
     out, err = capsys.readouterr()
     assert code == 4 and len(calls) == 2

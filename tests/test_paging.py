@@ -1,7 +1,8 @@
 """Paged experts give exactly the unpaged result, the budget is honoured, prefetch predicts.
 
 In-process (num_workers=0): the coordinator's own ExpertShard pages under `worker_memory`.
-The distributed variant of the same checks lives in test_distributed_paging.py.
+The distributed variant (every family and variant of the registry, over 2 actors, against
+the unpaged run and transformers) lives in test_distributed_paging.py.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ MANY_EXPERTS = {
     "qwen3_moe": dict(num_experts=16),
     "olmoe": dict(num_experts=16),
     "deepseek_v3": dict(n_routed_experts=16),
+    "deepseek_v2": dict(n_routed_experts=16),
+    "glm4_moe": dict(n_routed_experts=16),
 }
 
 

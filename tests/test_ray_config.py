@@ -1,17 +1,21 @@
-"""ray_config.yaml is a valid Ray cluster-launcher config (schema shipped in the ray wheel)."""
+"""ray_config.yaml is a valid Ray cluster-launcher config (schema shipped in the ray wheel); the Ray pin
+and the one module allowed to use private Ray APIs (cluster/ray_internal.py) agree."""
 from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
+import ray
 import ray.autoscaler
 
-CONFIG = Path(__file__).resolve().parents[1] / "ray_config.yaml"
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "ray_config.yaml"
 SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,10 +41,9 @@ def test_config_validates_against_ray_schema(config, validator):
 
 def test_config_passes_rays_own_checks(config):
     """Ray's launcher path: fill provider defaults, then its schema + consistency checks."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from cluster import ray_internal
 
-    validate_config(config)
-    validate_config(prepare_config(copy.deepcopy(config)))
+    ray_internal.validate_cluster_config(copy.deepcopy(config))
 
 
 def test_config_content(config):
@@ -82,3 +85,53 @@ def test_broken_copies_fail(config, validator, case):
     assert list(validator.iter_errors(broken)), f"{what}: should not validate"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, validator.schema)
+
+
+def test_ray_pin_is_the_range_ray_internal_accepts():
+    """pyproject.toml pins exactly the range cluster/ray_internal.py checks, and the installed Ray is in it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    from cluster import ray_internal
+
+    deps = [Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    (pin,) = [d for d in deps if d.name == "ray"]
+    assert pin.specifier == SpecifierSet(ray_internal.SUPPORTED), (str(pin.specifier), ray_internal.SUPPORTED)
+    assert ray.__version__ in pin.specifier
+
+
+@pytest.mark.parametrize("version", ["2.59.0", "2.61.0", "2.6.0", "3.0.0.dev0", "nightly"])
+def test_untested_ray_is_refused_with_a_clear_error(version):
+    from cluster import ray_internal
+
+    with pytest.raises(ray_internal.RayVersionError) as err:
+        ray_internal.check_version(version)
+    msg = str(err.value)
+    assert "\n" not in msg and f"ray {version} " in msg and f"pip install 'ray[default]{ray_internal.SUPPORTED}'" in msg
+
+
+def test_tested_ray_is_accepted():
+    from cluster import ray_internal
+
+    for version in ("2.60.0", "2.60.2", "2.60.0rc1", ray.__version__):
+        ray_internal.check_version(version)
+
+
+#: Files that still import a private Ray API themselves, waiting for their owner to switch to
+#: cluster/ray_internal.py (cluster/connect.py: resolve_auto -> ray_internal.bootstrap_address).
+_NOT_YET_SWITCHED: set[str] = set()
+
+
+def test_private_ray_apis_only_in_ray_internal():
+    """One module may touch ray._private / ray._raylet / ray.autoscaler._private: the one with the version check."""
+    private = re.compile(r"\bray\.(?:[a-z_]+\.)*_(?:private|raylet)\b")
+    offenders = []
+    for path in sorted(REPO.glob("*/**/*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.split("/")[0] in (".venv", "build") or rel in ("cluster/ray_internal.py", "tests/test_ray_config.py"):
+            continue
+        offenders += [f"{rel}:{n}" for n, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert [o for o in offenders if o.split(":")[0] not in _NOT_YET_SWITCHED] == [], offenders
+    assert {o.split(":")[0] for o in offenders} == _NOT_YET_SWITCHED, "switched: drop it from _NOT_YET_SWITCHED"

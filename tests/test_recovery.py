@@ -15,8 +15,8 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -46,10 +46,9 @@ def ray_session():
         assert os.environ.get("RAY_AUTH_MODE", "token").lower() == "token", "token auth must stay on in tests"
         # Forget a token cached by an earlier module (e.g. a harness cluster's, whose file is gone):
         # this local cluster uses its own (~/.ray/auth_token), as `ray.init()` does in a fresh process.
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from cluster import ray_internal
 
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
+        ray_internal.reload_auth()
         # 3 actors + room for replacements while a killed or stopped actor still holds its CPU
         ray.init(address="local", num_cpus=6, num_gpus=0, include_dashboard=False, logging_level="WARNING")
     yield
@@ -78,10 +77,11 @@ def coord(ray_session, checkpoint):
 def reference(coord, prompts):
     """Fault-free outputs of the same coordinator: greedy tokens, sampled tokens, logits."""
     ids, mask = prompts
+    before = counters(coord)      # whichever test asks first, earlier tests may have injected faults
     greedy = coord.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD_ID)
     sampled = coord.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD_ID, **SAMPLING)
     logits = coord.forward(ids, attention_mask=mask)
-    assert coord.stats()["experts"]["failures"] == 0
+    assert counters(coord)["failures"] == before["failures"], "the reference run itself must be fault-free"
     return {"greedy": greedy, "sampled": sampled, "logits": logits}
 
 
@@ -94,10 +94,9 @@ def gone(p: int, within_s: float = 30.0) -> bool:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
-            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
+            if psutil.Process(p).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
             return True
         time.sleep(0.2)
     return False
@@ -175,17 +174,19 @@ def recovered_times(c: Coordinator, since: int) -> list[float]:
 
 
 def counters(c: Coordinator) -> dict:
+    """Module-wide counters now; tests assert on their own deltas, so they pass alone and in any order."""
     s = c.stats()["experts"]
-    return {k: s[k] for k in ("failures", "restarts", "retries", "recovery_s")} | {"events": len(s["recovery_events"])}
+    return ({k: s[k] for k in ("failures", "restarts", "retries", "recovery_s")}
+            | {"events": len(s["recovery_events"]), "actor_restarts": [a["restarts"] for a in s["actors"]]})
 
 
 # ---- tests ---------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(120)
 def test_token_auth_is_on(ray_session):
-    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    from cluster import ray_internal
 
-    assert is_token_auth_enabled()
+    assert ray_internal.token_auth_enabled()
 
 
 @pytest.mark.timeout(120)
@@ -204,28 +205,6 @@ def test_pure_helpers():
     assert recovery.available_memory() > 0
     with pytest.raises(ValueError):
         RecoveryOptions(max_call_retries=-1)
-
-
-@pytest.mark.timeout(60)
-def test_cgroup_headroom_v1_and_v2(tmp_path):
-    v1 = tmp_path / "v1"
-    (v1 / "memory/host/job").mkdir(parents=True)
-    (v1 / "memory/host/memory.limit_in_bytes").write_text("1000\n")
-    (v1 / "memory/host/memory.usage_in_bytes").write_text("400\n")
-    (v1 / "memory/host/job/memory.limit_in_bytes").write_text(str(2**63 - 4096))   # "no limit" in v1
-    (v1 / "memory/host/job/memory.usage_in_bytes").write_text("100\n")
-    (tmp_path / "c1").write_text("4:cpuset:/host\n3:memory:/host/job\n")
-    assert recovery._cgroup_headroom(v1, tmp_path / "c1") == 600
-    v2 = tmp_path / "v2"
-    (v2 / "a/b").mkdir(parents=True)
-    (v2 / "a/memory.max").write_text("max\n")
-    (v2 / "a/memory.current").write_text("5\n")
-    (v2 / "a/b/memory.max").write_text("700\n")
-    (v2 / "a/b/memory.current").write_text("200\n")
-    (tmp_path / "c2").write_text("0::/a/b\n")
-    assert recovery._cgroup_headroom(v2, tmp_path / "c2") == 500
-    (tmp_path / "c3").write_text("0::/nowhere\n")
-    assert recovery._cgroup_headroom(v2, tmp_path / "c3") is None
 
 
 @pytest.mark.timeout(300)
@@ -249,11 +228,11 @@ def test_five_sigkills_in_one_generation(coord, reference, prompts):
     assert after["recovery_s"] > before["recovery_s"]
     assert all(gone(p) for p in hit)
     assert len({pid(coord, i) for i in range(3)} & set(hit)) == 0
-    per_actor = coord.stats()["experts"]["actors"]
-    assert all(a["alive"] for a in per_actor)
-    assert [a["restarts"] for a in per_actor] == [2, 2, 1]          # this is the module's first kill test
-    s = coord.stats()["experts"]
-    assert s["transport"] == "direct" and {a["generation"] for a in coord.experts.nodes} <= {1, 2}
+    assert all(a["alive"] for a in coord.stats()["experts"]["actors"])
+    assert [n - b for n, b in zip(after["actor_restarts"], before["actor_restarts"])] == [2, 2, 1]
+    # each replacement serves a channel sealed for its own generation (incarnation)
+    assert coord.stats()["experts"]["transport"] == "direct"
+    assert [n["generation"] for n in coord.experts.nodes] == [a["incarnation"] for a in coord.stats()["experts"]["actors"]]
     times = recovered_times(coord, before["events"])
     TIMES.setdefault("SIGKILL", []).extend(times)
     print(f"\n5 SIGKILLs: generation took {took:.1f}s; recovery per kill {', '.join(f'{t:.2f}' for t in times)}s")
@@ -338,6 +317,7 @@ def test_forward_logits_bit_identical_under_kill(coord, reference, prompts):
 def test_retry_budget_exhausted_names_actor_node_layer_then_recovers(coord, reference, prompts):
     ids, mask = prompts
     experts = coord.experts
+    call_retries, generation_retries = experts.max_call_retries, experts.max_generation_retries
     # per request: 2 kills, budget 1 -> the second failure gives up
     experts.max_generation_retries = 1
     hit: list[int] = []
@@ -346,7 +326,7 @@ def test_retry_budget_exhausted_names_actor_node_layer_then_recovers(coord, refe
             coord.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD_ID,
                            on_token=between_steps(coord, {1: (0, "sigkill"), 4: (2, "sigkill")}, hit))
     finally:
-        experts.max_generation_retries = 10
+        experts.max_generation_retries = generation_retries
     msg = str(err.value)
     node = experts.nodes[2]
     assert f"actor 2 (node {node['node_id'][:12]} at {node['ip']}), layer " in msg, msg
@@ -365,7 +345,7 @@ def test_retry_budget_exhausted_names_actor_node_layer_then_recovers(coord, refe
             coord.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD_ID,
                            on_token=between_steps(coord, {1: (1, "sigkill")}, []))
     finally:
-        experts.max_call_retries = 3
+        experts.max_call_retries = call_retries
     assert torch.equal(coord.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD_ID),
                        reference["greedy"])
 
@@ -378,7 +358,7 @@ def test_retry_budget_exhausted_names_actor_node_layer_then_recovers(coord, refe
             coord.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD_ID,
                            on_token=between_steps(coord, {1: (0, "sigstop")}, hung))
     finally:
-        experts.max_call_retries, experts.call_timeout_s = 3, saved
+        experts.max_call_retries, experts.call_timeout_s = call_retries, saved
     assert gone(hung[0], within_s=30)
     assert torch.equal(coord.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD_ID),
                        reference["greedy"])
@@ -444,10 +424,10 @@ def test_lock_wait_is_bounded_and_reentry_refused(coord, prompts):
     assert started.wait(60)
     coord.lock_timeout_s = 0.3
     try:
-        t0 = time.perf_counter()
         with pytest.raises(CoordinatorBusy, match="lock_timeout_s=0.3"):
             coord.forward(ids, attention_mask=mask)
-        assert time.perf_counter() - t0 < 5
+        # it gave up while the lock was still held (waiting for it would have outlived the holder)
+        assert holder.is_alive() and not release.is_set()
     finally:
         coord.lock_timeout_s = None
         release.set()
@@ -489,14 +469,32 @@ def test_bad_input_is_not_retried_and_the_actor_keeps_serving(coord, reference, 
     assert torch.equal(coord.forward(prompts[0], attention_mask=prompts[1]), reference["logits"])
 
 
-@pytest.mark.timeout(120)
-def test_stats_report_recovery_per_actor_and_in_total(coord):
+@pytest.mark.timeout(240)
+def test_stats_report_recovery_per_actor_and_in_total(coord, reference, prompts):
+    """Its own faults (a SIGKILL mid-step, a SIGSTOP caught by the timeout), so it needs no earlier test."""
+    ids, mask = prompts
+    before = counters(coord)
+    hit: list[int] = []
+    saved, coord.experts.call_timeout_s = coord.experts.call_timeout_s, 3.0
+    try:
+        with mid_step(coord, {3 * 2 + 1: (0, "sigkill")}) as during:
+            out = coord.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD_ID,
+                                 on_token=between_steps(coord, {5: (2, "sigstop")}, hit))
+    finally:
+        coord.experts.call_timeout_s = saved
+    assert len(during) == 1 and len(hit) == 1 and torch.equal(out, reference["greedy"])
     s = coord.stats()["experts"]
     for k in ("failures", "restarts", "retries", "recovery_s"):
         assert s[k] == pytest.approx(sum(a[k] for a in s["actors"]))
-    assert s["restarts"] >= 10 and s["failures"] >= 10 and s["retries"] >= 10 and s["recovery_s"] > 0
+    after = counters(coord)
+    assert after["restarts"] - before["restarts"] == 2, (before, after)
+    for k in ("failures", "retries"):      # a replacement that fails to start costs a failure and a retry more
+        assert after[k] - before[k] >= 2, (k, before, after)
+    assert after["recovery_s"] > before["recovery_s"]
+    assert [n - b for n, b in zip(after["actor_restarts"], before["actor_restarts"])] == [1, 0, 1]
     assert s["retry_budget"]["max_call_retries"] == 3 and s["retry_budget"]["max_generation_retries"] == 10
-    kinds = {e["kind"] for e in s["recovery_events"]}
-    assert {"died", "timeout", "restart", "recovered"} <= kinds
+    kinds = [(e["kind"], e.get("actor")) for e in s["recovery_events"][before["events"]:]]
+    assert {("died", 0), ("timeout", 2), ("restart", 0), ("restart", 2), ("recovered", 0), ("recovered", 2)} <= set(
+        kinds), kinds
     for a in s["actors"]:
         assert a["incarnation"] == a["restarts"] and a["alive"] and a["calls"] > 0

@@ -435,7 +435,7 @@ def test_cuda_request_without_cuda_is_a_clear_error(experts):
         ExpertStore(experts[0], device="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.requires("cuda")
 def test_cuda_slots_via_pinned_staging(experts):
     specs, tensors = experts
     store = _store(specs, slots=2, device="cuda")

@@ -10,6 +10,7 @@ from .cluster import (
     down_all,
     leftovers,
     list_clusters,
+    namespace_unavailable_reason,
     parse_size,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "down_all",
     "leftovers",
     "list_clusters",
+    "namespace_unavailable_reason",
     "parse_size",
 ]

@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+
+from cluster.cgroups import CgroupError
 
 from .cluster import HarnessError, LocalCluster, down_all, list_clusters
+from .netns import NetnsError
 
 
 def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,19 +29,53 @@ def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("list", help="list harness clusters")
 
 
+def _one_line(text: object) -> str:
+    """``text`` on one line (errors from ``ip`` or Ray may carry newlines)."""
+    return " ".join(str(text).split())
+
+
+def _bad_up_flag(args: argparse.Namespace) -> str | None:
+    """What is wrong with `harness up`'s flags, in their names, before anything starts (None: nothing)."""
+    from workers.units import parse_bytes
+
+    if args.hosts < 1:
+        return f"--hosts: need at least one host, got {args.hosts}"
+    if args.host_cpus < 1:
+        return f"--host-cpus: must be an integer >= 1, got {args.host_cpus}"
+    if args.cpu_quota is not None and not 0 < args.cpu_quota < float("inf"):
+        return f"--cpu-quota: must be a number of CPUs > 0, got {args.cpu_quota}"
+    if not 0 < args.timeout < float("inf"):
+        return f"--timeout: must be a number of seconds > 0, got {args.timeout}"
+    try:
+        memory = parse_bytes(args.host_memory)
+    except ValueError as exc:
+        return f"--host-memory: {_one_line(exc)}"
+    if not memory or memory < 1:
+        return f"--host-memory: must be a positive size like 3GB, got {args.host_memory!r}"
+    return None
+
+
 def run_harness_command(args: argparse.Namespace) -> int:
-    """Run the parsed harness sub-command; returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Run the parsed harness sub-command; returns the exit status (errors: one line on stderr)."""
+    # warnings only: a failure must read as the one line below, not as a log of the teardown
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.harness_command == "up":
-        cl = LocalCluster(
-            hosts=args.hosts, host_memory=args.host_memory, host_cpus=args.host_cpus,
-            cpu_quota=args.cpu_quota, force_loopback=args.loopback or None,
-            startup_timeout=args.timeout,
-        )
+        if (bad := _bad_up_flag(args)) is not None:
+            print(f"harness up: {bad}", file=sys.stderr)
+            return 2
+        try:
+            cl = LocalCluster(
+                hosts=args.hosts, host_memory=args.host_memory, host_cpus=args.host_cpus,
+                cpu_quota=args.cpu_quota, force_loopback=args.loopback or None,
+                startup_timeout=args.timeout,
+            )
+        except ValueError as exc:
+            print(f"harness up: {_one_line(exc)}", file=sys.stderr)
+            return 2
         try:
             cl.up()
-        except HarnessError as exc:
-            print(f"harness up failed: {exc}")
+        except (HarnessError, CgroupError, NetnsError, OSError) as exc:
+            print(f"harness up failed: {_one_line(exc)}", file=sys.stderr)
             return 1
         cl.detach()
         if args.json:
@@ -54,7 +92,11 @@ def run_harness_command(args: argparse.Namespace) -> int:
             print("remove:  python -m cluster.harness down")
         return 0
     if args.harness_command == "down":
-        removed = down_all(args.cluster_id, include_live=args.all or bool(args.cluster_id))
+        try:
+            removed = down_all(args.cluster_id, include_live=args.all or bool(args.cluster_id))
+        except ValueError as exc:
+            print(f"harness down: --cluster-id: {_one_line(exc)}", file=sys.stderr)
+            return 2
         print("removed: " + (", ".join(removed) or "nothing"))
         return 0
     if args.harness_command == "list":

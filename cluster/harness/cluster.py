@@ -45,9 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
+
+from cluster import cgroups
 from cluster.errors import ClusterError
 
-from . import cgroups, netns
+from . import netns
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,6 @@ CGROUP_PREFIX = "moeshard-"
 DEFAULT_PORT = 6379  # free in every host: each namespace has its own port space
 _ID_RE = re.compile(r"^[0-9a-f]{6}$")
 _RAY_START = [sys.executable, "-m", "ray.scripts.scripts", "start", "--disable-usage-stats"]
-# Joins the cgroups listed in $MOESHARD_CGROUP_PROCS, then execs the real command.
-_CG_WRAPPER = (
-    'IFS=:; for f in $MOESHARD_CGROUP_PROCS; do echo $$ > "$f" || exit 97; done; '
-    'unset IFS MOESHARD_CGROUP_PROCS; exec "$@"'
-)
 
 
 class HarnessError(ClusterError):
@@ -90,19 +88,18 @@ class Host:
     temp_dir: Path
     ns: str | None = None  # network namespace (None on loopback)
     cgroup: str | None = None  # cgroup name (None on loopback)
-    node: Any = None  # ray._private.node.Node on loopback
+    node: Any = None  # the ray.cluster_utils.Cluster node on loopback
 
 
 # --------------------------------------------------------------------------- state files
 
 
-def _proc_start_time(pid: int) -> int | None:
-    """Kernel start time of ``pid`` (guards against pid reuse), or None if it is gone."""
+def proc_start_time(pid: int) -> float | None:
+    """Start time of ``pid`` (guards against pid reuse), or None if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _state_path(cluster_id: str) -> Path:
@@ -128,7 +125,7 @@ def _owner_alive(state: dict[str, Any] | None) -> bool:
     owner = (state or {}).get("owner")
     if not owner or owner["pid"] == os.getpid():
         return False
-    start = _proc_start_time(owner["pid"])
+    start = proc_start_time(owner["pid"])
     return start is not None and start == owner.get("start")
 
 
@@ -165,11 +162,9 @@ def _kill_pids(pids: list[int]) -> None:
 def pids_mentioning(text: str) -> list[int]:
     """PIDs whose command line contains ``text`` (``pgrep -f`` without the regex)."""
     pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if text.encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid != os.getpid() and any(text in arg for arg in proc.info["cmdline"] or ()):
+            pids.append(proc.pid)
     return pids
 
 
@@ -274,6 +269,22 @@ def down_all(cluster_id: str | None = None, include_live: bool = False) -> list[
     return removed
 
 
+def namespace_unavailable_reason() -> str:
+    """Why namespace mode (root, iproute2, ``ip netns add``, cgroups with cpusets) is unavailable here;
+    "" when it works. Probes by creating and removing a namespace and a cgroup."""
+    if os.geteuid() != 0:
+        return "not root"
+    if shutil.which("ip") is None:
+        return "iproute2 missing"
+    ok, why = netns.netns_supported()
+    if not ok:
+        return f"ip netns add failed: {why}"
+    why = cgroups.unavailable_reason(pin_cpus=True)
+    if why:
+        return f"cgroups unusable: {why}"
+    return ""
+
+
 # --------------------------------------------------------------------------- the cluster
 
 _LIVE: dict[str, "LocalCluster"] = {}
@@ -362,7 +373,13 @@ class LocalCluster:
             keep_logs: keep ``<temp_dir>`` (Ray logs) after ``down()``.
         """
         if hosts < 1:
-            raise ValueError("need at least one host")
+            raise ValueError(f"need at least one host, got hosts={hosts}")
+        if host_cpus < 1:
+            raise ValueError(f"host_cpus must be at least 1, got {host_cpus}")
+        if cpu_quota is not None and not (0 < cpu_quota < float("inf")):
+            raise ValueError(f"cpu_quota must be a number of CPUs > 0, got {cpu_quota}")
+        if not startup_timeout > 0:
+            raise ValueError(f"startup_timeout must be > 0 seconds, got {startup_timeout}")
         self.n_hosts = hosts
         self.host_memory = parse_size(host_memory)
         self.host_cpus = host_cpus
@@ -422,7 +439,7 @@ class LocalCluster:
         _LIVE[self.cluster_id] = self
         deadline = time.monotonic() + self.startup_timeout
         try:
-            reason = "forced" if self.force_loopback else self._netns_unavailable_reason()
+            reason = "forced" if self.force_loopback else namespace_unavailable_reason()
             if reason:
                 log.warning(
                     "moeshard harness: network namespaces/cgroups unavailable (%s); falling back "
@@ -436,7 +453,8 @@ class LocalCluster:
                 self.mode = "netns"
                 self._up_netns(deadline)
         except BaseException:
-            log.error("cluster %s failed to come up; tearing down", self.cluster_id)
+            # the caller reports the error itself; this only explains the teardown that follows
+            log.info("cluster %s failed to come up; tearing down", self.cluster_id)
             self.down()
             raise
         log.info("cluster %s up (%s): %s", self.cluster_id, self.mode, self.address)
@@ -538,20 +556,6 @@ class LocalCluster:
 
     # ----------------------------------------------------------------- netns mode
 
-    @staticmethod
-    def _netns_unavailable_reason() -> str:
-        if os.geteuid() != 0:
-            return "not root"
-        if shutil.which("ip") is None:
-            return "iproute2 missing"
-        ok, why = netns.netns_supported()
-        if not ok:
-            return f"ip netns add failed: {why}"
-        ok, why = cgroups.supported()
-        if not ok:
-            return f"cgroups unusable: {why}"
-        return ""
-
     def _up_netns(self, deadline: float) -> None:
         layout = cgroups.detect()
         cpus = cgroups.parent_cpus(layout)
@@ -644,13 +648,12 @@ class LocalCluster:
         proc = self._spawn(cmd, cgroups.open_existing(cgroup_name), self.temp_dir / "drv.start.log")
         return proc, f"ray start of the driver node ({self.driver_ip})"
 
-    def _spawn(self, cmd: list[str], cg: cgroups.HostCgroup, log_path: Path) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], cg: cgroups.Cgroup, log_path: Path) -> subprocess.Popen:
         env = self._ray_env()
-        env["MOESHARD_CGROUP_PROCS"] = ":".join(str(p) for p in cg.attach_files())
         log.debug("spawn %s", " ".join(cmd))
         with open(log_path, "wb") as out:
             return subprocess.Popen(
-                ["sh", "-c", _CG_WRAPPER, "sh", *cmd], env=env, stdout=out, stderr=subprocess.STDOUT,
+                cg.wrap(cmd), env=env, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
 
@@ -667,6 +670,7 @@ class LocalCluster:
     def _probe(self, expect: list[str], timeout: float) -> tuple[dict[str, bool], bool]:
         """Ask the GCS which nodes are alive, polling until ``expect`` are (bounded)."""
         env = self._ray_env()
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         code = _PROBE.format(address=self.address, expect=expect, timeout=timeout)
         try:
             proc = subprocess.run(
@@ -692,7 +696,7 @@ class LocalCluster:
             "cluster_id": self.cluster_id,
             "mode": self.mode,
             "created": time.time(),
-            "owner": {"pid": pid, "start": _proc_start_time(pid)} if self._owned else None,
+            "owner": {"pid": pid, "start": proc_start_time(pid)} if self._owned else None,
             "address": self.address,
             "driver_ip": self.driver_ip,
             "subnet": str(self._subnet) if self._subnet else None,
@@ -784,7 +788,7 @@ class LocalCluster:
         if not ray.is_initialized():
             return
         try:
-            gcs = ray._private.worker.global_worker.node.gcs_address
+            gcs = ray.get_runtime_context().gcs_address
         except Exception:  # noqa: BLE001 - half-initialised worker: shut it down anyway
             gcs = self.address
         if gcs == self.address:
@@ -808,17 +812,12 @@ def _free_port(host: str) -> int:
 
 _PROBE = """
 import json, sys, time
-from ray._raylet import GcsClient
+from cluster.ray_internal import gcs_node_states
 expect, deadline = set({expect!r}), time.monotonic() + {timeout!r}
 alive, err = {{}}, None
 while True:
     try:
-        client = GcsClient(address={address!r})
-        infos = client.get_all_node_info(timeout=5).values()
-        alive = {{}}
-        for info in infos:  # a dead and a live node may share an IP: live wins
-            ip = info.node_manager_address
-            alive[ip] = alive.get(ip, False) or info.state == 0
+        alive = gcs_node_states({address!r}, timeout_s=5)
         if all(alive.get(ip) for ip in expect):
             print(json.dumps({{"alive": alive}})); sys.exit(0)
     except Exception as exc:
@@ -827,11 +826,12 @@ while True:
         print(json.dumps({{"alive": alive, "error": err}})); sys.exit(1)
     time.sleep(0.5)
 """
+#: Where the ``cluster`` package lives, for the probe subprocess to import it from.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _reload_ray_auth() -> None:
     """Make Ray re-read its auth settings and token from the environment."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from cluster import ray_internal
 
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    ray_internal.reload_auth()
