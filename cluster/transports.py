@@ -257,7 +257,9 @@ class DirectTransport:
                 continue
             t = link.waiting.get(seq)
             if generation != link.generation or t is None or kind == b"Q":
-                self.dropped["stale_generation" if generation != link.generation else "replay"] += 1
+                # an earlier incarnation's, one we gave up on (timed out), or a request reflected back
+                self.dropped["stale_generation" if generation != link.generation else
+                             "malformed" if kind == b"Q" else "late"] += 1
                 continue
             if kind == b"E":
                 info = msgpack.unpackb(payload)
