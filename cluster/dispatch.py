@@ -182,8 +182,7 @@ class RemoteExperts:
     def _on_start(self, i: int, handle: Any, node: ActorNode) -> None:
         """An actor became ready (started or replaced): attach its channel; it starts with nothing loaded."""
         self._transport.attach(i, handle, node, self._fleet.where(i))
-        if hasattr(self, "_dispatcher"):
-            self._dispatcher.all_resident[i] = False
+        self._dispatcher.all_resident[i] = False
 
     def _share_cores(self, wanted: int | None) -> None:
         """Set this process's torch threads: `wanted`, or the cores our actors on this node leave free."""
