@@ -415,7 +415,9 @@ def test_actor_killed_while_idle_is_replaced_with_a_new_channel(ray_session, spe
         while psutil.pid_exists(victim) and psutil.Process(victim).status() != psutil.STATUS_ZOMBIE:
             assert time.monotonic() < deadline, "the killed actor did not exit"
             time.sleep(0.1)
+        assert re.fleet.lost_ips() == {re.nodes[1]["ip"]}      # what the job places fresh actors away from
         assert torch.equal(re.forward(layer, x, w, ids), want)
+        assert re.fleet.lost_ips() == set()
         s = re.stats()
         kinds = [e["kind"] for e in s["recovery_events"]]
         assert "died" in kinds and "timeout" not in kinds, f"noticed by the call timeout, not the death: {kinds}"
