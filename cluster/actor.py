@@ -61,6 +61,7 @@ class ShardActor(ExpertShard):
         return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
                 "device": str(self.device), "budget_bytes": self.budget_bytes, "takeover": self.takeover,
                 "endpoint": None if self.channel is None else self.channel.endpoint,
+                "local_endpoint": None if self.channel is None else self.channel.local_endpoint,
                 "generation": None if self.channel is None else self.channel.config.generation}
 
     def serve_channel(self) -> None:

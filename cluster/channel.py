@@ -17,7 +17,9 @@ noticed quickly.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -65,6 +67,12 @@ class ChannelServer:
         self._sock.setsockopt(zmq.LINGER, 0)
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
+        # Same node: also a Linux abstract-namespace IPC socket (no file to leave behind when the actor
+        # is killed; local to this network namespace), which skips the TCP stack. The MAC still applies.
+        self.local_endpoint: str | None = None
+        if sys.platform.startswith("linux"):
+            self.local_endpoint = f"ipc://@moeshard-{uuid.uuid4().hex}"
+            self._sock.bind(self.local_endpoint)
         self._last_seq = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()       # counters are read by report() on the actor's main thread
@@ -74,7 +82,8 @@ class ChannelServer:
     def counters(self) -> dict:
         with self._lock:
             return {"served": self._served, "dropped": {r: self._dropped[r] for r in wire.AUTH_REASONS},
-                    "generation": self.config.generation, "endpoint": self.endpoint}
+                    "generation": self.config.generation, "endpoint": self.endpoint,
+                    "local_endpoint": self.local_endpoint}
 
     def stop(self) -> None:
         self._stop.set()

@@ -40,7 +40,8 @@ class ActorNode:
     device: str
     budget_bytes: int | None = None
     takeover: dict | None = None
-    endpoint: str | None = None        # its direct channel, if it serves one
+    endpoint: str | None = None        # its direct channel, if it serves one (TCP on the node's IP)
+    local_endpoint: str | None = None  # the same channel for a peer on the same node (IPC)
     generation: int | None = None
 
     @classmethod

@@ -162,6 +162,7 @@ class _Link:
     sock: Any
     generation: int
     sentinel: Any                                   # ref of the actor's serve_channel call
+    endpoint: str
     seq: int = 0
     waiting: dict[int, Ticket] = field(default_factory=dict)
     arrived: dict[int, Any] = field(default_factory=dict)
@@ -192,12 +193,27 @@ class DirectTransport:
         endpoint, generation = node.endpoint, node.generation
         if not endpoint:
             raise ClusterError(f"{where} reported no channel endpoint (started without one?)")
+        if node.local_endpoint and node.node_id == self._node_id():
+            endpoint = node.local_endpoint
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
         sentinel = handle.serve_channel.options(concurrency_group="channel").remote()
-        self._links[actor] = _Link(sock, generation, sentinel)
+        self._links[actor] = _Link(sock, generation, sentinel, endpoint)
         self._where.where[actor] = where
+
+    def _node_id(self) -> str | None:
+        """This process's Ray node (an actor there is reached over IPC, others over TCP)."""
+        import ray
+
+        try:
+            return ray.get_runtime_context().get_node_id()
+        except Exception:  # not a Ray driver or worker: TCP for everyone
+            return None
+
+    def endpoints(self) -> dict[int, str]:
+        """The endpoint each actor's channel is connected to now."""
+        return {a: link.endpoint for a, link in sorted(self._links.items())}
 
     def detach(self, actor: int) -> None:
         link = self._links.pop(actor, None)
@@ -300,7 +316,7 @@ class DirectTransport:
                 link.arrived.setdefault(seq, ShardUnavailable(f"{self._where(a)}: {why}"))
 
     def stats(self) -> dict[str, Any]:
-        return {"replies_dropped": dict(self.dropped)}
+        return {"replies_dropped": dict(self.dropped), "channel_endpoints": self.endpoints()}
 
     def close(self) -> None:
         for a in list(self._links):

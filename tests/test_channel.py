@@ -132,6 +132,7 @@ def test_forged_replayed_truncated_oversized_stale_are_dropped_and_counted(ray_s
         assert all(counts[r] == 1 for r, _ in attacks), counts
         assert ray.get(actor.report.remote(), timeout=30)["channel"]["served"] == 1 + len(attacks)
         assert transport.stats()["replies_dropped"] == {}
+        assert transport.endpoints() == {0: node.local_endpoint}     # same node: IPC; the attacks came over TCP
     finally:
         if raw is not None:
             raw.close(linger=0)

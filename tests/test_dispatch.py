@@ -384,7 +384,10 @@ def test_default_is_direct_and_idle_actors_block(ray_session, specs):
         re.forward(*args)
         s = re.stats()
         assert s["transport"] == "direct" and s["calls"] == 1
-        assert all(n["endpoint"].startswith("tcp://") and n["generation"] == 0 for n in re.nodes)
+        assert all(n["endpoint"].startswith(f"tcp://{n['ip']}:") and n["generation"] == 0 for n in re.nodes)
+        # actors on this node are reached over their IPC endpoint, not TCP
+        assert s["channel_endpoints"] == {i: n["local_endpoint"] for i, n in enumerate(re.nodes)}
+        assert all(e.startswith("ipc://@") for e in s["channel_endpoints"].values())
         procs = [psutil.Process(n["pid"]) for n in re.nodes]
         c0 = [sum(p.cpu_times()[:2]) for p in procs]
         t0 = time.monotonic()
