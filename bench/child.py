@@ -88,23 +88,19 @@ class Breakdown:
             compute = shard.compute
 
             def timed_compute(*a, **kw):
-                s0, t0 = shard.store._stall, time.perf_counter()
+                s0, t0 = shard.store.stall_seconds, time.perf_counter()
                 try:
                     return compute(*a, **kw)
                 finally:
-                    dt, st = time.perf_counter() - t0, shard.store._stall - s0
+                    dt, st = time.perf_counter() - t0, shard.store.stall_seconds - s0
                     self._calls.append((dt, st))
 
             shard.compute = timed_compute
-        else:                       # RemoteExperts: the actors' reply headers carry compute/stall
-            rep = experts._reply
+        else:                       # RemoteExperts: its per-layer trace hook gives each actor's compute/stall
+            def on_layer(trace):
+                self._calls.extend((t.compute_s, t.stall_s) for t in trace.actors)
 
-            def timed_reply(*a, **kw):
-                header, out = rep(*a, **kw)
-                self._calls.append((float(header.get("compute_s", 0.0)), float(header.get("stall_s", 0.0))))
-                return header, out
-
-            experts._reply = timed_reply
+            experts.add_trace_hook(on_layer)
 
         state: dict[str, float] = {}
 
@@ -420,9 +416,9 @@ def op_memory(**_: Any) -> dict:
         except Exception:
             pass
     out["children"] = kids
-    if S.system == "moeshard" and hasattr(S.obj.experts, "_nodes"):
+    if S.system == "moeshard" and getattr(S.obj.experts, "fleet", None) is not None:
         actors = []
-        for n, rep in zip(S.obj.experts._nodes, S.obj.experts.reports()):
+        for n, rep in zip(S.obj.experts.nodes, S.obj.experts.reports()):
             try:
                 actors.append({**_rss_tree(n["pid"]), "bytes_resident": rep.get("bytes_resident"),
                                "budget_bytes": rep.get("budget_bytes"), "slots": rep.get("slots"),
@@ -437,15 +433,29 @@ def op_memory(**_: Any) -> dict:
     return out
 
 
-def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int = 4,
-                      coordinator_threads: list[int] | None = None, **_: Any) -> dict:
-    """Per-layer round trip with 2 actors and trivial expert work, plus peers (see scenario 4).
+def _cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    """user+system CPU seconds of each process so far (whole process, every thread)."""
+    import psutil
 
-    Peers, interleaved in blocks (A B C D A B C D ...): moeshard's RemoteExperts on the compiled-graph
-    transport and on plain calls (rows for both actors, and for one); LocalExperts (no dispatch); a plain
-    Ray call that echoes the same wire message on two actors; and the same echo as a Ray Compiled
-    Graph. A compiled graph's actors spin while they wait, so each graph exists only during its own
-    block (built before it, released after it) and never slows the other peers.
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = sum(psutil.Process(pid).cpu_times()[:2])
+        except Exception:  # gone, or not visible from here
+            out[name] = float("nan")
+    return out
+
+
+def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int = 4,
+                      coordinator_threads: list[int] | None = None, idle_s: float = 10.0, **_: Any) -> dict:
+    """Per-layer round trip with 2 actors and trivial expert work, plus peers (see scenario 4), then
+    the idle CPU of the coordinator and of the direct transport's actors over `idle_s` seconds.
+
+    Peers, interleaved in blocks (A B C D A B C D ...): moeshard's RemoteExperts on the direct channel
+    (the default) and on plain Ray calls (rows for both actors, and for one); LocalExperts (no
+    dispatch); a plain Ray call that echoes the same wire message on two actors; and the same echo as a
+    Ray Compiled Graph (Ray's own floor; its actors spin while they wait, so it exists only during its
+    own block). moeshard's figures come from its public per-layer trace hook as well (transit per actor).
     """
     import ray
 
@@ -459,10 +469,13 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
     layer = specs[0].layer
     if not ray.is_initialized():   # room for both backends' actors (one CPU each, as in the other scenarios)
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    graph = RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="graph", graph_idle_s=0)
+    direct = RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="direct")
     calls = RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="calls")
     local = LocalExperts(specs, dtype="float32")
-    owners = graph.plan.owners()
+    transit: dict[str, list[float]] = {"direct": [], "calls": []}
+    for name, be in (("direct", direct), ("calls", calls)):
+        be.add_trace_hook(lambda t, name=name: transit[name].extend(a.transit_s for a in t.actors))
+    owners = direct.plan.owners()
     mine = {a: [e for (l, e), o in sorted(owners.items()) if l == layer and o == a] for a in (0, 1)}
     x = torch.randn(1, H)
     w = torch.tensor([[0.6, 0.4]])
@@ -489,15 +502,10 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
     def echo_graph_down() -> None:
         cg.pop("g").teardown()
 
-    def release(remote: Any) -> None:
-        remote.release_graph()
-        if remote._teardown is not None:
-            remote._teardown.join(30)
-
     # name: (run once, set up before the block, tear down after it)
     peers: dict[str, tuple[Any, Any, Any]] = {
-        "moeshard_graph_2actors": (lambda: graph.wait(graph.submit(layer, x, w, ids_two)), None, lambda: release(graph)),
-        "moeshard_graph_1actor": (lambda: graph.wait(graph.submit(layer, x, w, ids_one)), None, lambda: release(graph)),
+        "moeshard_direct_2actors": (lambda: direct.wait(direct.submit(layer, x, w, ids_two)), None, None),
+        "moeshard_direct_1actor": (lambda: direct.wait(direct.submit(layer, x, w, ids_one)), None, None),
         "moeshard_calls_2actors": (lambda: calls.wait(calls.submit(layer, x, w, ids_two)), None, None),
         "moeshard_calls_1actor": (lambda: calls.wait(calls.submit(layer, x, w, ids_one)), None, None),
         "moeshard_local": (lambda: local.wait(local.submit(layer, x, w, ids_two)), None, None),
@@ -533,11 +541,19 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
     torch.set_num_threads(settings[0])
     for e in echoes:
         ray.kill(e)
-    graph.close()
     calls.close()
     local.close()
-    return {"latencies_s": res, "hidden": H, "experts": {"two": ids_two.tolist(), "one": ids_one.tolist()},
-            "compiled_graph_error": cg_error, "coordinator_threads": settings}
+    # idle: the direct backend stays open with nothing to do; a blocked process costs ~0 CPU
+    pids = {"coordinator": os.getpid(), **{f"actor{i}": n["pid"] for i, n in enumerate(direct.nodes)}}
+    c0, t0 = _cpu_s(pids), time.perf_counter()
+    time.sleep(idle_s)
+    c1, wall = _cpu_s(pids), time.perf_counter() - t0
+    idle = {k: (c1[k] - c0[k]) / wall for k in pids}
+    direct.close()
+    return {"latencies_s": res, "transit_s": transit, "hidden": H,
+            "experts": {"two": ids_two.tolist(), "one": ids_one.tolist()},
+            "compiled_graph_error": cg_error, "coordinator_threads": settings,
+            "idle_cpu_cores": idle, "idle_s": wall}
 
 
 OPS = {"load": op_load, "decode": op_decode, "prefill": op_prefill, "stats": op_stats, "memory": op_memory,

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(torch_table(run, a.tokens, a.top))
             return 0
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        pids = {"coordinator": os.getpid(), **{f"actor{i}": n["pid"] for i, n in enumerate(c.experts._nodes)}}
+        pids = {"coordinator": os.getpid(), **{f"actor{i}": n["pid"] for i, n in enumerate(c.experts.nodes)}}
         tmp = Path(tempfile.mkdtemp(prefix="msprof-"))
         procs = {name: subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(a.seconds)), "-r", "200",
                                          "-f", "raw", "-o", str(tmp / f"{name}.txt"), "--nonblocking"],

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from coordinator.options import TRANSPORT_NAMES, TransportOptions
+
 from . import make_checkpoint as mk
 from . import results as R
 from .common import RESULTS_DIR, env_info
@@ -88,8 +90,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="scenario 2: memory cgroup limit per system (default 3GB)")
     parser.add_argument("--host-memory", type=_size, default=3 * 10**9,
                         help="scenario 3: memory per harness host (default 3GB)")
-    parser.add_argument("--transport", choices=("calls", "graph"), default="calls",
-                        help="moeshard's dispatch transport in runs with workers (default: calls)")
+    parser.add_argument("--transport", choices=TRANSPORT_NAMES, default=TransportOptions().transport,
+                        help=f"moeshard's dispatch transport in runs with workers (default: {TransportOptions().transport})")
     parser.add_argument("--out", type=_out_dir, default=None, help=f"results directory (default {RESULTS_DIR})")
     parser.add_argument("--machine", default=None, help="machine name in the results file name (default hostname)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")

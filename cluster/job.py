@@ -281,15 +281,7 @@ def _generate(coord, kind: str, prompts: list, args: argparse.Namespace) -> list
 
 def _lost_ips(coord) -> set[str]:
     """IPs of this coordinator's actors that no longer answer (where to place fresh ones last)."""
-    import ray
-
-    lost = set()
-    for actor, node in zip(coord.experts.actors, coord.experts.nodes):
-        try:
-            ray.get(actor.node_info.remote(), timeout=5)
-        except Exception:  # noqa: BLE001 - dead, unreachable or slow: all count as lost
-            lost.add(node["ip"])
-    return lost
+    return coord.experts.fleet.lost_ips()
 
 
 def _run(args: argparse.Namespace) -> int:

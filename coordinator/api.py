@@ -67,7 +67,7 @@ class Coordinator:
         its allowed values, in docs/options.md): prefetch_depth, prefetch_extra, policy, pin,
         pin_layers, spill_dir, lock_timeout_s, coordinator_threads; with workers also the
         placement (num_cpus_per_worker, num_gpus_per_worker, resources, ready_timeout_s), transport
-        (transport, call_timeout_s, graph_idle_s) and recovery (max_call_retries,
+        (transport, call_timeout_s) and recovery (max_call_retries,
         max_generation_retries, restart_timeout_s, takeover_memory, takeover_share) options.
         `options=RunOptions(...)` gives them typed instead. Every value is checked before anything
         starts: an unknown option, or one that does not apply with num_workers=0, raises

@@ -27,7 +27,7 @@ from workers.units import parse_bytes
 
 DTYPE_NAMES = tuple(COMPUTE_DTYPES)
 POLICY_NAMES = ("lfu-decay", "lfu", "lru")
-TRANSPORT_NAMES = ("calls", "graph")
+TRANSPORT_NAMES = ("direct", "calls")
 
 
 class OptionError(MoeshardError, ValueError):
@@ -269,14 +269,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("ready_timeout_s", "placement", number(0, lo_open=True), "seconds > 0", "--ready-timeout",
            invalid=(0,), cli_invalid=("0",),
            help="seconds to wait for the expert actors to start (> 0)"),
-    Option("transport", "transport", choice(TRANSPORT_NAMES), " | ".join(TRANSPORT_NAMES) + " (default calls)",
-           "--transport", invalid=("auto",), cli_invalid=("auto",),
-           help="how each layer reaches the actors: plain actor calls (calls) or one Ray Compiled Graph over all of them (graph: ~1 ms less per layer, but each actor keeps a core busy waiting; for actors with a core to spare)"),
+    Option("transport", "transport", choice(TRANSPORT_NAMES), " | ".join(TRANSPORT_NAMES) + " (default direct)",
+           "--transport", invalid=("auto", "graph"), cli_invalid=("auto", "graph"),
+           help="how each layer reaches the actors: an authenticated ZMQ channel straight to each actor (direct, the default; Ray keeps the control plane) or plain Ray actor calls (calls: the fallback and the comparison)"),
     Option("call_timeout_s", "transport", number(0, lo_open=True), "seconds > 0", "--call-timeout",
            invalid=(0, -1, float("inf")), cli_invalid=("0", "inf"),
            help="seconds to wait for an actor's reply before it counts as lost (> 0)"),
-    Option("graph_idle_s", "transport", number(0), "seconds >= 0 (0 = keep the compiled graph)",
-           invalid=(-1,)),
     Option("max_call_retries", "recovery", integer(0), "integer >= 0", invalid=(-1,)),
     Option("max_generation_retries", "recovery", integer(0), "integer >= 0", invalid=(-1,)),
     Option("restart_timeout_s", "recovery", number(0, lo_open=True), "seconds > 0", invalid=(0,)),
@@ -372,9 +370,8 @@ class PlacementOptions(_Checked):
 class TransportOptions(_Checked):
     """How each layer's routed rows reach the actors (distributed only)."""
 
-    transport: str = "calls"
+    transport: str = "direct"
     call_timeout_s: float = 60.0
-    graph_idle_s: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,8 @@ def test_scenarios_4_and_6_over_ray(tmp_path, monkeypatch):
     s4, s6 = doc["scenarios"]["4"], doc["scenarios"]["6"]
     assert s4["status"] == "ok", s4.get("reason")
     lat = s4["details"]["latency"]
-    assert lat["moeshard_graph_2actors"]["p50"] > 0 and lat["moeshard_calls_2actors"]["p50"] > 0
+    assert lat["moeshard_direct_2actors"]["p50"] > 0 and lat["moeshard_calls_2actors"]["p50"] > 0
+    assert set(s4["details"]["idle_cpu_cores"]) == {"coordinator", "actor0", "actor1"}
     assert s6["status"] == "ok", s6.get("reason")
     assert any(f["id"] == "s6.coordinator" for f in s6["figures"])
     assert sum(f["id"].startswith("s6.actor") for f in s6["figures"]) == 2

@@ -18,7 +18,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from cluster.dispatch import RemoteExperts, _Call  # noqa: E402
+from cluster.dispatch import RemoteExperts  # noqa: E402
 from cluster.errors import ClusterError, ExpertTimeout, ShardUnavailable  # noqa: E402
 from coordinator.checkpoint import Checkpoint  # noqa: E402
 from coordinator.experts import LocalExperts  # noqa: E402
@@ -52,8 +52,8 @@ def ray_session():
         ray.shutdown()
 
 
-# 1-3 workers on the compiled graph, and 2 on plain calls
-@pytest.fixture(scope="module", params=[(1, "graph"), (2, "graph"), (3, "graph"), (2, "calls")],
+# 1-3 workers on the direct channel (the default), and 2 on plain Ray calls
+@pytest.fixture(scope="module", params=[(1, "direct"), (2, "direct"), (3, "direct"), (2, "calls")],
                 ids=lambda p: f"{p[0]}workers-{p[1]}")
 def remote(request, ray_session, specs):
     re = RemoteExperts.build(specs, num_workers=request.param[0], dtype="float32", call_timeout_s=60,
@@ -158,11 +158,9 @@ def test_each_actor_holds_only_its_own_experts(remote, specs):
 
 
 def test_one_call_per_active_actor_and_none_for_idle(remote, specs):
-    """Active actors get one call per layer with all their rows. Idle ones get no call: with plain calls
-    nothing at all, with the compiled graph (static: every actor, every layer) a message with no rows."""
+    """Active actors get one call per layer with all their rows. Idle ones get nothing at all."""
     layer = layers_of(specs)[1]
     plan = remote.plan
-    graph = remote.stats()["transport"] == "graph"
 
     def counts():
         return [(r["calls"], r["idle_messages"]) for r in remote.reports()]
@@ -173,8 +171,7 @@ def test_one_call_per_active_actor_and_none_for_idle(remote, specs):
     ids, w, g = routing(9, min(3, len(mine)), 8, seed=3, experts=mine)
     remote.forward(layer, torch.randn(9, 32, generator=g), w, ids)
     mid = counts()
-    idle = 1 if graph else 0
-    assert [(m[0] - b[0], m[1] - b[1]) for m, b in zip(mid, before)] == [(1, 0)] + [(0, idle)] * (len(plan.workers) - 1)
+    assert [(m[0] - b[0], m[1] - b[1]) for m, b in zip(mid, before)] == [(1, 0)] + [(0, 0)] * (len(plan.workers) - 1)
     # Route to every expert: every actor gets exactly one call for the layer.
     ids, w, g = routing(16, 3, 8, seed=4)
     ids[:3] = torch.arange(9).remainder(8).view(3, 3)   # make sure all 8 experts are active
@@ -192,18 +189,17 @@ def test_one_call_per_active_actor_and_none_for_idle(remote, specs):
 
 
 def test_malformed_bytes_give_clear_error_and_actor_keeps_serving(remote, local):
-    actor = remote.actors[0]
+    failures = remote.stats()["failures"]
     for bad, match in ((b"garbage", "truncated|msgpack"), (wire.encode({"op": "nope"}), "expected op")):
-        call = _Call(0, actor.run_layer.remote(bad), torch.arange(0), time.perf_counter())
         with pytest.raises(WireError, match=match) as err:
-            remote._reply(call, 0, 32)
+            remote.run_raw(0, bad, layer=0, rows=0, hidden=32)
         assert "actor 0" in str(err.value) and "layer 0" in str(err.value)
     # A well-formed message the shard rejects (expert it does not own) -> moeshard error with the remote text.
     foreign = 99
     msg = wire.encode({"op": "run_layer", "layer": 0, "experts": [foreign], "counts": [1]}, {"rows": torch.zeros(1, 32)})
-    call = _Call(0, actor.run_layer.remote(msg), torch.arange(1), time.perf_counter())
     with pytest.raises(ClusterError, match="not owned"):
-        remote._reply(call, 0, 32)
+        remote.run_raw(0, msg, layer=0, rows=1, hidden=32)
+    assert remote.stats()["failures"] == failures, "a refused message is the caller's fault, never retried"
     ids, w, g = routing(4, 3, 8, seed=9)
     x = torch.randn(4, 32, generator=g)
     torch.testing.assert_close(remote.forward(0, x, w, ids), local.submit(0, x, w, ids), atol=1e-5, rtol=0)
@@ -229,7 +225,7 @@ def test_timeout_names_actor_and_layer(remote, specs):
     ids, w, g = routing(4, min(3, len(mine)), 8, seed=1, experts=mine)
     x = torch.randn(4, 32, generator=g)
     want = remote.forward(layer, x, w, ids)
-    os.kill(remote._nodes[0]["pid"], signal.SIGSTOP)
+    os.kill(remote.nodes[0]["pid"], signal.SIGSTOP)
     saved = remote.call_timeout_s, remote.max_call_retries
     remote.call_timeout_s, remote.max_call_retries = 1.0, 0
     try:
@@ -247,7 +243,7 @@ def test_prefetch_is_one_way_and_skips_actors_with_everything_resident(remote):
 
     before = remote.stats()
     # One-way: with every actor stopped (it cannot answer anything), prefetch still returns.
-    pids = [n["pid"] for n in remote._nodes]
+    pids = [n["pid"] for n in remote.nodes]
     sent = threading.Thread(target=remote.prefetch, args=(1, torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 99]])))
     for p in pids:
         os.kill(p, signal.SIGSTOP)
@@ -363,7 +359,7 @@ def test_coordinator_threads_leave_the_actors_their_cores(ray_session, specs):
     try:
         cores = len(os.sched_getaffinity(0))
         with RemoteExperts.build(specs, num_workers=2, dtype="float32") as re:
-            assert all(n["node_id"] == ray.get_runtime_context().get_node_id() for n in re._nodes)
+            assert all(n["node_id"] == ray.get_runtime_context().get_node_id() for n in re.nodes)
             assert torch.get_num_threads() == min(8, max(1, cores - 2))
         assert torch.get_num_threads() == 8
         with RemoteExperts.build(specs, num_workers=1, dtype="float32", coordinator_threads=3):
@@ -375,58 +371,59 @@ def test_coordinator_threads_leave_the_actors_their_cores(ray_session, specs):
         torch.set_num_threads(before)
 
 
-def test_default_is_plain_calls_and_an_idle_graph_is_released(ray_session, specs):
-    """Plain calls unless asked (a graph's waiting actors spin on a core each). A graph with nothing to do
-    is released after graph_idle_s, which stops the spinning; the next layer builds it again."""
+def test_default_is_direct_and_idle_actors_block(ray_session, specs):
+    """The direct channel unless asked; after a layer, an idle actor's threads block (no spinning): its
+    CPU time over 3 s idle stays far below a core (a generous bound: a spinning loop takes ~100%)."""
     import psutil
 
     layer = layers_of(specs)[0]
     args = (layer, torch.randn(1, 32), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
-    with RemoteExperts.build(specs, num_workers=1, dtype="float32") as re:
-        re.forward(*args)
-        assert re.stats()["transport"] == "calls" and re.stats()["graph_builds"] == 0
     with pytest.raises(ValueError, match="transport"):
-        RemoteExperts.build(specs, num_workers=1, dtype="float32", transport="auto")
-    with RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="graph", graph_idle_s=1.0) as re:
-        re.forward(*args)
-        assert re.stats()["transport"] == "graph"
-        procs = [psutil.Process(n["pid"]) for n in re._nodes]
-
-        def busy(seconds=1.0):
-            c0 = [sum(p.cpu_times()[:2]) for p in procs]
-            time.sleep(seconds)
-            return max(sum(p.cpu_times()[:2]) - c for p, c in zip(procs, c0)) / seconds
-
-        deadline = time.monotonic() + 30
-        while re.stats()["transport"] == "graph":
-            assert time.monotonic() < deadline, "the idle graph was not released"
-            time.sleep(0.2)
-        time.sleep(0.5)                      # let the teardown finish on the actors
-        assert busy() < 0.3, "actors still spin after the graph was released"
+        RemoteExperts.build(specs, num_workers=1, dtype="float32", transport="graph")
+    with RemoteExperts.build(specs, num_workers=2, dtype="float32") as re:
         re.forward(*args)
         s = re.stats()
-        assert s["transport"] == "graph" and s["graph_builds"] == 2 and s["graph_failures"] == 0
-        re.release_graph()
-        assert re.stats()["transport"] == "calls"
+        assert s["transport"] == "direct" and s["calls"] == 1
+        assert all(n["endpoint"].startswith(f"tcp://{n['ip']}:") and n["generation"] == 0 for n in re.nodes)
+        # actors on this node are reached over their IPC endpoint, not TCP
+        assert s["channel_endpoints"] == {i: n["local_endpoint"] for i, n in enumerate(re.nodes)}
+        assert all(e.startswith("ipc://@") for e in s["channel_endpoints"].values())
+        procs = [psutil.Process(n["pid"]) for n in re.nodes]
+        c0 = [sum(p.cpu_times()[:2]) for p in procs]
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.0:      # idle on purpose: nothing to poll for
+            time.sleep(0.5)
+        used = [(sum(p.cpu_times()[:2]) - c) / (time.monotonic() - t0) for p, c in zip(procs, c0)]
+        assert max(used) < 0.1, f"idle actors used {used} of a core"
+        assert torch.equal(re.forward(*args), re.forward(*args))
 
 
-def test_actor_dead_while_no_graph_exists_is_replaced_and_the_graph_rebuilt(ray_session, specs):
-    """An actor killed between layers after the graph was released: building the next graph fails on it;
-    that layer goes by plain calls on a replacement (same result), and the following one by a new graph."""
+def test_actor_killed_while_idle_is_replaced_with_a_new_channel(ray_session, specs):
+    """An actor SIGKILLed between layers: the next layer notices (its channel's death notice), replaces
+    it, opens a channel to the new incarnation (generation 1) and gives the same result."""
     import os
     import signal
+
+    import psutil
 
     layer = layers_of(specs)[0]
     ids, w, g = routing(8, 3, 8, seed=11)
     x = torch.randn(8, 32, generator=g)
     ids[:3] = torch.arange(9).remainder(8).view(3, 3)   # every actor has rows
-    with RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="graph", call_timeout_s=30) as re:
+    with RemoteExperts.build(specs, num_workers=2, dtype="float32", call_timeout_s=120) as re:
         want = re.forward(layer, x, w, ids)
-        re.release_graph()
-        re._teardown.join(30)
-        os.kill(re._nodes[1]["pid"], signal.SIGKILL)
+        victim = re.nodes[1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(victim) and psutil.Process(victim).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the killed actor did not exit"
+            time.sleep(0.1)
+        assert re.fleet.lost_ips() == {re.nodes[1]["ip"]}      # what the job places fresh actors away from
         assert torch.equal(re.forward(layer, x, w, ids), want)
+        assert re.fleet.lost_ips() == set()
         s = re.stats()
+        kinds = [e["kind"] for e in s["recovery_events"]]
+        assert "died" in kinds and "timeout" not in kinds, f"noticed by the call timeout, not the death: {kinds}"
         assert s["restarts"] == 1 and s["failures"] >= 1 and s["actors"][1]["incarnation"] == 1
+        assert re.nodes[1]["generation"] == 1 and re.nodes[1]["pid"] != victim
         assert torch.equal(re.forward(layer, x, w, ids), want)
-        assert re.stats()["transport"] == "graph"

@@ -63,7 +63,7 @@ CLI_INVALID = {
     ("bench", "--ooc-workers"): ["a", "-1"],
     ("bench", "--ooc-memory"): ["lots", "0"],
     ("bench", "--host-memory"): ["lots", "0"],
-    ("bench", "--transport"): ["auto"],
+    ("bench", "--transport"): ["auto", "graph"],
     ("bench", "--out"): ["/dev/null/out"],
     ("quantize", "src"): ["/nonexistent/model"],
     ("quantize", "dst"): ["/nonexistent/model"],
@@ -227,7 +227,7 @@ def test_unknown_and_inapplicable_options_are_type_errors_in_both_backends():
         with pytest.raises(TypeError, match="kv_cache_dtype"):
             Coordinator.from_pretrained(MODEL, num_workers=workers, kv_cache_dtype="int8")
     with pytest.raises(TypeError, match="transport: applies only to expert actors"):
-        Coordinator.from_pretrained(MODEL, num_workers=0, transport="graph")
+        Coordinator.from_pretrained(MODEL, num_workers=0, transport="calls")
     with pytest.raises(TypeError, match="not both"):
         Coordinator.from_pretrained(MODEL, num_workers=1, options=RunOptions())
 

@@ -8,6 +8,8 @@ read-only too; clone one before writing to it.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import struct
 import sys
@@ -162,3 +164,69 @@ def decode(buf: bytes | bytearray | memoryview) -> tuple[dict[str, Any], dict[st
         t = torch.frombuffer(mv, dtype=dtype, count=nbytes // dtype.itemsize, offset=start + off)
         tensors[name] = t.view(shape)
     return header, tensors
+
+
+# ---- authenticated framing (the direct channel, docs/security.md) ------------------------------------
+#
+# A sealed message is three frames: [seal header][MAC][payload]. The seal header is fixed-size:
+#     magic b"MSA1" | kind u8 (b"Q" request, b"R" reply, b"E" error reply) | 3 pad bytes |
+#     generation u64 | seq u64 | payload length u64            (little-endian, 32 bytes)
+# MAC = HMAC-SHA256(key, seal header || payload). The generation is the actor incarnation the message
+# is for; seq grows by one per request to that incarnation, and a reply repeats its request's seq. The
+# payload is a wire message (or, for kind E, a UTF-8 error text) and travels as its own frame, so ZMQ
+# sends it without a copy; the MAC is computed over it in place.
+
+SEAL_MAGIC = b"MSA1"
+_SEAL = struct.Struct("<4sc3xQQQ")
+SEAL_BYTES = _SEAL.size
+MAC_BYTES = hashlib.sha256().digest_size
+KINDS = (b"Q", b"R", b"E")
+
+
+class AuthError(WireError):
+    """A sealed message failed its checks; `reason` is one of AUTH_REASONS (what the counters count)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+AUTH_REASONS = ("bad_mac", "replay", "stale_generation", "truncated", "oversized", "malformed")
+
+
+def _mac(key: bytes, head: bytes, payload: Any) -> bytes:
+    h = hmac.new(key, head, hashlib.sha256)
+    h.update(payload)
+    return h.digest()
+
+
+def seal(key: bytes, kind: bytes, generation: int, seq: int, payload: bytes | memoryview) -> list[Any]:
+    """The frames of one authenticated message (see above)."""
+    if kind not in KINDS:
+        raise WireError(f"unknown sealed message kind {kind!r}; one of {KINDS}")
+    head = _SEAL.pack(SEAL_MAGIC, kind, int(generation), int(seq), memoryview(payload).nbytes)
+    return [head, _mac(key, head, payload), payload]
+
+
+def unseal(key: bytes, frames: list[Any], *, max_bytes: int) -> tuple[bytes, int, int, memoryview]:
+    """(kind, generation, seq, payload view) of sealed `frames`, or AuthError saying why not.
+
+    Checks shape, size (`max_bytes` caps the payload) and the MAC; the caller checks generation and
+    seq against what it expects (they are authenticated here)."""
+    if len(frames) != 3:
+        raise AuthError("malformed", f"sealed message has {len(frames)} frames, expected 3")
+    head, mac, payload = (memoryview(f) for f in frames)
+    if head.nbytes != SEAL_BYTES or mac.nbytes != MAC_BYTES:
+        raise AuthError("malformed", f"seal header/MAC of {head.nbytes}/{mac.nbytes} bytes, "
+                                     f"expected {SEAL_BYTES}/{MAC_BYTES}")
+    magic, kind, generation, seq, length = _SEAL.unpack(head)
+    if magic != SEAL_MAGIC or kind not in KINDS:
+        raise AuthError("malformed", f"not a sealed moeshard message (magic {magic!r}, kind {kind!r})")
+    if payload.nbytes > max_bytes:
+        raise AuthError("oversized", f"payload of {payload.nbytes} bytes exceeds the {max_bytes}-byte limit")
+    if payload.nbytes != length:
+        reason = "truncated" if payload.nbytes < length else "oversized"
+        raise AuthError(reason, f"{reason} payload: {payload.nbytes} bytes, the seal says {length}")
+    if not hmac.compare_digest(_mac(key, head, payload), mac):
+        raise AuthError("bad_mac", "message authentication failed (wrong key or altered bytes)")
+    return kind, generation, seq, payload
