@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, asdict
 from typing import Any
 
-from .dtypes import DTYPE_SIZES  # noqa: F401  (safetensors dtype -> bytes: workers/dtypes.py is the table)
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 

@@ -211,7 +211,6 @@ class ExpertStore:
             wanted = [tuple(k) for k in keys if tuple(k) in t.infos]
             for layer in {k[0] for k in wanted}:
                 t.expire_hints(layer, keep=set(wanted))
-            queued = False
             for k in wanted:
                 info = t.infos[k]
                 if info.slot is not None:
@@ -223,7 +222,6 @@ class ExpertStore:
                 t.c["prefetch_issued"] += 1
                 t.hint(info)
                 self._queue.append(k)
-                queued = True
             self._cv.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
