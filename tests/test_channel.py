@@ -59,16 +59,6 @@ def test_seal_round_trip_and_each_refusal_reason():
 # ---- a live actor ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def specs(checkpoint):
     return Checkpoint.open(checkpoint(FAMILY, VARIANT)).expert_specs()
 
