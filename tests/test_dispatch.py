@@ -308,6 +308,10 @@ def test_pinned_actors_dead_actor_and_close(ray_session, specs):
     try:
         assert [w.resources for w in re.plan.workers] == [{"host_1": 0.01}, {"host_2": 0.01}]
         ray.kill(actors[1], no_restart=True)
+        # ray.kill is asynchronous and the data plane is not Ray: wait until Ray reports the actor dead,
+        # or the forward below can reach it over its channel before the kill lands (and not raise)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actors[1].ping.remote(), timeout=30)
         ids = torch.arange(24).remainder(8).view(8, 3)     # touches both actors
         with pytest.raises(ShardUnavailable, match=r"actor 1 \(node .*layer 0"):
             re.forward(0, torch.randn(8, 32), torch.full((8, 3), 1 / 3), ids)
