@@ -11,7 +11,7 @@ actors are pinned to hosts 1 and 2; hosts 0 and 3 have a free CPU for replacemen
   node is found unreachable, actor 0 is re-placed on the last free host; tokens identical (a
   clear error would also be acceptable by design) and the generation never hangs.
 
-Needs namespace mode (root, iproute2, cgroups: capability ``harness``, see the skip policy in conftest.py). Slow: one cluster per module.
+Needs namespace mode (root, iproute2, cgroups: capability ``harness``, see the skip policy in conftest.py). Slow: one cluster per test.
 """
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ FAST_HEALTH = {                            # dead hosts detected in ~5 s instead
 }
 
 
-@pytest.fixture(scope="module")
+# A cluster per test: each test breaks it for good (a killed host, a re-placed actor), and each must
+# pass alone and in any order, so none may start from what another left.
+@pytest.fixture
 def cl():
     t0 = time.monotonic()
     with LocalCluster(hosts=4, host_memory=HOST_MEMORY, host_cpus=1, ray_env=FAST_HEALTH) as cluster:
@@ -60,7 +62,7 @@ def path(checkpoint):
     return checkpoint(FAMILY, VARIANT, **BIG)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def coord(cl, path):
     from coordinator import Coordinator
 
@@ -72,7 +74,7 @@ def coord(cl, path):
     c.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def reference(cl, coord, path):
     """Fault-free tokens of the harness run; they also equal the in-process run."""
     from coordinator import Coordinator
@@ -146,7 +148,7 @@ def test_kill_host_mid_generation_replaces_actor_on_a_survivor_paged(cl, coord, 
           f"{summary(events)}")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)   # includes bringing the 4-host cluster up
 def test_cut_link_longer_than_timeout_then_restore(cl, coord, reference):
     ids, mask, ref = reference
     n0 = len(coord.stats()["experts"]["recovery_events"])
