@@ -10,6 +10,7 @@ from workers.shard import ExpertShard
 from workers.spec import ExpertSpec
 
 from . import recovery
+from .nodes import find_node
 from .channel import ChannelConfig, ChannelServer
 
 #: Ray concurrency groups of the actor: the direct channel's serve loop runs on its own thread
@@ -89,7 +90,8 @@ def _node_memory_left(held: dict[str, int]) -> int | None:
 
     try:
         nid = ray.get_runtime_context().get_node_id()
-        total = next((n["Resources"].get("memory") for n in ray.nodes() if n["NodeID"] == nid), None)
+        node = find_node(nid)
     except Exception:  # GCS unreachable: fall back on the local measurement
         return None
+    total = node.memory if node is not None else None
     return None if not total else max(0, int(total) - int(held.get(nid, 0)))

@@ -139,7 +139,7 @@ def _missing(what: str, err: Exception) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the placement; refuse (exit 2) when it cannot fit."""
     from cluster.errors import ClusterError
-    from cluster.placement import plan_placement
+    from cluster.placement import plan_for
     from coordinator.api import pinned_experts
     from coordinator.checkpoint import Checkpoint
     from workers.dtypes import COMPUTE_DTYPES
@@ -156,9 +156,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     min_resident = args.min_resident if args.min_resident is not None else cfg.top_k
     pinned = pinned_experts(cfg, (), opts.store.pin_layers)
     try:
-        plan = plan_placement(specs, opts.placement.num_workers, dtype_bytes=COMPUTE_DTYPES[opts.dtype].itemsize,
-                              worker_memory=opts.store.budget_bytes, min_resident=min_resident, pinned=pinned,
-                              num_cpus=opts.placement.num_cpus, num_gpus=opts.placement.num_gpus)
+        plan = plan_for(specs, opts.placement, opts.store, opts.dtype, min_resident=min_resident, pinned=pinned)
     except ClusterError as e:
         raise Refused(f"cannot place {len(specs)} experts on {opts.placement.num_workers} actor(s): "
                       f"{cli_message(e)}") from e

@@ -38,7 +38,7 @@ from .connect import check_capacity, connect_ray
 from .dispatcher import Dispatcher, LayerTrace, Pending
 from .errors import ClusterError, ExpertTimeout, ShardUnavailable
 from .fleet import ActorNode, Fleet
-from .placement import plan_placement
+from .placement import plan_for
 from .transports import make_transport, root_message
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,7 @@ class RemoteExperts:
         self.dtype = compute_dtype(dtype)
         num_workers = placement.num_workers
         worker_memory, spill_dir = store.budget_bytes, store.spill_dir
-        self.plan = plan_placement(list(specs), num_workers, dtype_bytes=self.dtype.itemsize,
-                                   worker_memory=worker_memory, min_resident=min_resident, load=load, pinned=pinned,
-                                   num_cpus=placement.num_cpus, num_gpus=placement.num_gpus,
-                                   resources=None if placement.resources is None else list(placement.resources))
+        self.plan = plan_for(specs, placement, store, dtype, min_resident=min_resident, pinned=pinned, load=load)
         self._owner: dict[int, dict[int, int]] = defaultdict(dict)   # layer -> expert -> actor
         for (layer, expert), a in self.plan.owners().items():
             self._owner[layer][expert] = a

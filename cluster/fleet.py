@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from coordinator.options import RecoveryOptions
 
-from . import recovery
+from . import nodes, recovery
 from .actor import CONCURRENCY_GROUPS, ShardActor
 from .errors import ClusterError, ShardUnavailable
 from .placement import Plan
@@ -154,15 +154,13 @@ class Fleet:
     # -- probes ------------------------------------------------------------------------------------
     def bad_nodes(self, i: int) -> set[str]:
         """{node id} of actor i's current node if that node is dead or its raylet unreachable, else {}."""
-        import ray
-
         n = self.node(i)
         if n is None or not n.node_id:
             return set()
-        node = next((x for x in ray.nodes() if x["NodeID"] == n.node_id), None)
-        if node is None or not node["Alive"]:
+        node = nodes.find_node(n.node_id)
+        if node is None or not node.alive:
             return {n.node_id}
-        return set() if recovery.node_reachable(node["NodeManagerAddress"], node["NodeManagerPort"]) else {n.node_id}
+        return set() if recovery.node_reachable(node.ip, node.port) else {n.node_id}
 
     def unresponsive(self, actors: Sequence[int], timeout_s: float = PROBE_TIMEOUT_S) -> set[int]:
         """Those of `actors` that do not answer a ping on their main thread within `timeout_s`."""
@@ -193,14 +191,13 @@ class Fleet:
         `suspect` ones (where this call already failed) only if nothing else can host the actor. The
         planned pin is kept if an acceptable live node offers it; else it is dropped and the replacement
         goes to the best acceptable node (free resources first, then fewest of our actors)."""
-        import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if not dead and not suspect:
             return self.planned_options(i), False
         w = self.plan.workers[i]
         need = {"CPU": w.num_cpus, "GPU": w.num_gpus}
-        live = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in dead]
+        live = [n for n in nodes.ray_nodes() if n.node_id not in dead]
         base = dict(num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_restarts=0)
         try:
             from .ray_internal import available_resources_per_node
@@ -211,21 +208,21 @@ class Fleet:
         for j, n in enumerate(self._nodes):
             if j != i and n is not None and self.records[j].broken is None:
                 ours[n.node_id] += 1
-        preferred = [n for n in live if n["NodeID"] not in suspect]
+        preferred = [n for n in live if n.node_id not in suspect]
         for pool in (preferred, live):
             if pool is live and not dead:
                 # only nodes this call already failed on are left, and they are up: retry as planned
                 return self.planned_options(i), False
-            if w.resources and any(recovery.fits(n.get("Resources"), {**need, **w.resources}) for n in pool):
+            if w.resources and any(nodes.fits(n.resources, {**need, **w.resources}) for n in pool):
                 return {**base, "resources": w.resources}, True
             node = recovery.pick_node(pool, need, free, ours)
             if node is not None:
                 return {**base, "scheduling_strategy": NodeAffinitySchedulingStrategy(
-                    node["NodeID"], soft=True, _spill_on_unavailable=True)}, True
+                    node.node_id, soft=True, _spill_on_unavailable=True)}, True
         raise ShardUnavailable(
             f"no surviving node can host a replacement for actor {i} (needs {w.num_cpus:g} CPU, "
             f"{w.num_gpus:g} GPU; dead or unreachable nodes: {sorted(x[:12] for x in dead)}; live nodes: "
-            f"{[(n['NodeManagerAddress'], n.get('Resources', {}).get('CPU', 0)) for n in live]})")
+            f"{[(n.ip, n.resources.get('CPU', 0)) for n in live]})")
 
     def replace(self, i: int, why: str, suspect: set[str] = frozenset()) -> None:
         """Kill actor i (no restart) and start a new one with the same experts, placed away from its node

@@ -33,10 +33,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Sequence
 
 if __name__ == "__main__":  # before the imports below, which fail with a traceback under a Python without torch
@@ -49,7 +47,6 @@ from cluster.gen_common import (RUN_OPTIONS, OneLineParser, add_option_arguments
                                 run_options, sampling_options)
 from cluster.gen_common import read_prompts as _read_prompts
 from coordinator.options import OptionError, RunOptions, UnknownOption, cli_message
-from workers.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -116,30 +113,6 @@ def read_prompts(args: argparse.Namespace) -> tuple[str, list]:
 
 # ---- cluster -----------------------------------------------------------------------------------
 
-@dataclass
-class NodeSlot:
-    """One machine (all Ray nodes sharing an IP) that can host expert actors."""
-
-    ip: str
-    cpus: float
-    gpus: float
-    memory: float                 # Ray's `memory` resource, bytes (0 = unknown)
-    node_ids: list[str] = field(default_factory=list)
-    driver: bool = False          # the job's driver (the coordinator) runs here
-    suspect: bool = False         # an actor was lost here; use it last
-
-    def capacity(self, cpus: float, gpus: float) -> int:
-        """How many actors asking `cpus`/`gpus` fit."""
-        fits = [math.floor(self.cpus / cpus + 1e-9) if cpus > 0 else math.inf,
-                math.floor(self.gpus / gpus + 1e-9) if gpus > 0 else math.inf]
-        n = min(fits)
-        return 1_000_000 if n == math.inf else int(n)
-
-    def describe(self) -> str:
-        mem = f", {format_bytes(self.memory)} memory" if self.memory else ""
-        return f"{self.ip} ({self.cpus:g} CPUs, {self.gpus:g} GPUs{mem})"
-
-
 def connect(address: str, *, debug: bool = False) -> bool:
     """`ray.init(address=...)`, failing fast with ClusterError when nothing is there.
 
@@ -168,83 +141,15 @@ def connect(address: str, *, debug: bool = False) -> bool:
     return True
 
 
-def cluster_nodes(cpus: float, gpus: float, suspects: set[str] = frozenset()) -> tuple[list[NodeSlot], list[str]]:
-    """(nodes that can hold one actor, descriptions of the alive nodes that cannot)."""
-    import ray
-
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    role = any(n["Resources"].get("expert_shard", 0) > 0 for n in alive)
-    try:
-        driver_node = ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - not connected as a driver
-        driver_node = None
-    by_ip: dict[str, NodeSlot] = {}
-    for n in alive:
-        res = n["Resources"]
-        if role and res.get("expert_shard", 0) <= 0:
-            continue
-        ip = n["NodeManagerAddress"]
-        slot = by_ip.setdefault(ip, NodeSlot(ip, 0.0, 0.0, 0.0, suspect=ip in suspects))
-        slot.cpus += res.get("CPU", 0.0)
-        slot.gpus += res.get("GPU", 0.0)
-        slot.memory += res.get("memory", 0.0)
-        slot.node_ids.append(n["NodeID"])
-        slot.driver = slot.driver or n["NodeID"] == driver_node
-    usable = [s for s in by_ip.values() if s.capacity(cpus, gpus) >= 1]
-    others = [s.describe() for s in by_ip.values() if s.capacity(cpus, gpus) < 1]
-    usable.sort(key=lambda s: (s.suspect, s.driver, s.ip))
-    return usable, others
-
-
-def wait_for_nodes(want: int | None, timeout: float, cpus: float, gpus: float,
-                   suspects: set[str] = frozenset()) -> tuple[list[NodeSlot], list[str]]:
-    """`cluster_nodes`; with `want`, wait up to `timeout` s for that many usable nodes (then take what is there)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes, refused = cluster_nodes(cpus, gpus, suspects)
-        if want is None or len(nodes) >= want or time.monotonic() >= deadline:
-            return nodes, refused
-        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
-
-
-def assign_nodes(nodes: Sequence[NodeSlot], resident: Sequence[int], cpus: float, gpus: float,
-                 refused: Sequence[str] = ()) -> list[str]:
-    """The IP each actor goes to: fewest actors first, then node order; raises JobFailure(3) when they do not fit.
-
-    `resident[i]` is actor i's resident expert bytes, checked against each node's `memory` resource.
-    """
-    count = {n.ip: 0 for n in nodes}
-    mem = {n.ip: 0 for n in nodes}
-    out = []
-    for i, need in enumerate(resident):
-        fits = [n for n in nodes if count[n.ip] < n.capacity(cpus, gpus)
-                and (not n.memory or mem[n.ip] + need <= n.memory)]
-        if not fits:
-            have = "; ".join(n.describe() for n in nodes) or "none"
-            extra = f"; alive nodes that cannot hold one: {'; '.join(refused)}" if refused else ""
-            raise JobFailure(EXIT_TOO_SMALL, (
-                f"the cluster is too small for {len(resident)} expert actors asking {cpus:g} CPU(s), {gpus:g} GPU(s) "
-                f"and up to {format_bytes(max(resident))} of resident experts each: it holds only {i}. Nodes that "
-                f"can hold an actor: {have}{extra}. Use fewer --workers, smaller --cpus-per-worker/--worker-memory, "
-                f"or add nodes"))
-        best = min(fits, key=lambda n: count[n.ip])  # stable: ties keep node order
-        count[best.ip] += 1
-        mem[best.ip] += need
-        out.append(best.ip)
-    return out
-
-
 # ---- the job -----------------------------------------------------------------------------------
 
 def _plan(specs, workers: int, opts: RunOptions, top_k: int, pinned):
     from cluster.errors import ClusterError
-    from cluster.placement import PlacementBudgetError, plan_placement
-    from workers.dtypes import COMPUTE_DTYPES
+    from cluster.placement import PlacementBudgetError, plan_for
 
     try:
-        return plan_placement(specs, workers, dtype_bytes=COMPUTE_DTYPES[opts.dtype].itemsize,
-                              worker_memory=opts.store.budget_bytes, min_resident=top_k, pinned=pinned,
-                              num_cpus=opts.placement.num_cpus, num_gpus=opts.placement.num_gpus)
+        return plan_for(specs, dataclasses.replace(opts.placement, num_workers=workers, resources=None), opts.store,
+                        opts.dtype, min_resident=top_k, pinned=pinned)
     except PlacementBudgetError as e:
         raise JobFailure(EXIT_TOO_SMALL, f"the plan does not fit: {cli_message(e)}") from None
     except (ClusterError, ValueError) as e:
@@ -254,16 +159,21 @@ def _plan(specs, workers: int, opts: RunOptions, top_k: int, pinned):
 def _place(args: argparse.Namespace, opts: RunOptions, specs, top_k: int, pinned, workers: int | None,
            suspects: set[str]) -> tuple[int, list[dict] | None, list[str]]:
     """(workers, `resources=` per actor or None for SPREAD, target IPs) on the cluster as it is now."""
+    from cluster import nodes as cluster_nodes
+
     cpus, gpus = opts.placement.num_cpus, opts.placement.num_gpus
-    nodes, refused = wait_for_nodes(workers, args.wait_for_nodes, cpus, gpus, suspects)
-    if not nodes:
+    slots, refused = cluster_nodes.wait_for_slots(workers, args.wait_for_nodes, cpus, gpus, suspects)
+    if not slots:
         raise JobFailure(EXIT_TOO_SMALL, (
             f"no alive node can hold an expert actor asking {cpus:g} CPU(s) and {gpus:g} GPU(s); alive nodes: "
             f"{'; '.join(refused) or 'none'}"))
     if workers is None:
-        workers = len(nodes)
+        workers = len(slots)
     plan = _plan(specs, workers, opts, top_k, pinned)
-    ips = assign_nodes(nodes, [w.resident_bytes for w in plan.workers], cpus, gpus, refused)
+    try:
+        ips = cluster_nodes.assign_slots(slots, [w.resident_bytes for w in plan.workers], cpus, gpus, refused)
+    except cluster_nodes.ClusterTooSmall as e:
+        raise JobFailure(EXIT_TOO_SMALL, str(e)) from None
     if args.placement == "spread":
         return workers, None, ips
     return workers, [{f"node:{ip}": 0.001} for ip in ips], ips

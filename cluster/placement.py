@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from cluster.errors import ClusterError
+from coordinator.options import PlacementOptions, StoreOptions
 # expert_nbytes is re-exported: callers size experts through the planner's import
 from workers.budget import check_budget, expert_nbytes, min_budget, slot_bytes
+from workers.dtypes import COMPUTE_DTYPES
 from workers.errors import BudgetError
 from workers.spec import ExpertKey, ExpertSpec
 from workers.units import format_bytes
 
-__all__ = ["Plan", "PlacementBudgetError", "WorkerPlan", "expert_nbytes", "plan_placement"]
+__all__ = ["Plan", "PlacementBudgetError", "WorkerPlan", "expert_nbytes", "plan_for", "plan_placement"]
 
 
 class PlacementBudgetError(ClusterError, BudgetError):
@@ -182,3 +184,13 @@ def plan_placement(specs: Sequence[ExpertSpec], num_workers: int, *, dtype_bytes
             resources=dict(resources[i]) if resources is not None else {}, load=total_load[i],
             pinned=sorted(k for k in owned[i] if k in pins)))
     return Plan(workers=workers, worker_memory=worker_memory, min_resident=min_resident)
+
+
+def plan_for(specs: Sequence[ExpertSpec], placement: PlacementOptions, store: StoreOptions, dtype: str, *,
+             min_resident: int, pinned: Iterable[ExpertKey] = (),
+             load: Mapping[ExpertKey, float] | None = None) -> Plan:
+    """`plan_placement` from the typed options: the one plan the backend, the job and `moeshard plan` make."""
+    return plan_placement(list(specs), placement.num_workers, dtype_bytes=COMPUTE_DTYPES[dtype].itemsize,
+                          worker_memory=store.budget_bytes, min_resident=min_resident, load=load, pinned=pinned,
+                          num_cpus=placement.num_cpus, num_gpus=placement.num_gpus,
+                          resources=None if placement.resources is None else list(placement.resources))

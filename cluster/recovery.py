@@ -20,11 +20,12 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from workers.errors import ExpertLoadError
 
 from . import cgroups
+from .nodes import RayNode, fits
 
 #: how long to wait for a TCP connection to a node's raylet when deciding whether that node is alive
 NODE_PROBE_TIMEOUT_S = 1.0
@@ -73,21 +74,15 @@ def node_reachable(ip: str, port: int, timeout_s: float = NODE_PROBE_TIMEOUT_S) 
         return False
 
 
-def fits(resources: Mapping[str, float] | None, need: Mapping[str, float]) -> bool:
-    """Whether `resources` (a node's total or free resources) covers every nonzero amount in `need`."""
-    resources = resources or {}
-    return all(resources.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if v > 0)
-
-
-def pick_node(candidates: list[dict[str, Any]], need: Mapping[str, float],
-              free: Mapping[str, Mapping[str, float]], ours: Mapping[str, int]) -> dict[str, Any] | None:
+def pick_node(candidates: Sequence[RayNode], need: Mapping[str, float],
+              free: Mapping[str, Mapping[str, float]], ours: Mapping[str, int]) -> RayNode | None:
     """The surviving node to re-place an actor on: one whose totals fit `need`, preferring nodes with
     the resources free right now, then fewer of our actors, then more free CPU, then node id."""
-    ok = [n for n in candidates if fits(n.get("Resources"), need)]
+    ok = [n for n in candidates if fits(n.resources, need)]
     if not ok:
         return None
-    return min(ok, key=lambda n: (not fits(free.get(n["NodeID"]), need), ours.get(n["NodeID"], 0),
-                                  -float((free.get(n["NodeID"]) or {}).get("CPU", 0.0)), n["NodeID"]))
+    return min(ok, key=lambda n: (not fits(free.get(n.node_id), need), ours.get(n.node_id, 0),
+                                  -float((free.get(n.node_id) or {}).get("CPU", 0.0)), n.node_id))
 
 
 # ---- memory on the node a replacement lands on (runs inside the actor) ---------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import checkpoints as ckpts
-from cluster import job
+from cluster import job, nodes
 from rayhead import REPO, Head, free_port, private_head
 
 pytestmark = pytest.mark.slow
@@ -191,8 +191,8 @@ def test_actor_lost_beyond_retry_exits_4(model, monkeypatch, capsys):
         raise ShardUnavailable("actor 1 (node abc at 10.0.0.7), layer 0: the actor is gone (killed)")
 
     monkeypatch.setattr(job, "connect", lambda address, debug=False: False)
-    monkeypatch.setattr(job, "cluster_nodes", lambda cpus, gpus, suspects=(): (
-        [job.NodeSlot("10.0.0.6", 2, 0, 0), job.NodeSlot("10.0.0.7", 2, 0, 0)], []))
+    monkeypatch.setattr(nodes, "host_slots", lambda cpus, gpus, suspects=(): (
+        [nodes.NodeSlot("10.0.0.6", 2, 0, 0), nodes.NodeSlot("10.0.0.7", 2, 0, 0)], []))
     monkeypatch.setattr(Coordinator, "open", lost)     # the job opens its Coordinator with typed options
     code = job.run_job(_args(["--model", str(model), "--ids", "1,2", "--retries", "1"]))
     out, err = capsys.readouterr()
@@ -202,14 +202,28 @@ def test_actor_lost_beyond_retry_exits_4(model, monkeypatch, capsys):
     assert err.count("\n") == 1 and "expert actor lost" in err and "after 1 retries" in err, err
 
 
-def test_assign_nodes_one_per_node_then_fill_and_refuse():
-    a = job.NodeSlot("10.0.0.2", 4, 0, 0)
-    b = job.NodeSlot("10.0.0.3", 1, 0, 0)
-    drv = job.NodeSlot("10.0.0.1", 8, 0, 0, driver=True)
-    nodes = sorted([drv, b, a], key=lambda s: (s.suspect, s.driver, s.ip))
-    assert job.assign_nodes(nodes, [0, 0, 0], 1, 0) == ["10.0.0.2", "10.0.0.3", "10.0.0.1"]
-    assert job.assign_nodes(nodes, [0] * 5, 1, 0) == ["10.0.0.2", "10.0.0.3", "10.0.0.1", "10.0.0.2", "10.0.0.1"]
-    small = [job.NodeSlot("10.0.0.2", 2, 0, 1e9)]
-    with pytest.raises(job.JobFailure) as e:  # memory: two actors of 0.6 GB resident on a 1 GB node
-        job.assign_nodes(small, [6 * 10**8, 6 * 10**8], 1, 0)
-    assert e.value.code == 3 and "it holds only 1" in str(e.value)
+def test_assign_slots_one_per_node_then_fill_and_refuse():
+    a = nodes.NodeSlot("10.0.0.2", 4, 0, 0)
+    b = nodes.NodeSlot("10.0.0.3", 1, 0, 0)
+    drv = nodes.NodeSlot("10.0.0.1", 8, 0, 0, driver=True)
+    slots = sorted([drv, b, a], key=lambda s: (s.suspect, s.driver, s.ip))
+    assert nodes.assign_slots(slots, [0, 0, 0], 1, 0) == ["10.0.0.2", "10.0.0.3", "10.0.0.1"]
+    assert nodes.assign_slots(slots, [0] * 5, 1, 0) == ["10.0.0.2", "10.0.0.3", "10.0.0.1", "10.0.0.2", "10.0.0.1"]
+    small = [nodes.NodeSlot("10.0.0.2", 2, 0, 1e9)]
+    with pytest.raises(nodes.ClusterTooSmall, match="it holds only 1"):  # memory: two actors of 0.6 GB on a 1 GB node
+        nodes.assign_slots(small, [6 * 10**8, 6 * 10**8], 1, 0)
+
+
+def test_group_slots_by_ip_role_driver_and_suspects():
+    def n(i, ip, cpu, **res):
+        return nodes.RayNode(f"n{i}", ip, 1, True, {"CPU": cpu, "memory": 1e9, **res})
+
+    raw = [n(0, "10.0.0.1", 2), n(1, "10.0.0.2", 1), n(2, "10.0.0.2", 1), n(3, "10.0.0.3", 0.5), n(4, "10.0.0.4", 1)]
+    usable, others = nodes.group_slots(raw, 1, 0, suspects={"10.0.0.4"}, driver_node="n0")
+    # two raylets on one IP are one machine; the driver's machine and suspects come last
+    assert [(s.ip, s.cpus, s.memory, s.node_ids) for s in usable] == [
+        ("10.0.0.2", 2, 2e9, ["n1", "n2"]), ("10.0.0.1", 2, 1e9, ["n0"]), ("10.0.0.4", 1, 1e9, ["n4"])]
+    assert usable[1].driver and usable[2].suspect and others == ["10.0.0.3 (0.5 CPUs, 0 GPUs, 1 GB memory)"]
+    # once a node advertises expert_shard, only such nodes are candidates
+    usable, others = nodes.group_slots(raw + [n(5, "10.0.0.5", 1, expert_shard=1)], 1, 0)
+    assert [s.ip for s in usable] == ["10.0.0.5"] and others == []

@@ -25,6 +25,7 @@ ray = pytest.importorskip("ray")
 from checkpoints import PAD_ID, make_prompts  # noqa: E402
 from cluster import recovery  # noqa: E402
 from cluster.errors import ClusterError, ExpertTimeout, ShardUnavailable  # noqa: E402
+from cluster.nodes import RayNode  # noqa: E402
 from coordinator import Coordinator  # noqa: E402
 from coordinator.api import CoordinatorBusy  # noqa: E402
 from coordinator.options import RecoveryOptions  # noqa: E402
@@ -196,11 +197,10 @@ def test_pure_helpers():
     assert recovery.takeover_budget(100, 10, None, None, 0.5, free=1_000) == 500
     assert recovery.takeover_budget(100, 10, 800, None, 0.5, free=10_000) == 800
     assert recovery.takeover_budget(100, 10, None, 300, 0.5, free=10**9) == 300
-    nodes = [{"NodeID": "a", "Resources": {"CPU": 1}}, {"NodeID": "b", "Resources": {"CPU": 4}},
-             {"NodeID": "c", "Resources": {"CPU": 0}}]
-    assert recovery.pick_node(nodes, {"CPU": 1}, {"a": {"CPU": 1}, "b": {"CPU": 0}}, {})["NodeID"] == "a"
-    assert recovery.pick_node(nodes, {"CPU": 1}, {"a": {"CPU": 1}, "b": {"CPU": 2}}, {"b": 1})["NodeID"] == "a"
-    assert recovery.pick_node(nodes, {"CPU": 2}, {}, {})["NodeID"] == "b"
+    nodes = [RayNode(n, f"10.0.0.{i}", 1, True, {"CPU": c}) for i, (n, c) in enumerate((("a", 1), ("b", 4), ("c", 0)))]
+    assert recovery.pick_node(nodes, {"CPU": 1}, {"a": {"CPU": 1}, "b": {"CPU": 0}}, {}).node_id == "a"
+    assert recovery.pick_node(nodes, {"CPU": 1}, {"a": {"CPU": 1}, "b": {"CPU": 2}}, {"b": 1}).node_id == "a"
+    assert recovery.pick_node(nodes, {"CPU": 2}, {}, {}).node_id == "b"
     assert recovery.pick_node(nodes, {"CPU": 8}, {}, {}) is None
     assert recovery.available_memory() > 0
     with pytest.raises(ValueError):
