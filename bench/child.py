@@ -447,7 +447,9 @@ def _cpu_s(pids: dict[str, int]) -> dict[str, float]:
 
 
 def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int = 4,
-                      coordinator_threads: list[int] | None = None, idle_s: float = 10.0, **_: Any) -> dict:
+                      coordinator_threads: list[int] | None = None, idle_s: float = 10.0,
+                      resources: list[dict[str, float]] | None = None, only: list[str] | None = None,
+                      **_: Any) -> dict:
     """Per-layer round trip with 2 actors and trivial expert work, plus peers (see scenario 4), then
     the idle CPU of the coordinator and of the direct transport's actors over `idle_s` seconds.
 
@@ -456,6 +458,9 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
     dispatch); a plain Ray call that echoes the same wire message on two actors; and the same echo as a
     Ray Compiled Graph (Ray's own floor; its actors spin while they wait, so it exists only during its
     own block). moeshard's figures come from its public per-layer trace hook as well (transit per actor).
+
+    `resources[i]` pins actor i of each backend and echo actor i (e.g. to a harness host); `only` keeps
+    just the named peers; `idle_s=0` skips the idle measurement.
     """
     import ray
 
@@ -469,12 +474,16 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
     layer = specs[0].layer
     if not ray.is_initialized():   # room for both backends' actors (one CPU each, as in the other scenarios)
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    direct = RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="direct")
-    calls = RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="calls")
+    wanted = (lambda name: only is None or name in only)
+    pin = {} if resources is None else {"resources": resources}
+    direct = RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="direct", **pin)
+    calls = (RemoteExperts.build(specs, num_workers=2, dtype="float32", transport="calls", **pin)
+             if wanted("moeshard_calls_2actors") or wanted("moeshard_calls_1actor") else None)
     local = LocalExperts(specs, dtype="float32")
     transit: dict[str, list[float]] = {"direct": [], "calls": []}
     for name, be in (("direct", direct), ("calls", calls)):
-        be.add_trace_hook(lambda t, name=name: transit[name].extend(a.transit_s for a in t.actors))
+        if be is not None:
+            be.add_trace_hook(lambda t, name=name: transit[name].extend(a.transit_s for a in t.actors))
     owners = direct.plan.owners()
     mine = {a: [e for (l, e), o in sorted(owners.items()) if l == layer and o == a] for a in (0, 1)}
     x = torch.randn(1, H)
@@ -488,7 +497,7 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
         def run(self, m: bytes) -> bytes:
             return m
 
-    echoes = [Echo.remote(), Echo.remote()]
+    echoes = [Echo.options(**({} if resources is None else {"resources": resources[i]})).remote() for i in (0, 1)]
     ray.get([e.run.remote(msg) for e in echoes])
     cg: dict[str, Any] = {}
 
@@ -511,15 +520,17 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
         "moeshard_local": (lambda: local.wait(local.submit(layer, x, w, ids_two)), None, None),
         "ray_call_2actors_echo": (lambda: ray.get([echoes[0].run.remote(msg), echoes[1].run.remote(msg)]), None, None),
     }
-    cg_error = None
-    try:
-        echo_graph_up()
-        ray.get(cg["g"].execute(msg))
-        echo_graph_down()
-        peers["ray_compiled_graph_2actors_echo"] = (lambda: ray.get(cg["g"].execute(msg)), echo_graph_up,
-                                                     echo_graph_down)
-    except Exception as e:  # unsupported here: report why
-        cg_error = f"{type(e).__name__}: {e}"[:500]
+    peers = {k: v for k, v in peers.items() if wanted(k)}
+    cg_error = None if wanted("ray_compiled_graph_2actors_echo") else "not asked for"
+    if cg_error is None:
+        try:
+            echo_graph_up()
+            ray.get(cg["g"].execute(msg))
+            echo_graph_down()
+            peers["ray_compiled_graph_2actors_echo"] = (lambda: ray.get(cg["g"].execute(msg)), echo_graph_up,
+                                                         echo_graph_down)
+        except Exception as e:  # unsupported here: report why
+            cg_error = f"{type(e).__name__}: {e}"[:500]
     res: dict[str, list[float]] = {}
     per_block = max(1, iters // blocks)
     settings = sorted({torch.get_num_threads(), *(coordinator_threads or ())}, reverse=True)
@@ -541,19 +552,23 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
     torch.set_num_threads(settings[0])
     for e in echoes:
         ray.kill(e)
-    calls.close()
+    if calls is not None:
+        calls.close()
     local.close()
     # idle: the direct backend stays open with nothing to do; a blocked process costs ~0 CPU
-    pids = {"coordinator": os.getpid(), **{f"actor{i}": n["pid"] for i, n in enumerate(direct.nodes)}}
-    c0, t0 = _cpu_s(pids), time.perf_counter()
-    time.sleep(idle_s)
-    c1, wall = _cpu_s(pids), time.perf_counter() - t0
-    idle = {k: (c1[k] - c0[k]) / wall for k in pids}
+    idle, wall = {}, 0.0
+    if idle_s > 0:
+        pids = {"coordinator": os.getpid(), **{f"actor{i}": n["pid"] for i, n in enumerate(direct.nodes)}}
+        c0, t0 = _cpu_s(pids), time.perf_counter()
+        time.sleep(idle_s)
+        c1, wall = _cpu_s(pids), time.perf_counter() - t0
+        idle = {k: (c1[k] - c0[k]) / wall for k in pids}
+    where = [n["ip"] for n in direct.nodes]
     direct.close()
     return {"latencies_s": res, "transit_s": transit, "hidden": H,
             "experts": {"two": ids_two.tolist(), "one": ids_one.tolist()},
             "compiled_graph_error": cg_error, "coordinator_threads": settings,
-            "idle_cpu_cores": idle, "idle_s": wall}
+            "idle_cpu_cores": idle, "idle_s": wall, "actor_ips": where}
 
 
 OPS = {"load": op_load, "decode": op_decode, "prefill": op_prefill, "stats": op_stats, "memory": op_memory,

@@ -438,12 +438,55 @@ def scenario_4(ctx: Ctx) -> dict:
     for who, cores in sorted(idle.items()):
         figures.append(figure(f"s4.idle.{who}", f"idle CPU over {r.get('idle_s', 0):.0f}s, {who} (direct transport)",
                               cores, "cores", ratio=None, target=0.01, op="<=", on="value"))
-    return {"figures": figures, "details": {"latency": stats, "transit_per_actor": transit, "idle_cpu_cores": idle,
-                                            "compiled_graph_error": r.get("compiled_graph_error")},
-            "notes": ["peers interleaved in 4 blocks (and coordinator thread settings within each block); Ray's "
-                      "compiled-graph echo exists only during its own block (its waiting actors spin); see "
-                      "details.latency for every peer's p50/p99 and details.transit_per_actor for the trace hook's "
-                      "transit (round trip minus actor compute)"]}
+    notes = ["peers interleaved in 4 blocks (and coordinator thread settings within each block); Ray's "
+             "compiled-graph echo exists only during its own block (its waiting actors spin); see "
+             "details.latency for every peer's p50/p99 and details.transit_per_actor for the trace hook's "
+             "transit (round trip minus actor compute)"]
+    details = {"latency": stats, "transit_per_actor": transit, "idle_cpu_cores": idle,
+               "compiled_graph_error": r.get("compiled_graph_error")}
+    hosts = _dispatch_two_hosts(ctx, tiny)
+    if "reason" in hosts:
+        notes.append(f"2-host rows skipped: {hosts['reason']}")
+    else:
+        h = {k: {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)} for k, v in hosts["latencies_s"].items()}
+        details["two_hosts"] = {"latency": h, "actor_ips": hosts.get("actor_ips"), "cluster": hosts.get("cluster")}
+        figures.append(figure("s4.hosts.p50", "dispatch round trip per layer, 2 actors on 2 harness hosts (netns + "
+                              "veth), trivial experts, direct transport: p50", h["moeshard_direct_2actors"]["p50"], "s",
+                              peer="plain Ray echo of the same message, same 2 hosts",
+                              peer_value=h["ray_call_2actors_echo"]["p50"], target=300e-6, op="<=", on="value"))
+        figures.append(figure("s4.hosts.p99", "same, 2 harness hosts: p99", h["moeshard_direct_2actors"]["p99"], "s",
+                              peer="plain Ray echo p99", peer_value=h["ray_call_2actors_echo"]["p99"]))
+        notes.append("2-host rows: a 2-host LocalCluster (1 CPU each); the coordinator runs on the head, outside "
+                     "the hosts; moeshard and the echo actors pinned one per host, peers interleaved in blocks")
+    return {"figures": figures, "details": details, "notes": notes}
+
+
+def _dispatch_two_hosts(ctx: Ctx, tiny: Path) -> dict:
+    """Scenario 4's round trip with the two actors on two harness hosts; {"reason": ...} when unavailable."""
+    why = cgroups_usable()
+    if why:
+        return {"reason": why}
+    try:
+        from cluster.harness import LocalCluster
+    except Exception as e:
+        return {"reason": f"the multi-node harness is not available: {type(e).__name__}: {e}"}
+    ctx.progress("s4: starting a 2-host LocalCluster")
+    cl = LocalCluster(hosts=2, host_memory="2GB", host_cpus=1, object_store_memory=80 * 10**6)
+    try:
+        cl.up()
+        if cl.mode != "netns":
+            return {"reason": f"the harness ran in {cl.mode} mode, not on separate network namespaces"}
+        ch = ctx.child("s4-dispatch-hosts", env=cl.auth_env)
+        ch.call("ray_init", init_kwargs=cl.init_kwargs, env=cl.auth_env)
+        ctx.progress("s4: dispatch round trips across 2 hosts")
+        r = ch.call("dispatch_bench", path=str(tiny), iters=ctx.params.dispatch_iters, idle_s=0,
+                    resources=[{cl.resource(0): 0.01}, {cl.resource(1): 0.01}],
+                    only=["moeshard_direct_2actors", "ray_call_2actors_echo"])
+        r["cluster"] = {"mode": cl.mode, "hosts": [h.ip for h in cl.hosts]}
+        return r
+    finally:
+        ctx.close_children()
+        cl.down()
 
 
 # ---- scenario 5: cache and prefetch ------------------------------------------------------------
