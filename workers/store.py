@@ -82,6 +82,10 @@ class ExpertStore:
         self.reader = ExpertReader(owned, dtype, self.device, spill_dir)
         self._slots: list[torch.Tensor | None] = [None] * self.num_slots  # uint8 [slot_bytes]
         self._cv = threading.Condition()  # the one lock
+        # Loader threads wait on their own condition (same lock), woken only when reads are queued or the
+        # store closes: a wake-up per layer (begin_layer, completions) would make them take the GIL from
+        # the thread computing the layer for nothing.
+        self._work = threading.Condition(self._cv)
         self._stall = 0.0
         self._loaded_tensors: set[str] = set()  # tensor keys ever loaded, for reports
         self._queue: deque[ExpertKey] = deque()   # claimed keys waiting for a loader (current layer first)
@@ -197,7 +201,7 @@ class ExpertStore:
                 ahead.append(info.spec.key)
             self._queue.extendleft(reversed(ahead))
             if ahead:
-                self._cv.notify_all()
+                self._work.notify(len(ahead))
         return short
 
     def prefetch(self, keys: Iterable[ExpertKey]) -> None:
@@ -222,7 +226,8 @@ class ExpertStore:
                 t.c["prefetch_issued"] += 1
                 t.hint(info)
                 self._queue.append(k)
-            self._cv.notify_all()
+            if self._queue:
+                self._work.notify(len(self._queue))
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no background read is queued or running; False if `timeout` passed first."""
@@ -281,6 +286,7 @@ class ExpertStore:
             self._closed = True
             self._queue.clear()
             self._cv.notify_all()
+            self._work.notify_all()
         for th in self._threads:
             th.join(timeout)
         with self._cv:
@@ -331,7 +337,7 @@ class ExpertStore:
         """Read claimed slots in queue order; a claim `get` took over or a cancelled one is skipped."""
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._closed or self._queue)
+                self._work.wait_for(lambda: self._closed or self._queue)
                 if self._closed:
                     return
                 info = self._t.infos[self._queue.popleft()]
