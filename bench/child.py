@@ -497,6 +497,9 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
         def run(self, m: bytes) -> bytes:
             return m
 
+        def pid(self) -> int:
+            return os.getpid()
+
     echoes = [Echo.options(**({} if resources is None else {"resources": resources[i]})).remote() for i in (0, 1)]
     ray.get([e.run.remote(msg) for e in echoes])
     cg: dict[str, Any] = {}
@@ -550,19 +553,21 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
                 if down is not None:
                     down()
     torch.set_num_threads(settings[0])
-    for e in echoes:
-        ray.kill(e)
     if calls is not None:
         calls.close()
     local.close()
     # idle: the direct backend stays open with nothing to do; a blocked process costs ~0 CPU
+    # (a plain Ray actor that does nothing, the echo, is the peer: what any idle Ray actor costs)
     idle, wall = {}, 0.0
     if idle_s > 0:
-        pids = {"coordinator": os.getpid(), **{f"actor{i}": n["pid"] for i, n in enumerate(direct.nodes)}}
+        pids = {"coordinator": os.getpid(), **{f"actor{i}": n["pid"] for i, n in enumerate(direct.nodes)},
+                "ray_echo_actor": ray.get(echoes[0].pid.remote(), timeout=60)}
         c0, t0 = _cpu_s(pids), time.perf_counter()
         time.sleep(idle_s)
         c1, wall = _cpu_s(pids), time.perf_counter() - t0
         idle = {k: (c1[k] - c0[k]) / wall for k in pids}
+    for e in echoes:
+        ray.kill(e)
     where = [n["ip"] for n in direct.nodes]
     direct.close()
     return {"latencies_s": res, "transit_s": transit, "hidden": H,
