@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 import ray
 import torch
@@ -307,11 +308,17 @@ def test_pinned_actors_dead_actor_and_close(ray_session, specs):
     actors = re.actors
     try:
         assert [w.resources for w in re.plan.workers] == [{"host_1": 0.01}, {"host_2": 0.01}]
+        pid = re.nodes[1]["pid"]
         ray.kill(actors[1], no_restart=True)
-        # ray.kill is asynchronous and the data plane is not Ray: wait until Ray reports the actor dead,
-        # or the forward below can reach it over its channel before the kill lands (and not raise)
+        # ray.kill is asynchronous and the data plane is not Ray: Ray may call the actor dead while its
+        # process still runs and answers its channel (a correct answer, not the failure tested here), so
+        # wait until the process itself is gone
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actors[1].ping.remote(), timeout=30)
+        try:
+            psutil.Process(pid).wait(timeout=30)
+        except psutil.NoSuchProcess:
+            pass
         ids = torch.arange(24).remainder(8).view(8, 3)     # touches both actors
         with pytest.raises(ShardUnavailable, match=r"actor 1 \(node .*layer 0"):
             re.forward(0, torch.randn(8, 32), torch.full((8, 3), 1 / 3), ids)
