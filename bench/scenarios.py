@@ -747,8 +747,64 @@ def scenario_7(ctx: Ctx) -> dict:
                 cg.remove()
             except (OSError, cgroups.CgroupError):
                 pass
-    notes.append("two-host row (scenario 3 with int4) not run by this scenario yet")
+    two = _s7_two_hosts(ctx, q)
+    if "reason" in two:
+        notes.append(f"two-host int4 row skipped: {two['reason']}")
+    else:
+        details["two_hosts"] = two
+        figures.append(figure("s7.hosts.int4", f"2 hosts x {format_bytes(ctx.host_memory)} / 1 CPU, int4/g64 "
+                              f"checkpoint, {'all experts resident' if not two['misses_in_rounds'] else 'paging'} "
+                              f"({format_bytes(two['budget'])} per actor): decode "
+                              "tok/s, batch 1", _med(two["moeshard"]), "tok/s", peer="transformers fp32 in memory",
+                              peer_value=_med(two["transformers"]),
+                              ratio=_ratio(two["moeshard"], two["transformers"])))
     return {"figures": figures, "details": details, "notes": notes}
+
+
+def _s7_two_hosts(ctx: Ctx, q: Path) -> dict:
+    """Scenario 3's two harness hosts with the int4 checkpoint held whole (a budget of half its expert
+    bytes per actor, which must fit each host), rounds alternating with transformers fp32 in memory on
+    the head. {"reason": ...} when the harness is unavailable."""
+    try:
+        from cluster.harness import LocalCluster
+    except Exception as e:
+        return {"reason": f"the multi-node harness is not available: {type(e).__name__}: {e}"}
+    P = ctx.params
+    from coordinator.checkpoint import Checkpoint
+    from workers.budget import expert_nbytes
+
+    specs = Checkpoint.open(q).expert_specs()
+    held = sum(expert_nbytes(sp, 4) for sp in specs)
+    budget = held // 2 + max(expert_nbytes(sp, 4) for sp in specs) * 2    # one plan's share, plus a slot of slack
+    if budget > ctx.host_memory * 0.9 - 0.75 * GB:
+        return {"reason": f"the int4 experts ({format_bytes(held)}) do not fit two hosts of "
+                          f"{format_bytes(ctx.host_memory)} (budget {format_bytes(budget)} per actor)"}
+    ctx.progress("s7: starting a 2-host LocalCluster")
+    cl = LocalCluster(hosts=2, host_memory=ctx.host_memory, host_cpus=1, object_store_memory=80 * 10**6)
+    try:
+        cl.up()
+        ms = ctx.child("s7-hosts-moeshard", env=cl.auth_env)
+        ms.call("ray_init", init_kwargs=cl.init_kwargs, env=cl.auth_env)
+        ctx.progress(f"s7: loading moeshard int4 on 2 hosts, budget {format_bytes(budget)} each")
+        load = ms.call("load", system="moeshard", path=str(q), num_workers=2, worker_memory=budget,
+                       prefetch_depth=0, num_cpus_per_worker=1, resources=[{cl.resource(0): 1}, {cl.resource(1): 1}])
+        hf = ctx.child("s7-hosts-transformers")
+        hf.call("load", system="transformers", path=str(ctx.ckpt))
+        for ch in (ms, hf):
+            ch.call("decode", batch=1, prompt_len=P.prompt_len, new_tokens=P.b1_tokens, seed=99)   # warm: all resident
+        res: dict[str, Any] = {"moeshard": [], "transformers": [], "budget": budget, "expert_bytes": held,
+                               "load": load, "cluster": {"mode": cl.mode, "hosts": [h.ip for h in cl.hosts]}}
+        for r in range(P.rounds):
+            for name, ch in (("moeshard", ms), ("transformers", hf)):
+                ctx.progress(f"s7 2 hosts: {name} round {r + 1}/{P.rounds}")
+                x = ch.call("decode", batch=1, prompt_len=P.prompt_len, new_tokens=P.b1_tokens, seed=r)
+                x.pop("step_s", None)
+                res[name].append(x)
+        res["misses_in_rounds"] = sum((x.get("experts") or {}).get("misses", 0) for x in res["moeshard"])
+        return res
+    finally:
+        ctx.close_children()
+        cl.down()
 
 
 SCENARIOS: dict[int, tuple[str, Callable[[Ctx], dict]]] = {
