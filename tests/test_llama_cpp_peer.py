@@ -64,10 +64,10 @@ def test_gguf_f32_computes_the_same_model_as_transformers(tiny):
         llm.eval(ids[0].tolist())
         got = np.array(llm.scores[: ids.shape[1]])
         # Both compute in f32 (weights, activations, KV cache); they differ only in summation order and
-        # in how RoPE and softmax are evaluated, a few ulps per op through 2 layers: the logits (std ~1)
-        # agree to ~1e-5. 1e-3 is far below any real difference (a wrong rope layout, expert order,
-        # or routing normalisation moves logits by O(0.1-1)).
-        np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-3)
+        # in how RoPE and softmax are evaluated, a few ulps per op through 2 layers: the logits (std ~1,
+        # max ~3.5) agree to 2.4e-6 here. 1e-4 leaves 40x for other SIMD paths and is far below any real
+        # difference (a wrong RoPE layout, expert order or routing normalisation moves logits by 0.1-1).
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
         # greedy decoding from the same ids picks the same tokens
         with torch.no_grad():
             hf = ref.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
@@ -90,7 +90,11 @@ def test_q8_0_and_q4_0_files_are_written_and_load(tiny):
     want = np.array(ref.scores[: len(ids)])
     ref.close()
     sizes = {"f32": f32.stat().st_size}
-    for kind, min_cos in (("Q8_0", 0.999), ("Q4_0", 0.95)):
+    # cosine of each position's logits against the f32 file's. Q8_0 rounds each weight to 1/254 of its
+    # block's range (~0.2% rms); Q4_0 to 1/14 (~8% rms on these Gaussian weights, every matmul of 2 layers,
+    # embeddings and attention included): measured here min/mean 0.9997/0.9998 and 0.89/0.97. Another
+    # model's logits would be uncorrelated (cosine ~0), so these bounds still say "the same model".
+    for kind, min_cos, mean_cos in (("Q8_0", 0.999, 0.999), ("Q4_0", 0.8, 0.95)):
         path = L.quantized(tiny, kind)
         assert path == L.out_dir(tiny) / f"{kind.lower()}.gguf" and L.gguf_file(tiny, kind) == path
         sizes[kind] = path.stat().st_size
@@ -102,7 +106,7 @@ def test_q8_0_and_q4_0_files_are_written_and_load(tiny):
         finally:
             llm.close()
         cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
-        assert cos.min() > min_cos, (kind, cos)        # the same model, quantized
+        assert cos.min() > min_cos and cos.mean() > mean_cos, (kind, cos)
     assert sizes["f32"] > sizes["Q8_0"] > sizes["Q4_0"]
 
 
