@@ -203,7 +203,14 @@ def quantized(ckpt: Path, ftype: str, threads: int = 1, fetch: bool = False) -> 
     params.ftype = FTYPES[ftype]
     params.nthread = max(1, int(threads))
     tmp = out.with_suffix(".gguf.tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    log.info("quantizing %s to %s", src, ftype)
+    chatter = logging.getLogger("llama-cpp-python")   # llama-cpp-python's callback prints llama.cpp's log at
+    level = chatter.level                             # or above this logger's level: keep its warnings only
+    chatter.setLevel(logging.WARNING)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    finally:
+        chatter.setLevel(level)
     if rc != 0 or not tmp.is_file():
         raise LlamaCppError(f"llama_model_quantize {src} -> {ftype} failed (return code {rc})")
     os.replace(tmp, out)

@@ -283,8 +283,13 @@ def _accelerate_max_memory(ctx: Ctx, limit: int) -> int:
                                                                                          ["total_bytes"]))
 
 
-def _ooc_round(ch: Child, cg: cgroups.Cgroup, **kw: Any) -> dict:
+def _ooc_round(ch: Child, cg: cgroups.Cgroup, warm: bool = False, **kw: Any) -> dict:
+    """One timed decode in a cgroup after dropping the page cache. `warm` (llama.cpp with mmap, whose
+    page cache is its expert cache): after the drop, an untimed 2-token request with another prompt
+    refills that cache first, as earlier rounds left moeshard's and accelerate's own caches warm."""
     drop_caches()
+    if warm:
+        ch.call("decode", **{**kw, "new_tokens": 2, "seed": 10_000 + int(kw.get("seed", 0))})
     r = ch.call("decode", **kw)
     r["cgroup_peak"] = cg.peak()
     r["cgroup_oom_kills"] = cg.oom_kills()
@@ -319,6 +324,19 @@ def scenario_2(ctx: Ctx) -> dict:
         kw = dict(batch=1, prompt_len=16, new_tokens=P.ooc_tokens)
         acc.call("decode", batch=1, prompt_len=16, new_tokens=2, seed=99)
         acc_runs: list[dict] = []
+        ggufs, lc_why = _llama_ggufs(ctx, ("f32",))
+        lc = lc_cg = None
+        if lc_why:
+            notes.append(lc_why)
+        else:
+            lc_cg = memory_cgroup("s2-llama", ctx.ooc_memory)
+            cgs.append(lc_cg)
+            ctx.progress("s2: loading llama.cpp f32 with mmap (in its cgroup)")
+            lc = ctx.child("s2-llama.cpp", cgroup=lc_cg)
+            details["llama_cpp_load"] = _llama_load(lc, ggufs["f32"], ctx, 16, use_mmap=True)
+            notes.append(LLAMA_BATCH_NOTE + "; llama.cpp f32 memory-maps the GGUF file in its own cgroup (its page "
+                         "cache is its expert cache), warm: after each round's drop of the page cache an untimed "
+                         "2-token request on another prompt refills it before the timed one")
         for nw in ctx.ooc_workers:
             tag = f"{nw}w"
             cg = memory_cgroup(f"s2-ms{nw}", ctx.ooc_memory)
@@ -335,11 +353,16 @@ def scenario_2(ctx: Ctx) -> dict:
             details[f"moeshard_{tag}_budget"] = budget
             ms.call("decode", batch=1, prompt_len=16, new_tokens=2, seed=99)       # warm the expert cache
             res: dict[str, list[dict]] = {"moeshard": [], "accelerate": []}
+            if lc is not None:
+                res["llama.cpp"] = []
             for r in range(P.ooc_rounds):
                 ctx.progress(f"s2 {tag}: moeshard round {r + 1}/{P.ooc_rounds}")
                 res["moeshard"].append(_ooc_round(ms, cg, seed=r, **kw))
                 ctx.progress(f"s2 {tag}: accelerate round {r + 1}/{P.ooc_rounds}")
                 res["accelerate"].append(_ooc_round(acc, acc_cg, seed=r, **kw))
+                if lc is not None:
+                    ctx.progress(f"s2 {tag}: llama.cpp round {r + 1}/{P.ooc_rounds}")
+                    res["llama.cpp"].append(_ooc_round(lc, lc_cg, warm=True, seed=r, **kw))
             acc_runs += res["accelerate"]
             ctx.progress(f"s2 {tag}: per-layer breakdown")
             drop_caches()
@@ -367,6 +390,11 @@ def scenario_2(ctx: Ctx) -> dict:
                                   f"{format_bytes(bw['best_bytes_per_s'])}/s)",
                                   _med(res["moeshard"]), "tok/s", peer="disk-bandwidth bound",
                                   peer_value=median(bound), ratio=median(eff), target=0.9))
+            if lc is not None:
+                figures.append(figure(f"s2.llama_cpp.{tag}", f"3 GB cgroup, {nw} workers: decode tok/s, batch 1 vs "
+                                      "llama.cpp f32 with mmap, warm", _med(res["moeshard"]), "tok/s",
+                                      peer="llama.cpp f32 mmap (warm)", peer_value=_med(res["llama.cpp"]),
+                                      ratio=_ratio(res["moeshard"], res["llama.cpp"])))
             ms.close()
             cg.remove()
             cgs.remove(cg)
