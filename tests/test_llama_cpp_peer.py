@@ -134,3 +134,20 @@ def test_bench_records_llama_cpp_rows(tiny, tmp_path, monkeypatch):
         lc, ms = r7[tag]["llama.cpp"], r7[tag]["moeshard"]
         assert len(lc) == len(ms) == 2 and all(x["steps"] == y["steps"] and x["batch"] == 1 for x, y in zip(lc, ms))
     assert "llama.cpp" not in r7["int4-bf16"]
+
+
+@pytest.mark.requires("llama_cpp")
+@pytest.mark.requires("cgroups")
+def test_scenario_2_records_the_llama_cpp_mmap_row(tmp_path, monkeypatch):
+    """Scenario 2 (memory cgroups): llama.cpp f32 memory-mapped in its own cgroup, in the same rounds."""
+    monkeypatch.setattr(mk, "CACHE_DIR", tmp_path / "cache")
+    args = bench_run.add_bench_arguments(argparse.ArgumentParser()).parse_args(
+        ["--tiny", "--threads", "1", "--no-progress", "--out", str(tmp_path), "--machine", "llama",
+         "--scenario", "2", "--ooc-workers", "0", "--no-fetch"])
+    assert bench_run.run_bench(args, ["--scenario", "2"]) == 0
+    s2 = R.load(R.latest(tmp_path))["scenarios"]["2"]
+    assert s2["status"] == "ok", s2.get("reason")
+    f = {f["id"]: f for f in s2["figures"]}["s2.llama_cpp.0w"]
+    assert f["value"] and f["peer_value"] and f["ratio"] and f["target"] is None
+    rounds = s2["details"]["rounds_0w"]["llama.cpp"]
+    assert rounds and all(r["cgroup_oom_kills"] == 0 and r["batch"] == 1 for r in rounds)
