@@ -92,8 +92,10 @@ def _extract(sdist: Path, dest: Path) -> None:
             members = []
             for m in tar.getmembers():
                 rel = m.name.split("/", 1)[1] if "/" in m.name else ""
-                if rel.startswith(_VENDOR + "/") and any(rel[len(_VENDOR) + 1:].startswith(n) for n in _NEEDED):
-                    m.name = rel[len(_VENDOR) + 1:]
+                inner = rel[len(_VENDOR) + 1:]
+                if (rel.startswith(_VENDOR + "/") and any(inner.startswith(n) for n in _NEEDED)
+                        and "/tests/" not in inner):
+                    m.name = inner
                     members.append(m)
             if not any(m.name == "convert_hf_to_gguf.py" for m in members):
                 raise LlamaCppError(f"{sdist} has no {_VENDOR}/convert_hf_to_gguf.py")
