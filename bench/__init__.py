@@ -1,4 +1,5 @@
-"""moeshard benchmark suite: moeshard against transformers and accelerate.
+"""moeshard benchmark suite: moeshard against transformers and accelerate (and llama.cpp where
+llama-cpp-python is installed: bench/llama_cpp.py).
 
 Entry points:
 

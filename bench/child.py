@@ -3,7 +3,8 @@
 Started by `bench.common.Child`; reads one JSON command per line on stdin and writes
 one reply per command on stdout after the `@@BENCH ` marker. Commands:
 
-- load {system: moeshard|transformers|accelerate, path, ...options} (replaces what was loaded)
+- load {system: moeshard|transformers|accelerate|llama_cpp, path, ...options} (replaces what was loaded;
+  llama_cpp: path is a GGUF file, options threads, use_mmap, n_ctx; batch 1 only)
 - decode {batch, prompt_len, new_tokens, seed, sample}  -> tok/s over the decode steps only
 - prefill {batch, length, seed}                          -> tok/s of one prompt pass
 - stats, memory, breakdown_reset, dispatch_bench, ray_init, quit
@@ -189,7 +190,7 @@ def op_ray_init(num_cpus: int = 2, object_store_memory: int | None = None, addre
 
 def _close() -> None:
     if S.obj is not None:
-        if S.system == "moeshard":
+        if S.system in ("moeshard", "llama_cpp"):
             S.obj.close()
         S.obj = None
         S.breakdown = None
@@ -219,6 +220,9 @@ def op_load(system: str, path: str, **o: Any) -> dict:
             S.breakdown = Breakdown(S.obj)
         if o.get("pin_all"):
             _warm_all(S.obj)
+    elif system == "llama_cpp":
+        S.obj = _load_llama_cpp(path, **o)
+        S.vocab = S.obj.n_vocab()
     else:
         from transformers import AutoModelForCausalLM
 
@@ -238,6 +242,42 @@ def op_load(system: str, path: str, **o: Any) -> dict:
                     "device_map": {k: str(v) for k, v in list(dm.items())[:200]}}
     gc.collect()
     return {"load_s": time.perf_counter() - t0, "memory": _rss_tree()}
+
+
+def _load_llama_cpp(path: str, threads: int | None = None, use_mmap: bool = False, n_ctx: int = 1024,
+                    **_: Any) -> Any:
+    """A llama.cpp model on the CPU with the bench's thread count for decode and prompt alike. The KV
+    cache is f32 like moeshard's and transformers' (llama.cpp defaults to f16); without mmap the weights
+    are read into memory at load (in memory, as the other systems hold them)."""
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    n = int(threads or _THREADS or os.cpu_count() or 1)
+    return Llama(model_path=path, n_gpu_layers=0, n_threads=n, n_threads_batch=n, n_ctx=int(n_ctx),
+                 n_batch=512, use_mmap=bool(use_mmap), type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
+                 flash_attn=False, verbose=False)
+
+
+def _generate_llama_cpp(ids: torch.Tensor, new_tokens: int, sample: bool, seed: int
+                        ) -> tuple[list[float], torch.Tensor]:
+    """llama.cpp generation from the same prompt ids: temperature 1 straight from the softmax (its `dist`
+    sampler alone: no top-k, top-p or min-p, as the other systems sample) or greedy; the cache is reset
+    first so no round reuses another's prompt."""
+    if ids.shape[0] != 1:
+        raise ValueError(f"the llama_cpp system runs batch 1 only, got batch {ids.shape[0]}")
+    llm = S.obj
+    llm.reset()
+    llm.set_seed(int(seed))
+    times: list[float] = []
+    out: list[int] = []
+    gen = llm.generate(ids[0].tolist(), temp=-1.0 if sample else 0.0, top_k=0, top_p=1.0, min_p=0.0,
+                       typical_p=1.0, repeat_penalty=1.0, reset=True)
+    for tok in gen:
+        times.append(time.perf_counter())
+        out.append(int(tok))
+        if len(out) >= new_tokens:
+            break
+    gen.close()
+    return times, torch.cat([ids, torch.tensor([out])], dim=1)
 
 
 def _warm_all(coord: Any) -> None:
@@ -284,6 +324,8 @@ def _generate(ids: torch.Tensor, new_tokens: int, sample: bool, seed: int, promp
         out = S.obj.generate(ids, max_new_tokens=new_tokens, do_sample=sample, temperature=1.0, seed=seed,
                              on_token=on_token)
         return times, out
+    if S.system == "llama_cpp":
+        return _generate_llama_cpp(ids, new_tokens, sample, seed)
     st = _Stamp()
     torch.manual_seed(seed)
     kw: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,

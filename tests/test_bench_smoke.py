@@ -135,7 +135,8 @@ def test_unavailable_scenarios_say_why(monkeypatch, tiny):
 
 def _run(tmp_path: Path, *argv: str) -> dict:
     args = bench_run.add_bench_arguments(argparse.ArgumentParser()).parse_args(
-        ["--tiny", "--threads", "1", "--no-progress", "--out", str(tmp_path), "--machine", "smoke", *argv])
+        ["--tiny", "--threads", "1", "--no-progress", "--out", str(tmp_path), "--machine", "smoke", "--no-fetch",
+         *argv])
     assert bench_run.run_bench(args, list(argv)) == 0
     path = R.latest(tmp_path)
     assert path is not None and path.name.endswith("-smoke.json")

@@ -260,7 +260,9 @@ def test_dtype_knowledge_is_one_table():
     offenders = []
     for package in ("workers", "coordinator", "cluster", "bench"):
         for f in sorted((root / package).rglob("*.py")):
-            if f.relative_to(root).as_posix() == "workers/dtypes.py":
+            rel = f.relative_to(root).as_posix()
+            # bench/cache/ holds fetched third-party code (llama.cpp's GGUF converter), not modules of ours
+            if rel == "workers/dtypes.py" or rel.startswith("bench/cache/"):
                 continue
             offenders += [f"{f.relative_to(root)}:{i}" for i, line in enumerate(f.read_text().splitlines(), 1)
                           if table.search(line)]

@@ -348,12 +348,18 @@ def test_bench_scenario_7_runs_on_the_tiny_checkpoint(tmp_path, monkeypatch):
     from bench import make_checkpoint as mk
     from bench import scenarios as S
 
+    from bench import llama_cpp
+
     tiny = mk.make_checkpoint(tmp_path / "tiny", "tiny")
     monkeypatch.setattr(S, "cgroups_usable", lambda: "needs root (memory cgroups and drop_caches)")
+    # fetch=False: the llama.cpp peer runs only where its converter is already here (tests never download)
+    peer = llama_cpp.available(fetch=False) is None
     res = S.run_scenario(7, S.Ctx(ckpt=tiny, params=S.Params.for_mode(False, True), threads=1, tiny=True,
-                                  log_dir=tmp_path / "logs"))
+                                  log_dir=tmp_path / "logs", fetch=False))
     assert res["status"] == "ok", res.get("reason")
     ids = {f["id"] for f in res["figures"]}
-    assert ids == {"s7.b1.stored", "s7.b1.int8", "s7.b1.int4", "s7.b1.int4-bf16"}
+    want = {"s7.b1.stored", "s7.b1.int8", "s7.b1.int4", "s7.b1.int4-bf16"}
+    assert ids == want | ({f"s7.b1.{t}.llama_cpp" for t in ("stored", "int8", "int4")} if peer else set())
     assert all(f["value"] and f["peer_value"] for f in res["figures"])
     assert any("llama" in n for n in res["notes"]) and any("out-of-core rows skipped" in n for n in res["notes"])
+    assert any("peer skipped" in n for n in res["notes"]) != peer

@@ -50,9 +50,10 @@ NOT_RUN = {
 
 # What is added to a line before it runs, and why.
 APPENDED = {
-    "moeshard bench --scenario 1": ("--tiny --quick --out {out}",
+    "moeshard bench --scenario 1": ("--tiny --quick --no-fetch --out {out}",
                                     "the full scenario takes many minutes; this runs the same code on the tiny "
-                                    "checkpoint and writes the results to a temp dir"),
+                                    "checkpoint and writes the results to a temp dir; tests never download "
+                                    "(llama.cpp's converter)"),
     "moeshard harness down": ("--cluster-id {cluster_id}",
                               "the README's `--cluster-id ID` form: a plain `down` also removes other users' "
                               "CLI-started clusters on a shared machine"),
