@@ -7,6 +7,8 @@ one reply per command on stdout after the `@@BENCH ` marker. Commands:
   llama_cpp: path is a GGUF file, options threads, use_mmap, n_ctx; batch 1 only)
 - decode {batch, prompt_len, new_tokens, seed, sample}  -> tok/s over the decode steps only
 - prefill {batch, length, seed}                          -> tok/s of one prompt pass
+- drop_resident {}                                       -> moeshard forgets its resident experts (a cold cache)
+- read_bandwidth {path, seconds, threads, probes}       -> cold read bandwidth probes from this process
 - stats, memory, breakdown_reset, dispatch_bench, ray_init, quit
 """
 from __future__ import annotations
@@ -212,6 +214,8 @@ def op_load(system: str, path: str, **o: Any) -> dict:
         for k in ("num_cpus_per_worker", "resources", "call_timeout_s", "transport", "expert_dtype", "group_size"):
             if o.get(k) is not None:
                 kw[k] = o[k]
+        if o.get("coordinator_threads"):   # else, with actors on this node, it takes the cores they leave free
+            kw["coordinator_threads"] = int(o["coordinator_threads"])
         if o.get("num_workers", 0) and o.get("ray"):
             op_ray_init(**o["ray"])
         S.obj = Coordinator.from_pretrained(path, **kw)
@@ -233,15 +237,57 @@ def op_load(system: str, path: str, **o: Any) -> dict:
         S.obj = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
         S.vocab = S.obj.config.vocab_size
         dm = getattr(S.obj, "hf_device_map", None)
+        out = {"moe": _moe_implementation(S.obj, probe=not dm)}
         if dm:
             placed: dict[str, int] = {}
             for mod, dev in dm.items():
                 placed[str(dev)] = placed.get(str(dev), 0) + 1
             gc.collect()
             return {"load_s": time.perf_counter() - t0, "memory": _rss_tree(), "device_map_counts": placed,
-                    "device_map": {k: str(v) for k, v in list(dm.items())[:200]}}
+                    "device_map": {k: str(v) for k, v in list(dm.items())[:200]}, "threads": torch.get_num_threads(),
+                    **out}
+        gc.collect()
+        return {"load_s": time.perf_counter() - t0, "memory": _rss_tree(), "threads": torch.get_num_threads(), **out}
     gc.collect()
-    return {"load_s": time.perf_counter() - t0, "memory": _rss_tree()}
+    return {"load_s": time.perf_counter() - t0, "memory": _rss_tree(), "threads": torch.get_num_threads(),
+            "actor_threads": _actor_threads(S.obj)}
+
+
+#: kernels a transformers MoE block may dispatch to, as the profiler names them
+_MOE_KERNELS = ("aten::_grouped_mm", "aten::grouped_mm", "transformers::grouped_mm_fallback", "aten::bmm",
+                "aten::baddbmm", "aten::linear", "aten::addmm", "aten::mm", "aten::matmul")
+
+
+def _moe_implementation(model: Any, probe: bool = True) -> dict:
+    """Which MoE implementation transformers runs: the config's experts_implementation (transformers >= 5),
+    the experts module's class, and (`probe`) the matmul kernels one 4-token forward calls, from the profiler."""
+    cfg = model.config
+    out: dict[str, Any] = {"experts_implementation": getattr(cfg, "_experts_implementation", None),
+                           "transformers": getattr(__import__("transformers"), "__version__", None)}
+    experts = next((m for n, m in model.named_modules() if n.endswith(".experts")), None)
+    out["experts_module"] = type(experts).__name__ if experts is not None else None
+    if not probe:
+        return out
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(3, cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(5))
+    try:
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(ids)
+        calls = {e.key: e.count for e in prof.key_averages() if e.key in _MOE_KERNELS}
+    except Exception as e:  # the profiler is a report, never a reason to fail the load
+        return {**out, "kernel_probe_error": f"{type(e).__name__}: {e}"}
+    out["kernel_calls_per_forward"] = calls
+    grouped = [k for k in _MOE_KERNELS[:3] if calls.get(k)]
+    out["kernel"] = grouped[0] if grouped else ("aten::bmm" if calls.get("aten::bmm") else "per-expert aten::linear")
+    return out
+
+
+def _actor_threads(coord: Any) -> list[int] | None:
+    """Torch threads each expert actor reports it runs with (ExpertShard.report), None without actors."""
+    if not hasattr(coord.experts, "reports"):
+        return None
+    return [r.get("torch_threads") for r in coord.experts.reports()]
 
 
 def _load_llama_cpp(path: str, threads: int | None = None, use_mmap: bool = False, n_ctx: int = 1024,
@@ -389,7 +435,7 @@ def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: 
     decode_s = times[-1] - times[0]
     steps = len(times) - 1
     res = {"tok_s": batch * steps / decode_s, "decode_s": decode_s, "steps": steps, "batch": batch,
-           "total_s": total, "prefill_s": times[0] - t0,
+           "total_s": total, "prefill_s": times[0] - t0, "threads": torch.get_num_threads(),
            "step_s": [b - a for a, b in zip(times, times[1:])]}
     if S.system == "moeshard":
         end = _expert_counters()
@@ -409,7 +455,7 @@ def op_prefill(batch: int = 1, length: int = 512, seed: int = 0, **_: Any) -> di
     t0 = time.perf_counter()
     _generate(ids, 1, False, seed)
     dt = time.perf_counter() - t0
-    res = {"tok_s": batch * length / dt, "seconds": dt, "tokens": batch * length}
+    res = {"tok_s": batch * length / dt, "seconds": dt, "tokens": batch * length, "threads": torch.get_num_threads()}
     if S.system == "moeshard":
         res["experts"] = _diff(c0, _expert_counters())
     return res
@@ -473,6 +519,26 @@ def op_memory(**_: Any) -> dict:
         out["local_store"] = {k: rep.get(k) for k in ("bytes_resident", "budget_bytes", "slots", "slot_bytes",
                                                        "slots_allocated")}
     return out
+
+
+def op_drop_resident(**_: Any) -> dict:
+    """moeshard: forget every resident expert (Coordinator.drop_resident); other systems hold no such cache."""
+    if S.system != "moeshard":
+        return {"experts": 0, "bytes": 0}
+    return S.obj.drop_resident()
+
+
+def op_read_bandwidth(path: str, seconds: float = 1.0, threads: int = 4, probes: int = 3, **_: Any) -> dict:
+    """Cold read bandwidth of the checkpoint's expert byte ranges, from this process (and so its cgroup):
+    `probes` probes of about `seconds` each, each starting at a different place in a shuffled order."""
+    from bench.common import expert_ranges, read_bandwidth
+
+    ranges = expert_ranges(path)
+    out = []
+    for i in range(probes):
+        k = (i * len(ranges)) // max(1, probes)
+        out.append(read_bandwidth(ranges[k:] + ranges[:k], seconds=seconds, threads=threads))
+    return {"probes": out}
 
 
 def _cpu_s(pids: dict[str, int]) -> dict[str, float]:
@@ -619,7 +685,8 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
 
 
 OPS = {"load": op_load, "decode": op_decode, "prefill": op_prefill, "stats": op_stats, "memory": op_memory,
-       "breakdown_decode": op_breakdown_decode, "dispatch_bench": op_dispatch_bench, "ray_init": op_ray_init}
+       "breakdown_decode": op_breakdown_decode, "dispatch_bench": op_dispatch_bench, "ray_init": op_ray_init,
+       "drop_resident": op_drop_resident, "read_bandwidth": op_read_bandwidth}
 
 
 def main() -> int:

@@ -318,6 +318,19 @@ def read_bandwidth(ranges: Sequence[tuple[str, int, int]], seconds: float = 4.0,
     return {"bytes": total[0], "seconds": dt, "bytes_per_s": total[0] / dt if dt else 0.0, "threads": threads}
 
 
+def expert_ranges(path: str | Path, seed: int = 0) -> list[tuple[str, int, int]]:
+    """(file, offset, nbytes) of each routed expert whose gate/up/down are adjacent, in a shuffled order."""
+    import random
+
+    from coordinator.checkpoint import Checkpoint
+
+    specs = Checkpoint.open(path).expert_specs()
+    ranges = [(s.gate.file, s.gate.offset, s.gate.nbytes + s.up.nbytes + s.down.nbytes) for s in specs
+              if s.up.offset == s.gate.offset + s.gate.nbytes and s.down.offset == s.up.offset + s.up.nbytes]
+    random.Random(seed).shuffle(ranges)
+    return ranges
+
+
 def store_min_budget(path: str | Path, min_resident: int, itemsize: int = 4) -> int:
     """The smallest budget per expert holder that a store of the checkpoint at `path` accepts in
     a compute dtype of `itemsize` bytes (workers.budget, the function the stores use)."""

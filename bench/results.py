@@ -31,12 +31,22 @@ def figure(id: str, label: str, value: float | None, unit: str, *, peer: str | N
            peer_value: float | None = None, ratio: float | None = None, target: float | None = None,
            op: str = ">=", on: str = "ratio", note: str | None = None) -> dict[str, Any]:
     """One figure; `on` says whether the target applies to the ratio or to the value itself."""
-    checked = ratio if on == "ratio" else value
-    met = None
-    if target is not None and checked is not None:
-        met = checked >= target if op == ">=" else checked <= target
-    return {"id": id, "label": label, "value": value, "unit": unit, "peer": peer, "peer_value": peer_value,
-            "ratio": ratio, "target": target, "op": op, "on": on, "met": met, "note": note}
+    f = {"id": id, "label": label, "value": value, "unit": unit, "peer": peer, "peer_value": peer_value,
+         "ratio": ratio, "target": target, "op": op, "on": on, "met": None, "note": note}
+    f["met"] = verdict(f)
+    return f
+
+
+def verdict(f: dict[str, Any]) -> bool | None:
+    """Met (True) or missed (False), from the figure's own measured value or ratio against its target; None
+    without a target or when the checked figure was not measured. The one place a verdict is decided: the
+    table recomputes it from the figures rather than trusting a stored "met"."""
+    if f.get("target") is None:
+        return None
+    checked = f.get("ratio") if f.get("on", "ratio") == "ratio" else f.get("value")
+    if checked is None:
+        return None
+    return checked >= f["target"] if f.get("op", ">=") == ">=" else checked <= f["target"]
 
 
 def results_path(out_dir: Path | None = None, date: str | None = None, machine: str | None = None) -> Path:
@@ -99,7 +109,9 @@ def _target(f: dict) -> str:
 
 
 def _met(f: dict) -> str:
-    return {True: "met", False: "**missed**", None: ""}[f.get("met")]
+    if f.get("target") is None:
+        return ""
+    return {True: "met", False: "**missed**", None: "**not measured**"}[verdict(f)]
 
 
 def markdown_table(doc: dict, title: bool = True) -> str:

@@ -196,6 +196,27 @@ class Cgroup:
             pass
         return 0
 
+    def disk_read_bytes(self) -> int:
+        """Bytes the cgroup's processes have read from storage so far (page-cache hits excluded): io.stat's
+        rbytes on v2 where the io controller is on, else the sum of ``read_bytes`` in ``/proc/<pid>/io``
+        over the processes now in the cgroup (a process that exited takes its count with it)."""
+        stat = self.main / "io.stat"
+        if self.layout.version == 2 and stat.exists():
+            try:
+                return sum(int(f.split("=", 1)[1]) for line in stat.read_text().splitlines()
+                           for f in line.split()[1:] if f.startswith("rbytes="))
+            except (OSError, ValueError):
+                pass
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                    if line.startswith("read_bytes:"):
+                        total += int(line.split()[1])
+            except (OSError, ValueError):   # gone meanwhile, or not ours to read
+                pass
+        return total
+
     def set_cpus(self, cpus: list[int], quota: float | None = None) -> None:
         """Pin to ``cpus`` and optionally cap at ``quota`` CPUs of time."""
         if "cpuset" not in self.paths:

@@ -340,6 +340,24 @@ class RemoteExperts:
                 raise ShardUnavailable(f"{self._fleet.where(i)} is gone ({root_message(e)})") from e
         return out
 
+    def drop_resident(self, timeout_s: float | None = None) -> dict:
+        """Every actor forgets its resident experts (`ExpertShard.drop_resident`); summed over actors."""
+        import ray
+
+        refs = [a.drop_resident.remote() for a in self._fleet.actors]
+        out = {"experts": 0, "bytes": 0}
+        for i, r in enumerate(refs):
+            try:
+                got = ray.get(r, timeout=timeout_s or self.call_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise ExpertTimeout(f"{self._fleet.where(i)} did not drop its experts within "
+                                    f"{timeout_s or self.call_timeout_s:g}s")
+            except ray.exceptions.RayActorError as e:
+                raise ShardUnavailable(f"{self._fleet.where(i)} is gone ({root_message(e)})") from e
+            self._dispatcher.all_resident[i] = False
+            out = {k: out[k] + got[k] for k in out}
+        return out
+
     def stats(self) -> dict[str, Any]:
         """`coordinator.experts.backend_stats` shape: totals over actors, then per actor where it runs,
         what it owns and holds (its `report()` counters: cache hits, reads, prefetch...), and the

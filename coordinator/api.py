@@ -242,6 +242,13 @@ class Coordinator:
             c["tokens_per_second"] = c["generated_tokens"] / c["generate_seconds"]
         return {"coordinator": c, "prefetch": self.model.routing.prefetch_stats(), "experts": self.experts.stats()}
 
+    def drop_resident(self) -> dict:
+        """Forget every resident routed expert (in this process or on the actors), so the next forward
+        reads each expert it uses from disk again: a cold expert cache, as after loading, with budgets,
+        slots and counters unchanged. Returns {"experts", "bytes"} dropped. Benchmarks use it to compare
+        cold starts fairly; it does not touch the page cache."""
+        return self.experts.drop_resident()
+
     def expert_activations(self) -> dict[int, list[int]]:
         """How often each routed expert was picked so far: {layer: [count per expert]}."""
         return {l: c.tolist() for l, c in sorted(self.model.routing.activations.items())}

@@ -43,6 +43,11 @@ class RoutedExperts(Protocol):
 
     def stats(self) -> dict: ...
 
+    def drop_resident(self) -> dict:
+        """Forget every resident expert, wherever it is held, so that the next use reads it from disk
+        again (a cold cache; budgets and slots unchanged). {"experts", "bytes"} dropped, summed."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -121,6 +126,9 @@ class LocalExperts:
         actor = {"index": 0, "ip": "local", "experts": len(report["owned"]),
                  **{k: v for k, v in report.items() if k != "owned"}}
         return backend_stats("local", [actor], budget_bytes=self.shard.budget_bytes)
+
+    def drop_resident(self) -> dict:
+        return self.shard.drop_resident()
 
     def close(self) -> None:
         self.shard.close()

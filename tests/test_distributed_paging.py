@@ -90,3 +90,17 @@ def test_paged_actors_equal_unpaged_and_transformers(family, variant, frac, chec
             # every actor's experts are touched by this prompt batch (prefill routes 12 tokens x top-k)
             assert a["evictions"] > 0, f"{what}: actor {a['index']} owns more than its budget but never evicted"
     assert any(a["expert_bytes"] > budget for a in s["actors"]), f"{what}: the budget does not page at all"
+
+
+def test_drop_resident_empties_every_actor(checkpoint, ray_session):
+    """RemoteExperts.drop_resident: each actor forgets its experts and reads them again, with the same logits."""
+    path = checkpoint("mixtral")
+    ids, mask = make_prompts(**PROMPTS)
+    with Coordinator.from_pretrained(path, num_workers=WORKERS, dtype="float32") as c:
+        want = c.forward(ids, attention_mask=mask)
+        before = c.stats()["experts"]
+        dropped = c.drop_resident()
+        assert dropped["experts"] > 0 and dropped["bytes"] == before["bytes_resident"] > 0
+        assert c.stats()["experts"]["bytes_resident"] == 0
+        assert torch.equal(c.forward(ids, attention_mask=mask), want)
+        assert c.stats()["experts"]["bytes_read"] == 2 * before["bytes_read"]

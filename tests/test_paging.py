@@ -176,3 +176,20 @@ def test_spill_dir_of_another_checkpoint_with_the_same_shapes_is_not_used(checkp
 def test_pinning_an_unknown_layer_is_refused(checkpoint):
     with pytest.raises(ValueError, match=r"pin_layers: layers \[7\] have no routed experts"):
         Coordinator.from_pretrained(checkpoint("mixtral"), pin_layers=[7])
+
+
+def test_drop_resident_makes_the_next_forward_read_every_expert_again(checkpoint):
+    """Coordinator.drop_resident: a cold expert cache (the benchmarks' cold start), same results after it."""
+    path = checkpoint("mixtral")
+    ids, _ = make_prompts()
+    with Coordinator.from_pretrained(path) as c:
+        want = c.forward(ids)
+        before = c.stats()["experts"]
+        assert before["bytes_resident"] > 0 and before["misses"] > 0
+        dropped = c.drop_resident()
+        assert dropped["experts"] > 0 and dropped["bytes"] == before["bytes_resident"]
+        assert c.stats()["experts"]["bytes_resident"] == 0
+        assert torch.equal(c.forward(ids), want)
+        after = c.stats()["experts"]
+        assert after["misses"] - before["misses"] == before["misses"]     # every expert it used, read again
+        assert after["bytes_read"] == 2 * before["bytes_read"]

@@ -563,3 +563,30 @@ def test_slot_table_eviction_rules_without_threads_or_files(experts):
     assert t.info((0, 0)).slot is None and t.c["evictions"] == 1
     t.release(t.info((0, 2)))
     assert t.owner == [None, (0, 1)] and t.info((0, 2)).loading is Load.IDLE
+
+
+def test_drop_resident_makes_the_store_cold_again(experts):
+    """After drop_resident every expert, pinned ones too, is read again on its next use (the weights
+    unchanged), the slots stay allocated and all_resident turns false until each is loaded again."""
+    specs, tensors = experts
+    store = ExpertStore(specs, pinned=[(0, 0)])
+    try:
+        for s in specs:
+            store.get(s.key)
+        assert store.all_resident and len(store.resident_keys()) == len(specs)
+        before = store.stats()
+        dropped = store.drop_resident()
+        assert dropped["experts"] == len(specs)
+        assert dropped["bytes"] > 0 and store.resident_keys() == [] and store.resident_bytes() == 0
+        assert not store.all_resident
+        assert store.stats()["slots_allocated"] == before["slots_allocated"]
+        for s in specs:
+            w = store.get(s.key)
+            for got, want in zip((w.gate, w.up, w.down), file_weights(tensors, s.key)):
+                assert torch.equal(got, want)
+        st = store.stats()
+        assert st["misses"] - before["misses"] == len(specs) and st["hits"] == before["hits"]
+        assert st["bytes_read"] == 2 * before["bytes_read"]
+        assert store.all_resident
+    finally:
+        store.close()

@@ -138,8 +138,13 @@ class ExpertShard:
             "rows": self._rows,
             "compute_s": self._compute_s,
             "rss_bytes": psutil.Process().memory_info().rss,
+            "torch_threads": torch.get_num_threads(),
             **self.store.stats(),
         }
+
+    def drop_resident(self) -> dict:
+        """Forget every resident expert (ExpertStore.drop_resident): the next layer reads from disk again."""
+        return self.store.drop_resident()
 
     def ping(self) -> bool:
         """Liveness check."""

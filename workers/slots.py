@@ -175,6 +175,17 @@ class SlotTable:
             self.unhint(info)
         info.slot, info.weights, info.loading = None, None, Load.IDLE
 
+    def drop_idle(self) -> tuple[int, int]:
+        """Free every slot whose expert is loaded and idle (pinned ones too): (experts, bytes) dropped.
+        Slot buffers stay allocated; the next use of a dropped expert reads it again."""
+        n = nbytes = 0
+        for k in list(self.owner):
+            if k is not None and (info := self.infos[k]).loading is Load.IDLE:
+                nbytes += info.nbytes
+                n += 1
+                self.release(info)
+        return n, nbytes
+
     def hint(self, info: ExpertInfo) -> None:
         info.hinted = True
         self.hints.setdefault(info.spec.key[0], set()).add(info.spec.key)

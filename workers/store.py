@@ -87,6 +87,7 @@ class ExpertStore:
         # the thread computing the layer for nothing.
         self._work = threading.Condition(self._cv)
         self._stall = 0.0
+        self._loads_at_drop = 0                    # loads counted before the last drop_resident
         self._loaded_tensors: set[str] = set()  # tensor keys ever loaded, for reports
         self._queue: deque[ExpertKey] = deque()   # claimed keys waiting for a loader (current layer first)
         self._running = 0                          # reads in progress in loader threads
@@ -247,8 +248,21 @@ class ExpertStore:
     @property
     def all_resident(self) -> bool:
         """Every owned expert is loaded and none can ever be evicted (the budget holds them all)."""
-        # with a slot per expert nothing is ever evicted, so each expert completes one load
-        return self.num_slots == len(self._t.infos) and self._t.c["loads"] >= len(self._t.infos)
+        # with a slot per expert nothing is ever evicted, so each expert completes one load (since the last drop)
+        return self.num_slots == len(self._t.infos) and \
+            self._t.c["loads"] - self._loads_at_drop >= len(self._t.infos)
+
+    def drop_resident(self, timeout: float | None = None) -> dict:
+        """Forget every resident expert (pinned ones too), so the next use of each reads it again: the
+        cold state of a fresh store, with the slots still allocated and counters and policy scores kept.
+        Waits for background reads first (a read still running after `timeout` keeps its slot).
+        Returns {"experts": dropped, "bytes": their bytes as held}."""
+        self.wait_idle(timeout)
+        with self._cv:
+            n, nbytes = self._t.drop_idle()
+            self._loads_at_drop = self._t.c["loads"]
+            self._cv.notify_all()
+        return {"experts": n, "bytes": nbytes}
 
     def loaded_tensor_keys(self) -> list[str]:
         """Names of every tensor loaded at least once, sorted."""
