@@ -250,7 +250,7 @@ def op_load(system: str, path: str, **o: Any) -> dict:
         return {"load_s": time.perf_counter() - t0, "memory": _rss_tree(), "threads": torch.get_num_threads(), **out}
     gc.collect()
     return {"load_s": time.perf_counter() - t0, "memory": _rss_tree(), "threads": torch.get_num_threads(),
-            "actor_threads": _actor_threads(S.obj)}
+            "actor_threads": _actor_threads(S.obj) if system == "moeshard" else None}
 
 
 #: kernels a transformers MoE block may dispatch to, as the profiler names them
