@@ -300,6 +300,14 @@ def test_bfloat16_parity(ray_session, specs):
         le.close()
 
 
+def _wait_gone(pid: int, timeout: float = 30) -> None:
+    """Wait until process `pid` has exited (an actor ray.kill'ed is gone only when its process is)."""
+    try:
+        psutil.Process(pid).wait(timeout=timeout)
+    except psutil.NoSuchProcess:
+        pass
+
+
 def test_pinned_actors_dead_actor_and_close(ray_session, specs):
     # Pin actor i to the "node" advertising host_{i+1} (both on this machine here). No retries, so the
     # dead actor is an error here (replacement and retry are tested in test_recovery.py).
@@ -308,17 +316,14 @@ def test_pinned_actors_dead_actor_and_close(ray_session, specs):
     actors = re.actors
     try:
         assert [w.resources for w in re.plan.workers] == [{"host_1": 0.01}, {"host_2": 0.01}]
-        pid = re.nodes[1]["pid"]
+        pids = [n["pid"] for n in re.nodes]
         ray.kill(actors[1], no_restart=True)
         # ray.kill is asynchronous and the data plane is not Ray: Ray may call the actor dead while its
         # process still runs and answers its channel (a correct answer, not the failure tested here), so
         # wait until the process itself is gone
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actors[1].ping.remote(), timeout=30)
-        try:
-            psutil.Process(pid).wait(timeout=30)
-        except psutil.NoSuchProcess:
-            pass
+        _wait_gone(pids[1])
         ids = torch.arange(24).remainder(8).view(8, 3)     # touches both actors
         with pytest.raises(ShardUnavailable, match=r"actor 1 \(node .*layer 0"):
             re.forward(0, torch.randn(8, 32), torch.full((8, 3), 1 / 3), ids)
@@ -326,6 +331,7 @@ def test_pinned_actors_dead_actor_and_close(ray_session, specs):
         re.close()
     re.close()  # idempotent
     assert ray.is_initialized(), "close() must not shut down a Ray it did not start"
+    _wait_gone(pids[0])     # close() kills its actors; as above, the kill lands asynchronously
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actors[0].ping.remote(), timeout=30)
     with pytest.raises(ClusterError, match="closed"):
