@@ -478,13 +478,9 @@ def _ooc_state_round(ch: Child, cg: cgroups.Cgroup, ctx: Ctx, state: str, r: int
     return x
 
 
-def _ooc_round(ch: Child, cg: cgroups.Cgroup, warm: bool = False, **kw: Any) -> dict:
-    """One timed decode in a cgroup after dropping the page cache. `warm` (llama.cpp with mmap, whose
-    page cache is its expert cache): after the drop, an untimed 2-token request with another prompt
-    refills that cache first, as earlier rounds left moeshard's and accelerate's own caches warm."""
+def _ooc_round(ch: Child, cg: cgroups.Cgroup, **kw: Any) -> dict:
+    """One timed decode in a cgroup after dropping the page cache."""
     drop_caches()
-    if warm:
-        ch.call("decode", **{**kw, "new_tokens": 2, "seed": 10_000 + int(kw.get("seed", 0))})
     r = ch.call("decode", **kw)
     r["cgroup_peak"] = cg.peak()
     r["cgroup_oom_kills"] = cg.oom_kills()

@@ -198,7 +198,7 @@ class Cgroup:
 
     def disk_read_bytes(self) -> int:
         """Bytes the cgroup's processes have read from storage so far (page-cache hits excluded): io.stat's
-        rbytes on v2 where the io controller is on, else the sum of ``read_bytes`` in ``/proc/<pid>/io``
+        rbytes on v2 where the io controller is on, else the sum of psutil's ``io_counters().read_bytes``
         over the processes now in the cgroup (a process that exited takes its count with it)."""
         stat = self.main / "io.stat"
         if self.layout.version == 2 and stat.exists():
@@ -207,13 +207,13 @@ class Cgroup:
                            for f in line.split()[1:] if f.startswith("rbytes="))
             except (OSError, ValueError):
                 pass
+        import psutil
+
         total = 0
         for pid in self.pids():
             try:
-                for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-                    if line.startswith("read_bytes:"):
-                        total += int(line.split()[1])
-            except (OSError, ValueError):   # gone meanwhile, or not ours to read
+                total += psutil.Process(pid).io_counters().read_bytes
+            except (psutil.Error, OSError):   # gone meanwhile, or not ours to read
                 pass
         return total
 

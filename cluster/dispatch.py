@@ -344,14 +344,14 @@ class RemoteExperts:
         """Every actor forgets its resident experts (`ExpertShard.drop_resident`); summed over actors."""
         import ray
 
+        timeout_s = timeout_s or self.call_timeout_s
         refs = [a.drop_resident.remote() for a in self._fleet.actors]
         out = {"experts": 0, "bytes": 0}
         for i, r in enumerate(refs):
             try:
-                got = ray.get(r, timeout=timeout_s or self.call_timeout_s)
+                got = ray.get(r, timeout=timeout_s)
             except ray.exceptions.GetTimeoutError:
-                raise ExpertTimeout(f"{self._fleet.where(i)} did not drop its experts within "
-                                    f"{timeout_s or self.call_timeout_s:g}s")
+                raise ExpertTimeout(f"{self._fleet.where(i)} did not drop its experts within {timeout_s:g}s")
             except ray.exceptions.RayActorError as e:
                 raise ShardUnavailable(f"{self._fleet.where(i)} is gone ({root_message(e)})") from e
             self._dispatcher.all_resident[i] = False

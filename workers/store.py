@@ -255,9 +255,9 @@ class ExpertStore:
     def drop_resident(self, timeout: float | None = None) -> dict:
         """Forget every resident expert (pinned ones too), so the next use of each reads it again: the
         cold state of a fresh store, with the slots still allocated and counters and policy scores kept.
-        Waits for background reads first (a read still running after `timeout` keeps its slot).
-        Returns {"experts": dropped, "bytes": their bytes as held}."""
-        self.wait_idle(timeout)
+        Waits for background reads first, at most `timeout` s (default: the store's load timeout; a read
+        still running then keeps its slot). Returns {"experts": dropped, "bytes": their bytes as held}."""
+        self.wait_idle(self._timeout if timeout is None else timeout)
         with self._cv:
             n, nbytes = self._t.drop_idle()
             self._loads_at_drop = self._t.c["loads"]
