@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from workers import native
 from workers.errors import MoeshardError
 from workers.budget import check_budget
 from workers.dtypes import COMPUTE_DTYPES
@@ -84,6 +85,7 @@ class Coordinator:
     def open(cls, path: str | Path, options: RunOptions) -> "Coordinator":
         """`from_pretrained` with typed options."""
         ckpt = Checkpoint.open(path)
+        native.ops()       # build (first time on a machine) or load the CPU kernels now, not in the first token
         cfg = ckpt.config
         store = options.store
         specs = ckpt.expert_specs(store.expert_dtype, store.group_size)

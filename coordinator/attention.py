@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DeepseekV3Config, ModelConfig
-from .layers import RMSNorm, apply_rope, apply_rope_interleaved
+from .layers import Linear, RMSNorm, apply_rope, apply_rope_interleaved
 
 
 class KVCache(nn.Module):
@@ -98,10 +98,10 @@ class Attention(nn.Module):
         super().__init__()
         H, D = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, D
-        self.q_proj = nn.Linear(H, self.n_heads * D, bias=cfg.attention_bias, dtype=dtype)
-        self.k_proj = nn.Linear(H, self.n_kv * D, bias=cfg.attention_bias, dtype=dtype)
-        self.v_proj = nn.Linear(H, self.n_kv * D, bias=cfg.attention_bias, dtype=dtype)
-        self.o_proj = nn.Linear(self.n_heads * D, H, bias=cfg.o_bias, dtype=dtype)
+        self.q_proj = Linear(H, self.n_heads * D, bias=cfg.attention_bias, dtype=dtype)
+        self.k_proj = Linear(H, self.n_kv * D, bias=cfg.attention_bias, dtype=dtype)
+        self.v_proj = Linear(H, self.n_kv * D, bias=cfg.attention_bias, dtype=dtype)
+        self.o_proj = Linear(self.n_heads * D, H, bias=cfg.o_bias, dtype=dtype)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
@@ -159,16 +159,16 @@ class LatentAttention(nn.Module):
         self.kv_rank, self.q_rank = cfg.kv_lora_rank, cfg.q_lora_rank
         qk = cfg.qk_head_dim
         if self.q_rank is None:
-            self.q_proj = nn.Linear(H, nh * qk, bias=False, dtype=dtype)
+            self.q_proj = Linear(H, nh * qk, bias=False, dtype=dtype)
         else:
-            self.q_a_proj = nn.Linear(H, self.q_rank, bias=cfg.attention_bias, dtype=dtype)
+            self.q_a_proj = Linear(H, self.q_rank, bias=cfg.attention_bias, dtype=dtype)
             # The reference builds both latent norms with RMSNorm's default eps, not rms_norm_eps.
             self.q_a_layernorm = RMSNorm(self.q_rank, LATENT_NORM_EPS, dtype)
-            self.q_b_proj = nn.Linear(self.q_rank, nh * qk, bias=False, dtype=dtype)
-        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_rank + self.rope, bias=cfg.attention_bias, dtype=dtype)
+            self.q_b_proj = Linear(self.q_rank, nh * qk, bias=False, dtype=dtype)
+        self.kv_a_proj_with_mqa = Linear(H, self.kv_rank + self.rope, bias=cfg.attention_bias, dtype=dtype)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS, dtype)
-        self.kv_b_proj = nn.Linear(self.kv_rank, nh * (self.nope + self.v_dim), bias=False, dtype=dtype)
-        self.o_proj = nn.Linear(nh * self.v_dim, H, bias=cfg.attention_bias, dtype=dtype)
+        self.kv_b_proj = Linear(self.kv_rank, nh * (self.nope + self.v_dim), bias=False, dtype=dtype)
+        self.o_proj = Linear(nh * self.v_dim, H, bias=cfg.attention_bias, dtype=dtype)
         self.rope_fn = apply_rope_interleaved if cfg.rope_interleave else apply_rope
         self.scale = cfg.softmax_scale
 

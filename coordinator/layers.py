@@ -1,4 +1,4 @@
-"""Small dense building blocks: RMSNorm, rotary embeddings, the SwiGLU MLP."""
+"""Small dense building blocks: Linear, RMSNorm, rotary embeddings, the SwiGLU MLP."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.kernels import linear
+
 from .config import RopeScaling, yarn_mscale
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+class Linear(nn.Linear):
+    """nn.Linear on `workers.kernels.linear`: the native GEMV at decode, torch's GEMM for more rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +39,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, act: str, dtype: torch.dtype):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(inter, hidden, bias=False, dtype=dtype)
+        self.gate_proj = Linear(hidden, inter, bias=False, dtype=dtype)
+        self.up_proj = Linear(hidden, inter, bias=False, dtype=dtype)
+        self.down_proj = Linear(inter, hidden, bias=False, dtype=dtype)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

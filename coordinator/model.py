@@ -12,7 +12,7 @@ from torch import nn
 from .attention import Attention, AttentionInputs, KVCache, LatentAttention
 from .config import ModelConfig
 from .experts import RoutingStats, RoutedExperts
-from .layers import MLP, RMSNorm, Rotary
+from .layers import MLP, Linear, RMSNorm, Rotary
 from .routing import route_sigmoid_grouped, route_softmax, route_softmax_grouped, route_topk_softmax
 
 
@@ -94,7 +94,7 @@ class MoETransformer(nn.Module):
         self.routing = RoutingStats()
         self.layers = nn.ModuleList(DecoderLayer(cfg, l, experts, dtype, self.routing) for l in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg.rope_dim, cfg.rope_theta, cfg.rope, cfg.max_position_embeddings)

@@ -1,7 +1,7 @@
 """Shared fixtures: a session cache of tiny random HF checkpoints (see checkpoints.py); the skip policy.
 
 Skip policy: a test that needs something this machine may lack (a capability: ``harness``, ``cgroups``,
-``cuda``, ``llama_cpp``) says so with ``@pytest.mark.requires("harness")`` or, at run time, ``require("harness")``.
+``cuda``, ``llama_cpp``, ``native``) says so with ``@pytest.mark.requires("harness")`` or, at run time, ``require("harness")``.
 Where the capability is missing the test is skipped and the summary says why; with ``CI=true`` it fails
 instead, unless ``MOESHARD_ALLOW_SKIP`` (comma-separated) names the capability. No other skip of a test
 for a missing capability is allowed: that is how a suite ends up passing while testing nothing.
@@ -60,12 +60,22 @@ def _llama_cpp_missing() -> str:
     return llama_cpp.available(fetch=False) or ""
 
 
+def _native_missing() -> str:
+    from workers import native
+
+    if native.ops() is not None:
+        return ""
+    return ("MOESHARD_NATIVE=0" if os.environ.get(native.ENV) == "0" else
+            "no AVX-512 VNNI" if not native.cpu_supports() else "the build failed (see the log)")
+
+
 #: capability -> probe returning why it is missing here ("" = available)
 CAPABILITIES = {
     "harness": _harness_missing,   # root, iproute2, network namespaces, cgroups with cpusets
     "cgroups": _cgroups_missing,   # root and a writable memory controller
     "cuda": _cuda_missing,
     "llama_cpp": _llama_cpp_missing,   # the optional llama.cpp bench peer
+    "native": _native_missing,         # workers/native's CPU kernels: AVX-512 VNNI and a C++ compiler
 }
 ALLOW_SKIP_ENV = "MOESHARD_ALLOW_SKIP"
 _SKIPPED: list[tuple[str, str]] = []   # (capability, reason) per skipped test, for the summary

@@ -62,10 +62,11 @@ def write_fp8_experts(path: Path, experts: int, block=BLOCK, seed: int = 0):
 
 
 def _reference(deq: dict, e: int, x: torch.Tensor) -> torch.Tensor:
-    import torch.nn.functional as F
+    """The dense expert kernel over the dequantized weights (the FP8 format must run exactly that)."""
+    from workers.kernels import ExpertWeights, expert_forward
 
     g, u, d = (deq[f"model.layers.0.mlp.experts.{e}.{w}_proj.weight"] for w in ("gate", "up", "down"))
-    return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+    return expert_forward(ExpertWeights(g, u, d), x)
 
 
 def test_fp8_expert_is_held_in_fp8_bytes_and_computes_its_dequantized_weights(tmp_path):

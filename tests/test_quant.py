@@ -17,10 +17,11 @@ from cluster.cli import main
 from cluster.quantize import quantize_checkpoint
 from coordinator import Coordinator
 from coordinator.errors import CheckpointError
-from workers import quant
+from workers import native, quant
 from workers.formats import held_as
 from workers.kernels import ExpertWeights, expert_forward
 from workers.store import ExpertStore
+from conftest import require
 from test_store import file_weights, make_expert_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -75,13 +76,25 @@ def big_experts(tmp_path):
                             intermediate=lambda e: 128 if e % 2 else 256, hidden=H)
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """Each kernel set in turn (workers/quant.py): the native one, then torch's (MOESHARD_NATIVE=0)."""
+    if request.param == "native":
+        require("native")
+    else:
+        monkeypatch.setenv(native.ENV, "0")
+    native.ops.cache_clear()
+    yield request.param
+    native.ops.cache_clear()     # monkeypatch restores the environment next; ops() is re-read after
+
+
 def _store(specs, expert_dtype, group, dtype=torch.float32, **kw) -> ExpertStore:
     return ExpertStore(held_as(specs, expert_dtype, group), dtype=dtype, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("expert_dtype,group", FORMATS)
-def test_kernels_equal_dequantize_then_matmul(big_experts, expert_dtype, group, dtype):
+def test_kernels_equal_dequantize_then_matmul(big_experts, expert_dtype, group, dtype, kernels):
     specs, tensors = big_experts
     store = _store(specs, expert_dtype, group, dtype)
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -89,10 +102,12 @@ def test_kernels_equal_dequantize_then_matmul(big_experts, expert_dtype, group, 
         for key in [(0, 0), (1, 3)]:
             w = store.get(key)
             assert type(w).__name__ == ("Int8Weights" if expert_dtype == "int8" else "Int4Weights")
-            kdt = quant.kernel_dtype(dtype)    # the kernels run in bf16 (their fast path), scales kept in it
+            kdt = quant.kernel_dtype(dtype)    # the scales are kept in it; torch's kernels also run in it
             ref_w = ExpertWeights(*(quantized_reference(t, expert_dtype, group, kdt)
                                     for t in file_weights(tensors, key)))
-            ref = expert_forward(ref_w, x.to(kdt).float())
+            assert type(w.q[0] if expert_dtype == "int8" else w.packed[0]) is torch.Tensor
+            assert (w.q[0].dtype == torch.uint8 if expert_dtype == "int8" else w.native) == (kernels == "native")
+            ref = expert_forward(ref_w, x.float() if kernels == "native" else x.to(kdt).float())
             out = w.forward(x)
             assert out.dtype == dtype
             err = (out.float() - ref).abs().max().item()

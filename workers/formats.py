@@ -236,7 +236,7 @@ def _weights_then_scales(spec: ExpertSpec) -> list[list[TensorSpec]]:
 class Int8Weights:
     """An int8 expert: per weight, codes [N, K] and per-output-channel scales [N] (compute dtype)."""
 
-    q: tuple[Tensor, Tensor, Tensor]       # gate, up, down codes
+    q: tuple[Tensor, Tensor, Tensor]       # gate, up, down codes, held by quant.hold_int8
     scale: tuple[Tensor, Tensor, Tensor]
     activation: str = "silu"
 
@@ -247,8 +247,7 @@ class Int8Weights:
     def forward(self, x: Tensor) -> Tensor:
         act = activation_fn(self.activation)
         (gq, uq, dq), (gs, us, ds) = self.q, self.scale
-        k = x.to(gs.dtype)             # the kernels' activation dtype (see workers/quant.py)
-        return quant.int8_linear(act(quant.int8_linear(k, gq, gs)) * quant.int8_linear(k, uq, us), dq, ds).to(x.dtype)
+        return quant.int8_linear(act(quant.int8_linear(x, gq, gs)) * quant.int8_linear(x, uq, us), dq, ds)
 
 
 class Int8:
@@ -265,7 +264,7 @@ class Int8:
             _check_file(spec, sc, FLOAT_FILE_DTYPES, (n,))
 
     def parts(self, spec: ExpertSpec) -> list[list[Part]]:
-        return [[Part((n, k), torch.int8), Part((n,), KERNEL)] for n, k in weight_shapes(spec)]
+        return [[Part((n, k), torch.int8), Part((n,), KERNEL)] for n, k in weight_shapes(spec)]   # int8 or uint8: 1 byte
 
     def file_tensors(self, spec: ExpertSpec) -> list[list[TensorSpec]]:
         return _weights_then_scales(spec)
@@ -276,11 +275,13 @@ class Int8:
     def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
         if len(src) == 1:  # a float file: quantize now
             src = quant.quantize_int8(src[0], dst[1].dtype)
-        dst[0].copy_(src[0])
+        native = _native(spec, dst[0].device)
+        dst[0].view(torch.uint8 if native else torch.int8).copy_(quant.hold_int8(src[0], native))
         dst[1].copy_(src[1])
 
     def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> Int8Weights:
-        return Int8Weights(tuple(v[0] for v in views), tuple(v[1] for v in views), spec.activation)
+        dtype = torch.uint8 if _native(spec, views[0][0].device) else torch.int8
+        return Int8Weights(tuple(v[0].view(dtype) for v in views), tuple(v[1] for v in views), spec.activation)
 
 
 @dataclass(frozen=True)
@@ -290,18 +291,19 @@ class Int4Weights:
     packed: tuple[Tensor, Tensor, Tensor]
     scales_zeros: tuple[Tensor, Tensor, Tensor]
     group_size: int
+    native: bool                      # held for the native kernels (workers/quant.py)
     activation: str = "silu"
 
     @property
     def hidden_size(self) -> int:
-        return int(self.scales_zeros[0].shape[0]) * self.group_size
+        sz = self.scales_zeros[0]      # the gate's groups: [N, K/g, 2] native, [K/g, N, 2] torch
+        return int(sz.shape[1] if self.native else sz.shape[0]) * self.group_size
 
     def forward(self, x: Tensor) -> Tensor:
         act = activation_fn(self.activation)
-        (gp, up, dp), (gs, us, ds), g = self.packed, self.scales_zeros, self.group_size
-        k = x.to(gs.dtype)             # the kernels' activation dtype (see workers/quant.py)
-        h = act(quant.int4_linear(k, gp, g, gs)) * quant.int4_linear(k, up, g, us)
-        return quant.int4_linear(h, dp, g, ds).to(x.dtype)
+        (gp, up, dp), (gs, us, ds), g, nat = self.packed, self.scales_zeros, self.group_size, self.native
+        h = act(quant.int4_linear(x, gp, g, gs, nat)) * quant.int4_linear(x, up, g, us, nat)
+        return quant.int4_linear(h, dp, g, ds, nat)
 
 
 class Int4:
@@ -340,14 +342,23 @@ class Int4:
     def convert(self, spec: ExpertSpec, src: Sequence[Tensor], dst: Sequence[Tensor]) -> None:
         if len(src) == 1:  # a float file: quantize now
             src = quant.quantize_int4(src[0], spec.group_size, dst[1].dtype)
-        dst[0].copy_(quant.pack_int4(src[0], dst[0].device).reshape(-1).view(torch.uint8))
-        dst[1].copy_(quant.int4_kernel_qparams(src[1]))
+        native = _native(spec, dst[0].device)
+        dst[0].copy_(quant.pack_int4(src[0], dst[0].device, native).reshape(-1).view(torch.uint8))
+        dst[1].view(-1).copy_(quant.int4_kernel_qparams(src[1], native).view(-1))
 
     def weights(self, spec: ExpertSpec, views: Sequence[Sequence[Tensor]]) -> Int4Weights:
-        packed = []
+        native = _native(spec, views[0][0].device)
+        packed, qparams = [], []
         for (n, k), v in zip(weight_shapes(spec), views):
             packed.append(_packed_view(v[0], n, k))
-        return Int4Weights(tuple(packed), tuple(v[1] for v in views), spec.group_size, spec.activation)
+            qparams.append(v[1].view(n, k // spec.group_size, 2) if native else v[1])
+        return Int4Weights(tuple(packed), tuple(qparams), spec.group_size, native, spec.activation)
+
+
+def _native(spec: ExpertSpec, device: torch.device) -> bool:
+    """Whether this expert is held for the native kernels: on a CPU that runs them, with every
+    weight's input size a multiple of quant.NATIVE_MULTIPLE."""
+    return quant.uses_native(device, [k for _, k in weight_shapes(spec)])
 
 
 def _packed_view(flat: Tensor, n: int, k: int) -> Tensor:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -171,10 +173,36 @@ def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
+# Up to this many rows, a float32/bf16 weight is streamed once by the native GEMV (memory-bound
+# decode: measured at about twice torch's CPU GEMV, docs/performance.md); more rows go to torch's
+# GEMM, which is compute-bound there and faster.
+DECODE_ROWS = 8
+
+
+def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, w, bias), x [..., K] and w [N, K], on the native decode GEMV for a few rows on CPU.
+
+    Which path runs depends only on the shapes, dtypes and device, so the same rows always give
+    the same bits; the two paths differ by float rounding only."""
+    ops = native.ops()
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (ops is None or rows > DECODE_ROWS or rows == 0 or x.device.type != "cpu" or x.dtype not in _NATIVE_DENSE
+            or w.dtype not in _NATIVE_DENSE or w.shape[1] % 16 or not w.is_contiguous()
+            or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+        return F.linear(x, w, bias)
+    out = ops.dense_linear(x.reshape(rows, -1).float().contiguous(), w).to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+_NATIVE_DENSE = (torch.float32, torch.bfloat16)
+
+
 def expert_forward(w: ExpertWeights, x: Tensor) -> Tensor:
     """down(act(gate(x)) * up(x)) for rows x [N, H] -> [N, H]."""
     act = activation_fn(w.activation)
-    return F.linear(act(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)  # [N, I] -> [N, H]
+    return linear(act(linear(x, w.gate)) * linear(x, w.up), w.down)  # [N, I] -> [N, H]
 
 
 def forward_into(out: Tensor, w: ExpertWeights, x: Tensor) -> None:

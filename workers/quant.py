@@ -10,23 +10,25 @@ Scales are rounded to the dtype they are kept in *before* the codes are chosen, 
 are the best ones for the scales the kernel will really use, and quantizing at read time or
 in `moeshard quantize` gives the same bytes when the scale dtypes agree.
 
-Kernels (CPU, torch >= 2.6): `torch.ops.aten._weight_int8pack_mm` and
-`torch._weight_int4pack_mm_for_cpu` over `torch._convert_weight_to_int4pack_for_cpu`'s layout.
-Their fast paths take bf16/fp16 activations only: with float32 activations both fall back to a
-path 4x (int8) to 30x (int4) slower than a float32 GEMV (measured, docs/quantization.md). So the
-low-bit experts compute in `kernel_dtype(compute dtype)` (bf16 for a float32 run), with their
-scales held in it; rows are cast in and out, and the dense part keeps the compute dtype.
-On CUDA int4 uses `torch._weight_int4pack_mm` (bf16 activations), int8 a dequantize-per-use
-`F.linear` (torch has no weight-only int8 GEMM for CUDA); both only run where a GPU exists.
+Kernels: on CPU the native ones (workers/native, AVX-512 VNNI) where they build; otherwise
+`torch.ops.aten._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` over
+`torch._convert_weight_to_int4pack_for_cpu`'s layout. torch's fast paths take bf16/fp16
+activations only (with float32 both fall back to a path 4x to 30x slower than a float32 GEMV:
+docs/quantization.md), so on them the rows are cast to `kernel_dtype(compute dtype)` and back.
+Scales are held in that dtype either way. On CUDA int4 uses `torch._weight_int4pack_mm` (bf16
+activations), int8 a dequantize-per-use `F.linear` (torch has no weight-only int8 GEMM for CUDA);
+both only run where a GPU exists.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import native
 
 log = logging.getLogger(__name__)
 
@@ -87,37 +89,69 @@ def dequantize_int4(codes: Tensor, qparams: Tensor, group_size: int) -> Tensor:
 
 
 # ---- kernels ----------------------------------------------------------------------------------
+#
+# Two kernel sets, each with its own held layout (the slot bytes), chosen once per expert:
+# - native (workers/native: AVX-512 VNNI, float32 activations quantized to int8 per 32 inputs),
+#   on CPU where it builds, for input sizes that are multiples of NATIVE_MULTIPLE;
+# - torch's weight-only kernels otherwise (and on CUDA).
+# int8 native: codes + 128 as uint8 [N, K]; torch: int8 [N, K]. int4 native: [N, K/2] with each
+# 128-input span's byte j holding inputs j (low nibble) and j + 64; qparams [N, K/g, 2]. torch:
+# its packed layout and [K/g, N, 2].
+
+NATIVE_MULTIPLE = 128
+
+
+def uses_native(device: torch.device, in_sizes: Sequence[int]) -> bool:
+    """Whether weights with these input sizes on `device` are held for (and run by) the native kernels."""
+    return device.type == "cpu" and all(k % NATIVE_MULTIPLE == 0 for k in in_sizes) and native.ops() is not None
+
 
 def kernel_dtype(compute: torch.dtype) -> torch.dtype:
-    """The activation (and scale) dtype of the low-bit kernels for a run computing in `compute`."""
+    """The dtype of the low-bit scales (and, on torch's kernels, of the activations) in a run computing in `compute`."""
     return torch.float16 if compute == torch.float16 else torch.bfloat16
 
 
-def pack_int4(codes: Tensor, device: torch.device) -> Tensor:
+def hold_int8(q: Tensor, native_layout: bool) -> Tensor:
+    """int8 codes [N, K] -> the held codes (uint8 q + 128 for the native kernel)."""
+    return (q.to(torch.int16) + 128).to(torch.uint8) if native_layout else q
+
+
+def pack_int4(codes: Tensor, device: torch.device, native_layout: bool) -> Tensor:
     """Portable codes [N, K/2] -> the int4 kernel's own layout on `device` (uint8 on CPU)."""
+    if native_layout:
+        q = unpack_int4(codes).to(torch.uint8)
+        n, k = q.shape
+        q = q.view(n, k // 128, 2, 64)
+        return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
     if device.type == "cuda":
         hi_first = ((codes & 0xF) << 4) | (codes >> 4)   # the CUDA packer wants the even column high
         return torch._convert_weight_to_int4pack(hi_first.to(device), 8)
     return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(codes), 1)
 
 
-def int4_kernel_qparams(qparams: Tensor) -> Tensor:
-    """[N, K/g, 2] -> the [K/g, N, 2] scales-and-zeros the int4 kernels take."""
-    return qparams.transpose(0, 1).contiguous()
+def int4_kernel_qparams(qparams: Tensor, native_layout: bool) -> Tensor:
+    """[N, K/g, 2] -> the scales and zeros the int4 kernel takes ([K/g, N, 2] for torch's)."""
+    return qparams.contiguous() if native_layout else qparams.transpose(0, 1).contiguous()
 
 
 def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """x [M, K] @ (q * scale).T -> [M, N]."""
+    """x [M, K] @ (q * scale).T -> [M, N], in x's dtype; q held by `hold_int8`."""
+    if q.dtype == torch.uint8:
+        return native.ops().int8_linear(x.float().contiguous(), q, scale).to(x.dtype)
+    k = x.to(scale.dtype)              # torch's fast paths take bf16/fp16 activations only
     if x.device.type == "cuda":
-        return F.linear(x, q.to(x.dtype)) * scale
-    return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+        return (F.linear(k, q.to(k.dtype)) * scale).to(x.dtype)
+    return torch.ops.aten._weight_int8pack_mm(k, q, scale).to(x.dtype)
 
 
-def int4_linear(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor) -> Tensor:
-    """x [M, K] @ dequantized(packed).T -> [M, N]; `scales_zeros` [K/g, N, 2]."""
+def int4_linear(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, native_layout: bool) -> Tensor:
+    """x [M, K] @ dequantized(packed).T -> [M, N], in x's dtype; layouts from `pack_int4`, `int4_kernel_qparams`."""
+    if native_layout:
+        return native.ops().int4_linear(x.float().contiguous(), packed, scales_zeros, group_size).to(x.dtype)
+    k = x.to(scales_zeros.dtype)
     if x.device.type == "cuda":
-        return torch._weight_int4pack_mm(x, packed, group_size, scales_zeros)
-    return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_zeros)
+        return torch._weight_int4pack_mm(k, packed, group_size, scales_zeros).to(x.dtype)
+    return torch._weight_int4pack_mm_for_cpu(k, packed, group_size, scales_zeros).to(x.dtype)
 
 
 # ---- what a checkpoint and the options say ---------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import spill
+from . import native, spill
 from .errors import ExpertLoadError
 from .formats import FILE_DTYPES, format_of
 from .slots import ExpertInfo
@@ -116,10 +116,11 @@ class ExpertReader:
 
     def _spill_digest(self, info: ExpertInfo) -> bytes:
         """The source digest of the expert's spill file: the checkpoint files as opened for reading,
-        and the torch build that converted them (packed layouts are the kernel's own)."""
+        and the torch build and kernel set that converted them (packed layouts are the kernel's own)."""
         spec = info.spec
         files = {t.file: os.fstat(self._fd(spec, t)) for t in (*spec.tensors, *spec.scales)}
-        image = f"{self.image_name(spec)}/torch {torch.__version__}/{torch.backends.cpu.get_cpu_capability()}"
+        image = (f"{self.image_name(spec)}/torch {torch.__version__}/{torch.backends.cpu.get_cpu_capability()}"
+                 f"/{native.kernel_id()}")
         return spill.source_digest(spec, info.layout, image, files)
 
     @staticmethod

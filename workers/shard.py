@@ -15,7 +15,7 @@ import psutil
 import torch
 from torch import Tensor
 
-from . import wire
+from . import native, wire
 from .dtypes import compute_dtype
 from .errors import WireError
 from .kernels import forward_into
@@ -41,6 +41,7 @@ class ExpertShard:
                  spill_dir: str | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
+        native.ops()                # build (first time on a machine) or load the CPU kernels now, not mid-call
         self.dtype = compute_dtype(dtype)
         self.specs = [ExpertSpec.from_dict(d) for d in specs]
         self._hidden = {s.key: s.hidden_size for s in self.specs}

@@ -1,0 +1,178 @@
+"""workers/native: the decode kernels against plain PyTorch, their invariants, and their pool's idling.
+
+Low-bit results differ from dequantize-then-matmul by the activations' int8 rounding (per 32
+inputs, as llama.cpp's Q8 activations) and float summation order; the dense GEMV by summation
+order only. What must hold exactly: the same row gives the same bits on any thread count and
+wherever it sits in the batch, which is what keeps in-process, distributed and paged runs equal."""
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers import native, quant
+from workers.kernels import DECODE_ROWS, linear
+
+pytestmark = pytest.mark.requires("native")
+
+N, K = 96, 256
+
+
+def _x(m: int, k: int = K, seed: int = 0) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+
+
+def _w(n: int = N, k: int = K, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def _int8(w, scale_dtype=torch.bfloat16):
+    q, s = quant.quantize_int8(w, scale_dtype)
+    return quant.hold_int8(q, True), s, quant.dequantize_int8(q, s)
+
+
+def _int4(w, group, scale_dtype=torch.bfloat16):
+    codes, qp = quant.quantize_int4(w, group, scale_dtype)
+    dev = torch.device("cpu")
+    return (quant.pack_int4(codes, dev, True), quant.int4_kernel_qparams(qp, True),
+            quant.dequantize_int4(codes, qp, group))
+
+
+def _rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the low-bit kernels see it: int8 per 32 inputs, scale max|x| / 127, round half to even."""
+    b = x.double().reshape(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(b / torch.where(d == 0, 1, d)) * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("m", [1, 3, 40])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_int8_equals_dequantize_then_matmul(m, scale_dtype):
+    codes, s, deq = _int8(_w(), scale_dtype)
+    x = _x(m)
+    assert _rel(native.ops().int8_linear(x, codes, s), F.linear(x, deq)) < 1.5e-2
+
+
+@pytest.mark.parametrize("m", [1, 3, 40])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_int4_equals_dequantize_then_matmul(m, group, scale_dtype):
+    packed, qp, deq = _int4(_w(), group, scale_dtype)
+    x = _x(m)
+    assert _rel(native.ops().int4_linear(x, packed, qp, group), F.linear(x, deq)) < 1.5e-2
+
+
+def test_int4_layout_is_the_documented_one():
+    # inputs j and j + 64 of each 128-input span share byte j, j in the low nibble
+    q = torch.arange(256).remainder(16).to(torch.uint8).repeat(2, 1)          # [2, 256] codes
+    portable = q[:, 0::2] | (q[:, 1::2] << 4)
+    packed = quant.pack_int4(portable, torch.device("cpu"), True)
+    assert packed.shape == (2, 128)
+    assert packed[0, 5].item() == (q[0, 5] | (q[0, 69] << 4)).item()
+    assert packed[0, 64 + 5].item() == (q[0, 128 + 5] | (q[0, 128 + 69] << 4)).item()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_error_is_the_activations_rounding_only(fmt):
+    # with x rounded as the kernels round it, what is left is float summation order. int4's zeros
+    # multiply the exact sum of x over their group: w = (q - 8) * s + z, so x.w = sum(xr (q - 8) s) + z sum(x)
+    w, x = _w(), _x(3)
+    zeros = torch.zeros(N, K, dtype=torch.float64)
+    if fmt == "int8":
+        codes, s, deq = _int8(w, torch.float32)
+        got = native.ops().int8_linear(x, codes, s)
+    else:
+        codes, qp, deq = _int4(w, 64, torch.float32)
+        got = native.ops().int4_linear(x, codes, qp, 64)
+        zeros = quant.quantize_int4(w, 64, torch.float32)[1][..., 1].double().repeat_interleave(64, 1)
+    xr = _rounded_activations(x)
+    ref = xr @ (deq.double() - zeros).T + x.double() @ zeros.T
+    scale = xr.abs() @ deq.double().abs().T + x.double().abs() @ zeros.abs().T   # the size of the terms summed
+    assert ((got.double() - ref).abs() / scale).max() < 1e-6
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dense_linear_equals_f_linear(wdtype):
+    w = _w().to(wdtype)
+    for m in (1, 2, DECODE_ROWS):
+        x = _x(m)
+        got = native.ops().dense_linear(x, w)
+        assert torch.allclose(got, F.linear(x, w.float()), rtol=0, atol=1e-5 * F.linear(x, w.float()).abs().max())
+
+
+def test_linear_takes_the_native_path_for_decode_rows_only(monkeypatch):
+    w, b = _w(), torch.randn(N)
+    calls = []
+    real = native.ops().dense_linear
+    monkeypatch.setattr(native, "ops", lambda: type("Ops", (), {"dense_linear": lambda *a: calls.append(1) or real(*a)}))
+    x = _x(DECODE_ROWS).view(2, DECODE_ROWS // 2, K)
+    out = linear(x, w, b)
+    assert calls == [1] and out.shape == (2, DECODE_ROWS // 2, N)
+    assert torch.allclose(out, F.linear(x, w, b), atol=1e-5)
+    linear(_x(DECODE_ROWS + 1), w, b)                  # prefill-sized: torch's GEMM
+    assert calls == [1]
+
+
+def _all_kernels(x):
+    w = _w(N, K)
+    c8, s8, _ = _int8(w)
+    p4, q4, _ = _int4(w, 64)
+    return [native.ops().int8_linear(x, c8, s8), native.ops().int4_linear(x, p4, q4, 64),
+            native.ops().dense_linear(x, w)]
+
+
+def test_same_bits_on_any_thread_count():
+    before = torch.get_num_threads()
+    x = _x(5)
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(_all_kernels(x))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+def test_a_row_gives_the_same_bits_wherever_it_sits_in_the_batch():
+    x = _x(7)
+    whole = _all_kernels(x)
+    for i in (0, 3, 6):
+        alone = _all_kernels(x[i:i + 1].clone())
+        assert all(torch.equal(a[i:i + 1], b) for a, b in zip(whole, alone))
+
+
+def test_idle_pool_workers_sleep():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, w = _x(1, 1024), _w(2048, 1024)
+        for _ in range(50):
+            native.ops().dense_linear(x, w)         # wakes the pool's worker, which then spins a while
+    finally:
+        torch.set_num_threads(before)
+    me = psutil.Process()
+    time.sleep(0.2)                                # past the spin window: the worker must be asleep
+    t0, c0 = time.monotonic(), sum(me.cpu_times()[:2])
+    time.sleep(0.5)
+    used = sum(me.cpu_times()[:2]) - c0
+    assert used < 0.05 * (time.monotonic() - t0), f"{used:.3f} s of CPU while idle"
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda o, c, s: o.int8_linear(torch.randn(1, K, dtype=torch.float64), c, s), "contiguous float32"),
+    (lambda o, c, s: o.int8_linear(torch.randn(1, K + 128), c, s), "inputs"),
+    (lambda o, c, s: o.int4_linear(torch.randn(1, K), c[:, :K // 2].contiguous(), s, 48), "group size 48"),
+])
+def test_bad_input_is_a_clear_error(call, match):
+    codes, s, _ = _int8(_w())
+    with pytest.raises(RuntimeError, match=match):
+        call(native.ops(), codes, s)
