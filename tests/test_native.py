@@ -170,7 +170,7 @@ def test_idle_pool_workers_sleep():
 @pytest.mark.parametrize("call,match", [
     (lambda o, c, s: o.int8_linear(torch.randn(1, K, dtype=torch.float64), c, s), "contiguous float32"),
     (lambda o, c, s: o.int8_linear(torch.randn(1, K + 128), c, s), "inputs"),
-    (lambda o, c, s: o.int4_linear(torch.randn(1, K), c[:, :K // 2].contiguous(), s, 48), "group size 48"),
+    (lambda o, c, s: o.int4_linear(torch.randn(1, K), c[:, :K // 2].contiguous(), s, 48), "group size 48 must be a power of two"),
 ])
 def test_bad_input_is_a_clear_error(call, match):
     codes, s, _ = _int8(_w())

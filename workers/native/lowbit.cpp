@@ -96,6 +96,13 @@ inline __m512 block_scales(const float* v, int64_t c) {
   return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(v[2 * c]), _mm512_set1_ps(v[2 * c + 1]));
 }
 
+void check_scales(const at::Tensor& s) {
+  const auto t = s.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "scales must be float32, bfloat16 or float16");
+  TORCH_CHECK(s.is_contiguous() && s.device().is_cpu(), "scales must be a contiguous CPU tensor");
+}
+
+// Every check happens here, before any work reaches the pool: an exception on a worker thread ends the process.
 void check_common(const at::Tensor& x, const at::Tensor& codes, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous float32 CPU [M, K] tensor");
@@ -129,7 +136,8 @@ inline void int8_rows(const uint8_t* w, int64_t K, const QuantizedRows& r, int64
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
   const int64_t N = codes.size(0), K = codes.size(1), M = x.size(0);
   check_common(x, codes, K);
-  TORCH_CHECK(scale.numel() == N && scale.is_contiguous(), "int8 scale must be [N] contiguous");
+  check_scales(scale);
+  TORCH_CHECK(scale.numel() == N, "int8 scale must have one value per output channel (", N, ")");
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const QuantizedRows r = quantize_rows(x.data_ptr<float>(), M, K, 128, 0);
@@ -218,9 +226,11 @@ void int4_range(int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K, int64_t
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& qparams, int64_t group) {
   const int64_t N = codes.size(0), K = codes.size(1) * 2, M = x.size(0);
   check_common(x, codes, K);
-  TORCH_CHECK(group % kBlock == 0 && K % group == 0, "group size ", group, " must be a multiple of 32 dividing ", K);
+  TORCH_CHECK(group >= kBlock && (group & (group - 1)) == 0 && K % group == 0,
+              "group size ", group, " must be a power of two >= 32 that divides ", K);
   const int64_t ng = K / group;
-  TORCH_CHECK(qparams.numel() == N * ng * 2 && qparams.is_contiguous(), "int4 qparams must be [N, K/G, 2] contiguous");
+  check_scales(qparams);
+  TORCH_CHECK(qparams.numel() == N * ng * 2, "int4 qparams must be [N, K/G, 2]");
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const QuantizedRows r = quantize_rows(x.data_ptr<float>(), M, K, 8, group);
@@ -279,9 +289,9 @@ void dense_range(int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K, const 
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == K,
-              "x must be a contiguous float32 [M, K] tensor");
-  TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) && K % 16 == 0,
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() && x.size(1) == K,
+              "x must be a contiguous float32 CPU [M, K] tensor");
+  TORCH_CHECK(w.is_contiguous() && w.device().is_cpu() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) && K % 16 == 0,
               "w must be a contiguous float32 or bfloat16 [N, K] tensor, K a multiple of 16");
   auto out = at::empty({M, N}, x.options());
   const bool bf = w.scalar_type() == at::kBFloat16;

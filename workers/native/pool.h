@@ -54,6 +54,7 @@ class SpinPool {
     job_ = &fn;
     job_n_ = n;
     job_chunks_ = chunks;
+    job_helpers_ = threads - 1;      // workers past this many sit the job out (the thread count fell)
     done_.store(0, std::memory_order_relaxed);
     const uint64_t epoch = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
     ticket_.store(epoch << 32, std::memory_order_seq_cst);          // publishes the job: chunk 0 next
@@ -82,12 +83,13 @@ class SpinPool {
   void ensure_workers(int want) {
     while (int(workers_.size()) < want) {
       const uint64_t seen = ticket_.load(std::memory_order_seq_cst) >> 32;   // before this job's epoch
-      workers_.emplace_back([this, seen] { work(seen); });
+      const int index = int(workers_.size());
+      workers_.emplace_back([this, seen, index] { work(seen, index); });
       workers_.back().detach();
     }
   }
 
-  void work(uint64_t seen) {
+  void work(uint64_t seen, int index) {
     for (;;) {
       uint64_t e;
       auto start = std::chrono::steady_clock::now();
@@ -107,7 +109,7 @@ class SpinPool {
         _mm_pause();
       }
       seen = e;
-      take_chunks(e);
+      if (index < job_helpers_) take_chunks(e);
     }
   }
 
@@ -129,6 +131,7 @@ class SpinPool {
   std::atomic<int> sleeping_{0};
   const Range* job_ = nullptr;
   int64_t job_n_ = 0, job_chunks_ = 1;
+  int job_helpers_ = 0;
 };
 
 }  // namespace moeshard
