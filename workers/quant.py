@@ -121,7 +121,7 @@ def pack_int4(codes: Tensor, device: torch.device, native_layout: bool) -> Tenso
     if native_layout:
         q = unpack_int4(codes).to(torch.uint8)
         n, k = q.shape
-        q = q.view(n, k // 128, 2, 64)
+        q = q.view(n, k // NATIVE_MULTIPLE, 2, NATIVE_MULTIPLE // 2)   # per span: inputs [0, 64) low, [64, 128) high
         return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
     if device.type == "cuda":
         hi_first = ((codes & 0xF) << 4) | (codes >> 4)   # the CUDA packer wants the even column high

@@ -4,7 +4,7 @@
 // kernel calls of a decode step, and waking them (a futex and an inter-processor interrupt; slow
 // on a VM) costs more than a batch-1 GEMV takes. Here a worker keeps polling for the next job for
 // up to kSpin after its last one, yielding the core to anything else runnable, so a decode step
-// finds it awake, and an idle process has every worker asleep within kSpin.
+// finds it awake, and an idle process has every worker asleep within that window.
 //
 // A job is cut into more chunks than threads and every thread, the caller included, takes the next
 // chunk until none is left, so a worker that the OS has descheduled delays at most the one chunk it
@@ -17,6 +17,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -29,7 +30,14 @@ namespace moeshard {
 class SpinPool {
  public:
   using Range = std::function<void(int64_t, int64_t)>;
-  static constexpr auto kSpin = std::chrono::microseconds(1000);
+  // How long a worker polls after its last job: MOESHARD_NATIVE_SPIN_US, default 1000 (0: sleep at once).
+  static std::chrono::microseconds spin_window() {
+    static const std::chrono::microseconds w{[] {
+      const char* v = std::getenv("MOESHARD_NATIVE_SPIN_US");
+      return v && *v ? std::max(0L, std::strtol(v, nullptr, 10)) : 1000L;
+    }()};
+    return w;
+  }
   static constexpr int64_t kChunksPerThread = 4;
 
   static SpinPool& get() {
@@ -96,7 +104,7 @@ class SpinPool {
       int polls = 0;
       while ((e = ticket_.load(std::memory_order_acquire) >> 32) == seen) {
         if (++polls % 64 == 0) {
-          if (std::chrono::steady_clock::now() - start > kSpin) {
+          if (std::chrono::steady_clock::now() - start > spin_window()) {
             std::unique_lock<std::mutex> lk(mu_);
             sleeping_.fetch_add(1, std::memory_order_seq_cst);
             cv_.wait(lk, [&] { return (ticket_.load(std::memory_order_seq_cst) >> 32) != seen; });
