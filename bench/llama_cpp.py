@@ -219,6 +219,33 @@ def quantized(ckpt: Path, ftype: str, threads: int = 1, fetch: bool = False) -> 
     return out
 
 
+def experts_only(ckpt: Path, ftype: str, fetch: bool = False) -> Path:
+    """The GGUF of `ckpt` with only the routed experts quantized to `ftype` (Q8_0 or Q4_0) and every
+    other tensor f32, as moeshard's expert_dtype holds them (bench/gguf_experts.py; cached)."""
+    if ftype not in FTYPES:
+        raise LlamaCppError(f"unknown llama.cpp type {ftype!r}; the bench uses {', '.join(FTYPES)}")
+    src = gguf_f32(ckpt, fetch=fetch)
+    out = src.with_name(f"{ftype.lower()}-experts.gguf")
+    if _fresh(out, src.stat().st_mtime):
+        return out
+    gguf_py = converter(fetch=fetch).parent / "gguf-py"
+    tmp = out.with_suffix(".gguf.tmp")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(gguf_py), os.environ.get("PYTHONPATH")) if p)}
+    log.info("quantizing the experts of %s to %s", src, ftype)
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("gguf_experts.py")), str(src), str(tmp), ftype],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0 or not tmp.is_file():
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+        raise LlamaCppError(f"bench/gguf_experts.py {src} -> {ftype} failed (exit {r.returncode}):\n{tail}")
+    os.replace(tmp, out)
+    return out
+
+
 def gguf_file(ckpt: Path, kind: str, threads: int = 1, fetch: bool = False) -> Path:
-    """One function for every row: kind "f32" (as stored), "Q8_0" or "Q4_0"."""
-    return gguf_f32(ckpt, fetch=fetch) if kind == "f32" else quantized(ckpt, kind, threads=threads, fetch=fetch)
+    """One function for every row: kind "f32" (as stored), "Q8_0" or "Q4_0" (llama.cpp's defaults:
+    the dense part quantized too) or "Q8_0-experts" / "Q4_0-experts" (routed experts only)."""
+    if kind == "f32":
+        return gguf_f32(ckpt, fetch=fetch)
+    if kind.endswith("-experts"):
+        return experts_only(ckpt, kind.removesuffix("-experts"), fetch=fetch)
+    return quantized(ckpt, kind, threads=threads, fetch=fetch)

@@ -997,12 +997,14 @@ def scenario_7(ctx: Ctx) -> dict:
     int8 / int4). Targets from issue 13."""
     P = ctx.params
     figures, details, notes = [], {"rounds": {}, "threads": ctx.threads}, []
-    ggufs, why = _llama_ggufs(ctx, ("f32", "Q8_0", "Q4_0"))
-    notes.append(why or LLAMA_BATCH_NOTE + "; llama.cpp quantizes with its defaults (llama_model_quantize: every "
-                 "2-D weight but the routers, so attention and embeddings too, and output.weight at Q6_K for "
-                 "Q4_0), moeshard quantizes the routed experts only")
+    ggufs, why = _llama_ggufs(ctx, ("f32", "Q8_0", "Q4_0", "Q8_0-experts", "Q4_0-experts"))
+    notes.append(why or LLAMA_BATCH_NOTE + "; llama.cpp Q8_0 / Q4_0 rows use its defaults (llama_model_quantize: "
+                 "every 2-D weight but the routers, so attention and embeddings too, and output.weight at Q6_K for "
+                 "Q4_0); the '-experts' rows quantize the routed experts only (bench/gguf_experts.py) and keep the "
+                 "dense part f32, as moeshard's expert_dtype does: the like-for-like pair")
     details["llama_cpp_files"] = {k: str(v) for k, v in ggufs.items()}
     lc = ctx.child("s7-llama.cpp") if ggufs else None
+    lcx = ctx.child("s7-llama.cpp-experts") if ggufs else None
     ctx.progress("s7: loading transformers fp32")
     hf = ctx.child("s7-transformers")
     details["transformers_load"] = hf.call("load", system="transformers", path=str(ctx.ckpt))
@@ -1013,6 +1015,7 @@ def scenario_7(ctx: Ctx) -> dict:
                 ("int4", "int4", "float32", 5.0), ("int4-bf16", "int4", "bfloat16", 5.0)]
     # llama.cpp at the same bits, and issue 13's targets for moeshard / llama.cpp
     peers = {"stored": ("f32", 0.8), "int8": ("Q8_0", 1.0), "int4": ("Q4_0", 1.0)}
+    like_for_like = {"int8": "Q8_0-experts", "int4": "Q4_0-experts"}   # same bytes per token as moeshard's
     for tag, fmt, dtype, target in variants:
         ctx.progress(f"s7: loading moeshard 0 workers, experts {tag}, compute {dtype}")
         opts = dict(num_workers=0, worker_memory=None, prefetch_depth=0, pin_all=True, threads=ctx.threads,
@@ -1025,6 +1028,11 @@ def scenario_7(ctx: Ctx) -> dict:
             ctx.progress(f"s7: loading llama.cpp {kind} (in memory)")
             details[f"llama_cpp_{kind}_load"] = _llama_load(lc, ggufs[kind], ctx, P.prompt_len)
             members["llama.cpp"] = lc
+        xkind = like_for_like.get(tag) if lcx is not None else None
+        if xkind:
+            ctx.progress(f"s7: loading llama.cpp {xkind} (in memory)")
+            details[f"llama_cpp_{xkind}_load"] = _llama_load(lcx, ggufs[xkind], ctx, P.prompt_len)
+            members["llama.cpp-experts"] = lcx
         res: dict[str, list[dict]] = {s: [] for s in members}
         for r in range(P.rounds):
             for name, ch in members.items():
@@ -1042,6 +1050,12 @@ def scenario_7(ctx: Ctx) -> dict:
                                   f"vs llama.cpp {kind}: decode tok/s, batch 1", _med(res["moeshard"]), "tok/s",
                                   peer=f"llama.cpp {kind}", peer_value=_med(res["llama.cpp"]),
                                   ratio=_ratio(res["moeshard"], res["llama.cpp"]), target=peers[tag][1]))
+        if xkind:
+            figures.append(figure(f"s7.b1.{tag}.llama_cpp_experts", f"in memory, 0 workers, experts {tag} ({dtype} "
+                                  f"compute) vs llama.cpp {xkind} (dense f32, like moeshard): decode tok/s, batch 1",
+                                  _med(res["moeshard"]), "tok/s", peer=f"llama.cpp {xkind}",
+                                  peer_value=_med(res["llama.cpp-experts"]),
+                                  ratio=_ratio(res["moeshard"], res["llama.cpp-experts"]), target=peers[tag][1]))
     ctx.close_children()
 
     why = cgroups_usable()
@@ -1086,12 +1100,21 @@ def scenario_7(ctx: Ctx) -> dict:
     else:
         details["two_hosts"] = two
         figures.append(figure("s7.hosts.int4", f"2 hosts x {format_bytes(ctx.host_memory)} / 1 CPU, int4/g64 "
-                              f"checkpoint, {'all experts resident' if not two['misses_in_rounds'] else 'paging'} "
+                              f"checkpoint, {_residency(two)} "
                               f"({format_bytes(two['budget'])} per actor): decode "
                               "tok/s, batch 1", _med(two["moeshard"]), "tok/s", peer="transformers fp32 in memory",
                               peer_value=_med(two["transformers"]),
                               ratio=_ratio(two["moeshard"], two["transformers"])))
     return {"figures": figures, "details": details, "notes": notes}
+
+
+def _residency(two: dict) -> str:
+    """How the two-host rounds held the experts, from their own counters."""
+    if not two["misses_in_rounds"]:
+        return "all experts resident"
+    if not two.get("evictions_in_rounds"):
+        return f"no evictions, {two['misses_in_rounds']} first reads"
+    return "paging"
 
 
 def _s7_two_hosts(ctx: Ctx, q: Path) -> dict:
@@ -1123,8 +1146,9 @@ def _s7_two_hosts(ctx: Ctx, q: Path) -> dict:
                        prefetch_depth=0, num_cpus_per_worker=1, resources=[{cl.resource(0): 1}, {cl.resource(1): 1}])
         hf = ctx.child("s7-hosts-transformers")
         hf.call("load", system="transformers", path=str(ctx.ckpt))
-        for ch in (ms, hf):
-            ch.call("decode", batch=1, prompt_len=P.prompt_len, new_tokens=P.b1_tokens, seed=99)   # warm: all resident
+        # warm: a prefill of 4 x 64 random tokens touches every expert of the tiny and the mix8x32 models
+        ms.call("decode", batch=4, prompt_len=64, new_tokens=2, seed=99)
+        hf.call("decode", batch=1, prompt_len=P.prompt_len, new_tokens=P.b1_tokens, seed=99)
         res: dict[str, Any] = {"moeshard": [], "transformers": [], "budget": budget, "expert_bytes": held,
                                "load": load, "cluster": {"mode": cl.mode, "hosts": [h.ip for h in cl.hosts]}}
         for r in range(P.rounds):
@@ -1134,6 +1158,7 @@ def _s7_two_hosts(ctx: Ctx, q: Path) -> dict:
                 x.pop("step_s", None)
                 res[name].append(x)
         res["misses_in_rounds"] = sum((x.get("experts") or {}).get("misses", 0) for x in res["moeshard"])
+        res["evictions_in_rounds"] = sum((x.get("experts") or {}).get("evictions", 0) for x in res["moeshard"])
         return res
     finally:
         ctx.close_children()

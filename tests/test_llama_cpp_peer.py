@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +113,30 @@ def test_q8_0_and_q4_0_files_are_written_and_load(tiny):
 
 
 @pytest.mark.requires("llama_cpp")
+def test_experts_only_files_quantize_the_experts_alone(tiny, monkeypatch):
+    """Q8_0-experts / Q4_0-experts: the routed experts quantized, every other tensor f32 and unchanged."""
+    f32 = L.gguf_f32(tiny)
+    monkeypatch.syspath_prepend(str(L.converter().parent / "gguf-py"))   # llama.cpp's own reader
+    monkeypatch.delitem(sys.modules, "gguf", raising=False)
+    import gguf
+
+    ref = {t.name: t for t in gguf.GGUFReader(f32).tensors}
+    for kind in ("Q8_0", "Q4_0"):
+        path = L.gguf_file(tiny, f"{kind}-experts")
+        assert path == L.out_dir(tiny) / f"{kind.lower()}-experts.gguf"
+        got = {t.name: t for t in gguf.GGUFReader(path).tensors}
+        experts = [n for n in got if n.endswith("_exps.weight")]
+        assert got.keys() == ref.keys() and experts
+        for name, t in got.items():
+            if name in experts:
+                assert t.tensor_type.name == kind, name
+            else:
+                assert t.tensor_type == ref[name].tensor_type and np.array_equal(t.data, ref[name].data), name
+        _llama(path, logits_all=True).close()      # and llama.cpp loads it
+    sys.modules.pop("gguf", None)
+
+
+@pytest.mark.requires("llama_cpp")
 def test_bench_records_llama_cpp_rows(tiny, tmp_path, monkeypatch):
     """`python -m bench.run --scenario 1,7 --tiny --workers 0` with the peer: its rows are recorded."""
     monkeypatch.setattr(mk, "CACHE_DIR", tmp_path / "cache")
@@ -123,7 +149,7 @@ def test_bench_records_llama_cpp_rows(tiny, tmp_path, monkeypatch):
     assert s1["status"] == "ok" and s7["status"] == "ok", (s1.get("reason"), s7.get("reason"))
     rows = {f["id"]: f for sc in (s1, s7) for f in sc["figures"]}
     want = {"s1.b1.0w.llama_cpp": None, "s7.b1.stored.llama_cpp": 0.8, "s7.b1.int8.llama_cpp": 1.0,
-            "s7.b1.int4.llama_cpp": 1.0}
+            "s7.b1.int4.llama_cpp": 1.0, "s7.b1.int8.llama_cpp_experts": 1.0, "s7.b1.int4.llama_cpp_experts": 1.0}
     for fid, target in want.items():
         f = rows[fid]
         assert f["value"] and f["peer_value"] and f["ratio"] and f["target"] == target, f
