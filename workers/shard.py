@@ -53,7 +53,7 @@ class ExpertShard:
         # dropping one frees its memory at once. The dict is replaced whole, never mutated, so a
         # layer computing on another thread sees either the old or the new set, never half of one.
         self._replicas: dict[ExpertKey, tuple[ExpertStore, int]] = {}   # key -> (store, hidden size)
-        self._calls = self._rows = self._idle = 0
+        self._calls = self._rows = self._idle = self._replica_rows = 0
         self._compute_s = 0.0
 
     def compute(self, layer: int, rows: Tensor, experts: Sequence[int], counts: Sequence[int],
@@ -92,6 +92,7 @@ class ExpertShard:
         for k, s, c in every:            # replicas are resident for good: no slot to wait for
             if k in replicas:
                 forward_into(out[s:s + c], replicas[k][0].get(k), x[s:s + c])
+                self._replica_rows += c
         active = [a for a in every if a[0] not in replicas]
         self.store.begin_layer(k for k, _, _ in active)
         try:
@@ -151,6 +152,7 @@ class ExpertShard:
             "rss_bytes": psutil.Process().memory_info().rss,
             "torch_threads": torch.get_num_threads(),
             "replicas": len(self._replicas),
+            "replica_rows": self._replica_rows,
             "replica_bytes": sum(r.resident_bytes() for r, _ in self._replicas.values()),
             **self.store.stats(),
         }
