@@ -186,10 +186,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def read_load_stats(path: str, cfg):
     """The `--from-stats` file, checked against the checkpoint it is to be applied to."""
-    from coordinator.load import LoadStats, load_model_key
+    from coordinator.load import LoadFileError, LoadStats, load_model_key
 
-    stats = LoadStats.read(path)
-    stats.check_model(load_model_key(cfg), cfg.moe_layer_ids)
+    try:
+        stats = LoadStats.read(path)
+        stats.check_model(load_model_key(cfg), cfg.moe_layer_ids)
+    except LoadFileError as e:
+        raise ValueError(f"--from-stats: {e}") from None
     return stats
 
 

@@ -113,7 +113,7 @@ class Dispatcher:
         t0 = time.perf_counter()
         batch = ExpertBatch.from_routing(weights, ids)
         table = self.table
-        owners = table.pick(layer, batch.experts)
+        owners = table.pick(layer, batch.experts, batch.counts)
         if owners is None:
             raise ValueError(f"layer {layer} has no routed experts (MoE layers: {table.layers()})")
         shares = split_by_owner(batch, owners, layer)
@@ -257,7 +257,7 @@ class Dispatcher:
         node = self.fleet.node(a)
         self.fleet.log.add(kind="failover", actor=a, layer=layer, node=node and node.node_id,
                            experts=[e for e, _, _ in moved], reloaded=[e for e, _, _ in kept], error=str(error)[:300])
-        picked = table.pick(layer, [e for e, _, _ in moved])
+        picked = table.pick(layer, [e for e, _, _ in moved], [c for _, _, c in moved])
         per: dict[int, list[tuple[int, int, int]]] = {}
         for e, s, c in moved:
             h = picked[e] if picked is not None else a

@@ -1,10 +1,13 @@
 """The routing (owner) table: which actor serves each active expert of one dispatch. Pure (no Ray).
 
 An expert held by one actor always goes to it. An expert with replicas (cluster/replicas.py) goes,
-all its rows of the dispatch together, to one holder chosen by smooth weighted round robin over
-the plan's shares, so that over many passes each holder serves its share of the rows. Which holder
-serves an expert never changes the result: the same rows meet the same weights in one matmul, and
-the dispatcher combines in grouped (expert) order whoever answered.
+all its rows of the dispatch together, to the holder that has served the fewest rows of this layer
+since the table was installed, counting this dispatch's rows already assigned (biggest experts
+placed first). The plan's shares say where replicas pay off on the measured load; choosing online
+keeps the rows even when the traffic drifts from that load (fixed shares, tried first, balanced
+held-out prompts much worse than planned: docs/placement.md).
+Which holder serves an expert never changes the result: the same rows meet the same weights in one
+matmul, and the dispatcher combines in grouped (expert) order whoever answered.
 
 A table is replaced whole (the dispatcher swaps its reference between dispatches), never edited,
 so one dispatch always sees one consistent table; only its round-robin counters move.
@@ -30,8 +33,7 @@ class OwnerTable:
             self._base.setdefault(layer, {})[e] = serving[0][0]
             if len(serving) > 1:
                 self._multi[(layer, e)] = serving
-        self._current: dict[ExpertKey, dict[int, float]] = {k: {a: 0.0 for a, _ in hs}
-                                                            for k, hs in self._multi.items()}
+        self._served: dict[int, list[int]] = {}                   # layer -> rows served per actor
 
     @classmethod
     def static(cls, owners: Mapping[int, Mapping[int, int]], num_actors: int) -> "OwnerTable":
@@ -49,26 +51,28 @@ class OwnerTable:
         """Every actor holding the expert (serving or standing by), primary first."""
         return [a for a, _ in self.plan.holders.get((layer, expert), ())]
 
-    def pick(self, layer: int, experts: list[int]) -> dict[int, int] | None:
+    def pick(self, layer: int, experts: list[int], counts: list[int]) -> dict[int, int] | None:
         """{expert: serving actor} for the layer (None if the layer has no routed experts), with one
-        holder chosen for each of `experts` (the dispatch's active ones) that has replicas."""
+        holder chosen for each of `experts` (the dispatch's active ones, `counts` rows each) that has
+        replicas. Deterministic for a given sequence of dispatches."""
         base = self._base.get(layer)
         if base is None or not self._multi:
             return base
-        out = None
-        for e in experts:
-            cur = self._current.get((layer, e))
-            if cur is None:
-                continue
-            hs = self._multi[(layer, e)]
-            for a, s in hs:
-                cur[a] += s
-            chosen = max(hs, key=lambda h: (cur[h[0]], -h[0]))[0]
-            cur[chosen] -= 1.0
-            if out is None:
-                out = dict(base)
+        served = self._served.setdefault(layer, [0] * self.plan.num_actors)
+        multi = []
+        for e, c in zip(experts, counts):
+            if (layer, e) in self._multi:
+                multi.append((e, c))
+            elif e in base:
+                served[base[e]] += c
+        if not multi:
+            return base
+        out = dict(base)
+        for e, c in sorted(multi, key=lambda ec: (-ec[1], ec[0])):
+            chosen = min((a for a, _ in self._multi[(layer, e)]), key=lambda a: (served[a], a))
+            served[chosen] += c
             out[e] = chosen
-        return base if out is None else out
+        return out
 
     def without(self, actor: int) -> "OwnerTable":
         """This table with `actor` gone from every expert another actor also holds (its rows go to those,

@@ -9,13 +9,15 @@ It is DeepSeek EPLB's greedy idea adapted to fixed primaries (the primaries stay
 plan put them: they are what a replacement actor reloads, and they keep the plan's memory
 accounting true): repeatedly take the layer whose hottest actor is furthest above the layer's
 mean, replicate that actor's expert with the highest load per replica onto the least loaded actor
-of the layer that has a free slot, and water-fill the expert's rows over its holders. Stop when
-no slot is left or no replica lowers any layer's peak.
+of the layer that has a free slot, and water-fill the expert's rows over its holders. A replica is
+kept if the layer's peak does not rise and its rows get more even; stop when no slot is left or no
+replica does that for any layer.
 
 Shares are spread over forward passes, never inside one: every row of an expert in one dispatch
-goes to one holder (cluster/owners.py picks it by smooth weighted round robin), because a matmul
+goes to one holder (cluster/owners.py picks the one with the fewest rows served), because a matmul
 over a subset of an expert's rows does not give the same bits as over all of them, and exact
-routing must stay bit-identical.
+routing must stay bit-identical. The shares are the plan's estimate of the balance; the table's
+online choice is what realises it.
 """
 from __future__ import annotations
 
@@ -157,7 +159,11 @@ def _best_move(rows, by_layer, load, share, free):
                 after[a] -= s * load[key]
             for a, s in new.items():
                 after[a] += s * load[key]
-            if max(after) < peak - _EPS * max(1.0, peak) and new.get(b, 0.0) > 0:
+            # the peak must not rise and the layer must get more even (sum of squares: two actors tied
+            # at the peak need two moves, and the first of them does not lower the peak yet)
+            tol = _EPS * max(1.0, peak) ** 2
+            if (max(after) <= peak + tol and sum(v * v for v in after) < sum(v * v for v in r) - tol
+                    and new.get(b, 0.0) > 0):
                 return key, b, new
     return None
 

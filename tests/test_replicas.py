@@ -81,26 +81,32 @@ def test_planner_bad_input(kw, match):
         plan_replicas(**{**args, **kw})
 
 
-def test_owner_table_serves_each_expert_whole_and_follows_the_shares():
-    plan = ReplicaPlan(3, {(0, 0): ((0, 0.5), (1, 0.25), (2, 0.25)), (0, 1): ((1, 1.0),),
+def test_owner_table_serves_each_expert_whole_on_the_least_busy_holder():
+    plan = ReplicaPlan(3, {(0, 0): ((0, 0.5), (1, 0.25), (2, 0.25)), (0, 1): ((1, 1.0),), (0, 2): ((0, 1.0),),
                            (1, 0): ((2, 1.0),)})
     table = OwnerTable(plan)
     served = Counter()
+    rnd = random.Random(3)
     for _ in range(400):
-        owners = table.pick(0, [0, 1])
-        assert owners[1] == 1                     # a single holder always serves
-        served[owners[0]] += 1
-    assert served == {0: 200, 1: 100, 2: 100}
-    assert table.pick(5, [0]) is None
-    assert OwnerTable(plan).pick(0, [1])[0] == 0, "an inactive replicated expert does not move its counters"
+        counts = [rnd.randint(1, 6), rnd.randint(0, 3), rnd.randint(0, 3)]
+        experts = [e for e, c in zip((0, 1, 2), counts) if c]
+        owners = table.pick(0, experts, [c for c in counts if c])
+        assert owners[1] == 1 and owners[2] == 0, "a single holder always serves"
+        served[owners[0]] += counts[0]
+        served[1] += counts[1]
+        served[0] += counts[2]
+    assert max(served.values()) - min(served.values()) <= 6, f"rows per actor must stay even: {served}"
+    assert table.pick(5, [0], [1]) is None
+    assert table.pick(1, [0], [4]) == {0: 2}
 
 
 def test_owner_table_without_a_dead_actor():
     plan = ReplicaPlan(2, {(0, 0): ((0, 0.6), (1, 0.4)), (0, 1): ((1, 1.0),)})
     t = OwnerTable(plan).without(1)
-    assert t.holders(0, 0) == [0] and t.pick(0, [0, 1]) == {0: 0, 1: 1}, "sole-held experts stay (to be reloaded)"
+    assert t.holders(0, 0) == [0] and t.pick(0, [0, 1], [1, 1]) == {0: 0, 1: 1}, \
+        "sole-held experts stay (to be reloaded)"
     t = OwnerTable(plan).without(0)
-    assert t.pick(0, [0])[0] == 1
+    assert t.pick(0, [0], [3])[0] == 1
     assert OwnerTable(plan).without_replicas_on(1).holders(0, 0) == [0]
     assert OwnerTable(plan).without_replicas_on(1).holders(0, 1) == [1], "its primaries stay"
 
