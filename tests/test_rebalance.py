@@ -131,24 +131,31 @@ def test_replacement_mid_generation_gives_identical_tokens_and_logits(coord, pro
 def test_kill_during_replacement_gives_identical_tokens(coord, prompts, reference):
     static(coord)
     plan = hot_plan(coord)
-    victim = next(a for a in range(WORKERS) if plan.replicas(a))     # one that is loading replicas
+    victim = next(a for a in range(WORKERS) if plan.replicas(a))     # one that has replicas to load
     before = coord.experts.stats()
     step = [0]
 
     def on_token(_):
         step[0] += 1
         if step[0] == 2:
+            pid = coord.experts.nodes[victim]["pid"]
+            os.kill(pid, signal.SIGSTOP)         # so that the kill lands while its load is still pending
             coord.experts.begin_rebalance(plan)
-            kill(coord, victim)                  # while its replicas load
+            kill(coord, victim)
 
     assert torch.equal(generate(coord, prompts, on_token), reference["tokens"])
     coord.experts.wait_rebalance(60)
     after = coord.experts.stats()
     assert after["failures"] > before["failures"], "the kill must have hit a call"
-    assert after["rebalance"]["abandoned"] + after["rebalance"]["applied"] > \
-        before["rebalance"]["abandoned"] + before["rebalance"]["applied"]
+    assert after["rebalance"]["abandoned"] == before["rebalance"]["abandoned"] + 1
+    assert after["rebalance"]["last_error"].startswith(f"actor {victim} "), "the error names the actor whose load failed"
+    assert coord.experts.replica_plan == static_plan(coord.experts.plan.owners(), WORKERS), "the old table stays"
     logits = coord.forward(reference["tokens"], attention_mask=reference["mask"])
     assert torch.equal(logits, reference["logits"])
+    # the same plan applies once the victim's replacement is up
+    coord.experts.rebalance(plan, timeout_s=60)
+    assert coord.experts.replica_plan == plan
+    assert torch.equal(generate(coord, prompts), reference["tokens"])
 
 
 def test_replicas_serve_a_killed_actors_experts_at_once(coord, prompts, reference):
