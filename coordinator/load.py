@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -122,22 +121,35 @@ def _int_keys(obj: Any, name: str, where: str) -> dict[int, Any]:
 
 
 class LoadWindow:
-    """The last `window` count vectors per layer, summed on demand (see module doc)."""
+    """The last `window` count vectors per layer and their running sum (see module doc). Per layer a
+    ring of [window, E] int32 counts (4 KB per 1000 passes per expert), allocated at its first pass."""
 
     def __init__(self, window: int = DEFAULT_WINDOW):
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ValueError(f"load window must be a positive integer of forward passes, got {window!r}")
         self.window = window
-        self._counts: dict[int, deque[torch.Tensor]] = {}
+        self._ring: dict[int, torch.Tensor] = {}      # layer -> [window, E] counts, oldest overwritten
+        self._sum: dict[int, torch.Tensor] = {}       # layer -> [E] int64 sum over the ring
+        self._passes: dict[int, int] = {}
 
     def add(self, layer: int, counts: torch.Tensor) -> None:
-        self._counts.setdefault(layer, deque(maxlen=self.window)).append(counts.detach().to(torch.int64).cpu())
+        counts = counts.detach().to(device="cpu", dtype=torch.int32)
+        ring = self._ring.get(layer)
+        if ring is None:
+            ring = self._ring[layer] = torch.zeros(self.window, counts.numel(), dtype=torch.int32)
+            self._sum[layer] = torch.zeros(counts.numel(), dtype=torch.int64)
+            self._passes[layer] = 0
+        slot = self._passes[layer] % self.window
+        self._sum[layer] += counts.to(torch.int64) - ring[slot].to(torch.int64)
+        ring[slot] = counts
+        self._passes[layer] += 1
 
     def snapshot(self, model: Mapping[str, Any]) -> LoadStats:
-        loads = {l: tuple(float(v) for v in torch.stack(list(q)).sum(0).tolist())
-                 for l, q in sorted(self._counts.items()) if q}
         return LoadStats(model=dict(model), window=self.window,
-                         passes={l: len(q) for l, q in sorted(self._counts.items())}, loads=loads)
+                         passes={l: min(n, self.window) for l, n in sorted(self._passes.items())},
+                         loads={l: tuple(float(v) for v in self._sum[l].tolist()) for l in sorted(self._sum)})
 
     def clear(self) -> None:
-        self._counts.clear()
+        self._ring.clear()
+        self._sum.clear()
+        self._passes.clear()

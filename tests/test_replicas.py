@@ -187,3 +187,28 @@ def test_plan_from_stats(checkpoint, tmp_path, capsys):
     assert "another model: num_experts is 16 in the file but 8" in err.err and err.out == ""
     assert main(["plan", str(path), "--workers", "2", "--replica-slots", "2"]) == 1
     assert "only with --from-stats" in capsys.readouterr().err
+
+
+def test_window_ring_wraps_many_times():
+    w = LoadWindow(window=3)
+    seen = []
+    for i in range(20):
+        c = torch.tensor([i % 4, (i * 7) % 5, 1, 0])
+        w.add(2, c)
+        seen.append(c)
+    assert w.snapshot(MODEL).loads[2] == tuple(float(v) for v in torch.stack(seen[-3:]).sum(0).tolist())
+    assert w.snapshot(MODEL).passes == {2: 3}
+
+
+def test_load_file_from_a_real_generation_plans(checkpoint, tmp_path, capsys):
+    """generate --load-stats writes what plan --from-stats reads (in process: no Ray)."""
+    path = checkpoint("mixtral", "e8_top3")
+    out = tmp_path / "load.json"
+    assert main(["generate", str(path), "--ids", "1,30,40,50", "--max-new-tokens", "6", "--no-stats",
+                 "--load-stats", str(out)]) == 0
+    stats = LoadStats.read(out)
+    assert set(stats.passes.values()) == {6}, "prefill and 5 decode steps, every MoE layer"
+    assert all(sum(row) == 4 * 3 + 5 * 3 for row in stats.loads.values()), "rows = tokens x top-k per layer"
+    capsys.readouterr()
+    assert main(["plan", str(path), "--workers", "2", "--from-stats", str(out)]) == 0
+    assert "max/mean rows per actor per layer" in capsys.readouterr().out
