@@ -205,7 +205,9 @@ class RemoteExperts:
 
     def begin_rebalance(self, plan: ReplicaPlan) -> None:
         """Start a live re-placement: new holders load now; the owner table switches at the first
-        dispatch after every load finished; dropped replicas are released then. Returns at once."""
+        dispatch after every load finished; dropped replicas are released then. Returns at once.
+        Call it (and `wait_rebalance`) from the thread that generates, e.g. in `generate(on_token=...)`,
+        or between requests: the switch is made by the dispatching thread, not under a lock."""
         if self._closed:
             raise ClusterError("RemoteExperts is closed")
         self._rebalancer.begin(plan)
