@@ -18,6 +18,7 @@ is neither uniform nor collapsed onto a few experts. Everything is deterministic
 
     python -m bench.make_checkpoint                 # bench/cache/mix8x32 (about 6.2 GiB)
     python -m bench.make_checkpoint --tiny          # bench/cache/tiny (a few MB)
+    python -m bench.make_checkpoint --preset skew16 --skew 1   # scenario 9's skewed-routing model
 """
 from __future__ import annotations
 
@@ -307,9 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rewrite even if a complete copy exists")
+    ap.add_argument("--skew", type=float, default=0.0,
+                    help="bias the routers toward a few hot experts per layer (scenario 9 uses --preset skew16 "
+                         "--skew 1); 0 = unbiased")
     a = ap.parse_args(argv)
+    if not (a.skew >= 0 and math.isfinite(a.skew)):
+        ap.error(f"--skew must be a finite number >= 0, got {a.skew}")
     preset = a.preset or ("tiny" if a.tiny else "mix8x32")
-    path = make_checkpoint(a.out, preset, dtype=a.dtype, seed=a.seed, force=a.force, progress=True)
+    path = make_checkpoint(a.out, preset, dtype=a.dtype, seed=a.seed, force=a.force, progress=True, skew=a.skew)
     m = manifest(path)
     print(f"{path}: {preset}, {format_bytes(m['total_bytes'])} "
           f"({format_bytes(m['expert_bytes'])} routed experts), written in {m['seconds_to_write']} s")
