@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from bench.placement import op_placement
+
 MARK = "@@BENCH "
 _THREADS = int(os.environ.get("MOESHARD_BENCH_THREADS", "0") or 0)
 if _THREADS:
@@ -686,7 +688,7 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
 
 OPS = {"load": op_load, "decode": op_decode, "prefill": op_prefill, "stats": op_stats, "memory": op_memory,
        "breakdown_decode": op_breakdown_decode, "dispatch_bench": op_dispatch_bench, "ray_init": op_ray_init,
-       "drop_resident": op_drop_resident, "read_bandwidth": op_read_bandwidth}
+       "drop_resident": op_drop_resident, "read_bandwidth": op_read_bandwidth, "placement": op_placement}
 
 
 def main() -> int:

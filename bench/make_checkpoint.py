@@ -18,6 +18,7 @@ is neither uniform nor collapsed onto a few experts. Everything is deterministic
 
     python -m bench.make_checkpoint                 # bench/cache/mix8x32 (about 6.2 GiB)
     python -m bench.make_checkpoint --tiny          # bench/cache/tiny (a few MB)
+    python -m bench.make_checkpoint --preset skew16 --skew 1   # scenario 9's skewed-routing model
 """
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ PRESETS = {
                       vocab=4096),
     "tiny": Preset(layers=2, experts=8, top_k=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256,
                    max_positions=1024),
+    # the placement bench's skewed-routing model (written with skew > 0): 64 experts of 6 MiB in float32
+    "skew16": Preset(layers=4, experts=16, top_k=2, hidden=512, intermediate=1024, heads=8, kv_heads=2,
+                     vocab=2048, max_positions=1024),
 }
 
 
@@ -156,13 +160,34 @@ def shard_plans(p: Preset) -> list[list[TensorPlan]]:
     return shards
 
 
-def _generate(t: TensorPlan, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{t.name}".encode()).digest()[:8],
-                                                     "little") & (2**63 - 1))
-    x = torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(t.std)
+def _rng(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8],
+                                                        "little") & (2**63 - 1))
+
+
+def _generate(t: TensorPlan, seed: int, dtype: torch.dtype, skew: float = 0.0) -> torch.Tensor:
+    x = torch.randn(t.shape, generator=_rng(seed, t.name), dtype=torch.float32).mul_(t.std)
     if t.init == "norm":
         x.add_(1.0)
+    if skew:
+        _skew(t, x, seed, skew)
     return x.to(dtype)
+
+
+def _skew(t: TensorPlan, x: torch.Tensor, seed: int, skew: float) -> None:
+    """A biased router: every token embedding gets a shared direction u, and each layer's router rows
+    get +bias_e * u with bias falling off as 1/rank over a per-layer random ranking of its experts, so
+    the residual stream's u component pushes every token toward the same few hot experts per layer."""
+    H = x.shape[-1]
+    u = torch.randn(H, generator=_rng(seed, "skew-direction"))
+    u /= u.norm()
+    if t.name == "model.embed_tokens.weight":
+        x.add_(u * (skew * math.sqrt(H) ** 0.5))
+    elif t.name.endswith("block_sparse_moe.gate.weight"):
+        E = x.shape[0]
+        rank = torch.randperm(E, generator=_rng(seed, t.name + ":rank"))
+        bias = skew * 4.0 / (1.0 + rank.float())
+        x.add_(bias[:, None] * u[None, :])
 
 
 # ---- streaming safetensors writer --------------------------------------------------------------
@@ -192,31 +217,35 @@ def write_safetensors(path: Path, tensors: list[TensorPlan], dtype: torch.dtype,
 
 # ---- the checkpoint ---------------------------------------------------------------------------
 
-def expected_manifest(preset: str, dtype: str, seed: int) -> dict:
-    return {"preset": preset, "dtype": dtype, "seed": seed, "shape": asdict(PRESETS[preset]), "format": 1}
+def expected_manifest(preset: str, dtype: str, seed: int, skew: float = 0.0) -> dict:
+    m = {"preset": preset, "dtype": dtype, "seed": seed, "shape": asdict(PRESETS[preset]), "format": 1}
+    return {**m, "skew": skew} if skew else m     # unskewed manifests keep their old form
 
 
-def is_complete(path: Path, preset: str, dtype: str = "float32", seed: int = 0) -> bool:
-    """True if `path` holds a finished checkpoint of exactly this preset/dtype/seed."""
+def is_complete(path: Path, preset: str, dtype: str = "float32", seed: int = 0, skew: float = 0.0) -> bool:
+    """True if `path` holds a finished checkpoint of exactly this preset/dtype/seed (and skew)."""
     try:
         m = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    if {k: m.get(k) for k in ("preset", "dtype", "seed", "shape", "format")} != expected_manifest(preset, dtype, seed):
+    want = expected_manifest(preset, dtype, seed, skew)
+    if {k: m.get(k) for k in want} != want or (not skew and m.get("skew")):
         return False
     return all((path / f).is_file() and (path / f).stat().st_size == n for f, n in m.get("files", {}).items())
 
 
 def make_checkpoint(dest: str | Path | None = None, preset: str = "mix8x32", *, dtype: str = "float32",
-                    seed: int = 0, force: bool = False, progress: bool = False) -> Path:
-    """Write (or reuse) the checkpoint; returns its directory. Written into a temp dir, then renamed."""
+                    seed: int = 0, force: bool = False, progress: bool = False, skew: float = 0.0) -> Path:
+    """Write (or reuse) the checkpoint; returns its directory. Written into a temp dir, then renamed.
+    `skew` > 0 biases the routers toward a few hot experts per layer (see `_skew`)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
     p, tdtype = PRESETS[preset], DTYPES[dtype]
-    dest = Path(dest) if dest is not None else CACHE_DIR / (preset if dtype == "float32" else f"{preset}-{dtype}")
-    if not force and is_complete(dest, preset, dtype, seed):
+    name = preset if dtype == "float32" else f"{preset}-{dtype}"
+    dest = Path(dest) if dest is not None else CACHE_DIR / (name if not skew else f"{name}-skew{skew:g}")
+    if not force and is_complete(dest, preset, dtype, seed, skew):
         return dest
     tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -228,7 +257,7 @@ def make_checkpoint(dest: str | Path | None = None, preset: str = "mix8x32", *, 
     t0 = time.perf_counter()
 
     def make(t: TensorPlan) -> torch.Tensor:
-        x = _generate(t, seed, tdtype)
+        x = _generate(t, seed, tdtype, skew)
         bar.update(x.numel() * x.element_size())
         return x
 
@@ -245,7 +274,7 @@ def make_checkpoint(dest: str | Path | None = None, preset: str = "mix8x32", *, 
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}, indent=2))
     expert_bytes = p.layers * p.experts * p.expert_numel() * tdtype.itemsize
-    manifest = {**expected_manifest(preset, dtype, seed), "files": files, "total_bytes": total,
+    manifest = {**expected_manifest(preset, dtype, seed, skew), "files": files, "total_bytes": total,
                 "expert_bytes": expert_bytes, "dense_bytes": data_bytes - expert_bytes,
                 "seconds_to_write": round(time.perf_counter() - t0, 1)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -279,9 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rewrite even if a complete copy exists")
+    ap.add_argument("--skew", type=float, default=0.0,
+                    help="bias the routers toward a few hot experts per layer (scenario 9 uses --preset skew16 "
+                         "--skew 1); 0 = unbiased")
     a = ap.parse_args(argv)
+    if not (a.skew >= 0 and math.isfinite(a.skew)):
+        ap.error(f"--skew must be a finite number >= 0, got {a.skew}")
     preset = a.preset or ("tiny" if a.tiny else "mix8x32")
-    path = make_checkpoint(a.out, preset, dtype=a.dtype, seed=a.seed, force=a.force, progress=True)
+    path = make_checkpoint(a.out, preset, dtype=a.dtype, seed=a.seed, force=a.force, progress=True, skew=a.skew)
     m = manifest(path)
     print(f"{path}: {preset}, {format_bytes(m['total_bytes'])} "
           f"({format_bytes(m['expert_bytes'])} routed experts), written in {m['seconds_to_write']} s")

@@ -5,7 +5,8 @@
     python -m bench.run --scenario 4 --tiny     # the tiny checkpoint (smoke test of the bench code)
 
 Scenarios: 1 in memory, 2 out of core in a 3 GB cgroup, 3 out of core on two harness hosts,
-4 dispatch overhead, 5 cache and prefetch, 6 memory, 7 low-bit experts, 8 serving. Scenarios 2 and 3
+4 dispatch overhead, 5 cache and prefetch, 6 memory, 7 low-bit experts, 8 serving, 9 load-driven
+placement (skewed routing, replicas; its own checkpoint, bench/placement.py). Scenarios 2 and 3
 need root (memory cgroups, drop_caches, network namespaces); without it they report "unavailable".
 
 Results: bench/results/<date>-<machine>.json (merged scenario by scenario), a markdown

@@ -13,8 +13,9 @@ from . import recovery
 from .nodes import find_node
 from .channel import ChannelConfig, ChannelServer
 
-#: Ray concurrency groups of the actor: the direct channel's serve loop runs on its own thread
-CONCURRENCY_GROUPS = {"channel": 1}
+#: Ray concurrency groups of the actor: the direct channel's serve loop runs on its own thread, and so
+#: does loading replicas (`adopt`), so that a re-placement loads while layers keep being served
+CONCURRENCY_GROUPS = {"channel": 1, "placement": 1}
 
 
 class ShardActor(ExpertShard):

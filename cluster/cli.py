@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_arguments(plan, PLAN_OPTIONS)
     plan.add_argument("--min-resident", type=int, default=None, metavar="K",
                       help="experts each actor must be able to hold at once (default: the model's top-k)")
+    plan.add_argument("--from-stats", metavar="JSON", default=None,
+                      help="also propose a load-driven re-placement from a stats file (`generate --load-stats`): "
+                           "replicas of the hottest experts and each actor's max/mean rows, before and after")
+    plan.add_argument("--replica-slots", type=int, default=None, metavar="R",
+                      help="replicas each actor may hold beyond its own experts, for --from-stats (default: one "
+                           "per MoE layer)")
     plan.set_defaults(func=cmd_plan)
 
     gen = sub.add_parser("generate", help="generate tokens from a prompt, streaming them, then print run stats",
@@ -150,10 +156,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise OptionError("num_workers", f"must be an integer >= 1 for a plan, got {opts.placement.num_workers}")
     if args.min_resident is not None and args.min_resident < 1:
         raise ValueError(f"--min-resident: must be an integer >= 1, got {args.min_resident}")
+    if args.replica_slots is not None and (args.from_stats is None or args.replica_slots < 0):
+        raise ValueError("--replica-slots: " + ("only with --from-stats" if args.from_stats is None else
+                                                f"must be an integer >= 0, got {args.replica_slots}"))
     ckpt = Checkpoint.open(args.checkpoint)
     specs = ckpt.expert_specs(opts.store.expert_dtype, opts.store.group_size)
     cfg = ckpt.config
     min_resident = args.min_resident if args.min_resident is not None else cfg.top_k
+    stats = None if args.from_stats is None else read_load_stats(args.from_stats, cfg)   # refused before any output
     pinned = pinned_experts(cfg, (), opts.store.pin_layers)
     try:
         plan = plan_for(specs, opts.placement, opts.store, opts.dtype, min_resident=min_resident, pinned=pinned)
@@ -169,7 +179,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  {line}")
     for line in plan.table():
         print(line)
+    if stats is not None:
+        print_replica_plan(plan, cfg, stats, args.from_stats, args.replica_slots)
     return 0
+
+
+def read_load_stats(path: str, cfg):
+    """The `--from-stats` file, checked against the checkpoint it is to be applied to."""
+    from coordinator.load import LoadFileError, LoadStats, load_model_key
+
+    try:
+        stats = LoadStats.read(path)
+        stats.check_model(load_model_key(cfg), cfg.moe_layer_ids)
+    except LoadFileError as e:
+        raise ValueError(f"--from-stats: {e}") from None
+    return stats
+
+
+def print_replica_plan(plan, cfg, stats, path: str, slots: int | None) -> None:
+    """The re-placement `--from-stats` proposes for this placement (see cluster/replicas.py)."""
+    from cluster.replicas import imbalance, plan_replicas, static_plan
+
+    slots = len(cfg.moe_layer_ids) if slots is None else slots
+    loads, n = stats.load_map(), len(plan.workers)
+    before = static_plan(plan.owners(), n)
+    after = plan_replicas(loads, plan.owners(), n, [slots] * n)
+    print(f"re-placement from {path} (window {stats.window} passes, {sum(loads.values()):g} rows), "
+          f"{slots} replica slot(s) per actor:")
+    for line in after.table(loads, before):
+        print(line)
+    if imbalance(after, loads) >= imbalance(before, loads):
+        print("no replica lowers the busiest actor's rows: the static placement stays")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -180,6 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = sampling_options(args)
     kind, prompts = read_prompts(args)
     check_writable(args.heatmap, "--heatmap")
+    check_writable(args.load_stats, "--load-stats")
     with Coordinator.open(args.checkpoint, options) as coord:
         results = generate_for_prompts(coord, kind, prompts, sampling, stream=True)
         if len(results) > 1:
@@ -191,6 +232,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from cluster.report import write_heatmap
             if (path := write_heatmap(coord.expert_activations(), args.heatmap)) is not None:
                 print(f"heatmap written to {path}")
+        if args.load_stats:
+            print(f"expert load written to {coord.expert_load().write(args.load_stats)}")
     return 0
 
 

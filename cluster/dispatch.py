@@ -38,7 +38,10 @@ from .connect import check_capacity, connect_ray
 from .dispatcher import Dispatcher, LayerTrace, Pending
 from .errors import ClusterError, ExpertTimeout, ShardUnavailable
 from .fleet import ActorNode, Fleet
+from .owners import OwnerTable
 from .placement import plan_for
+from .rebalance import RebalanceStats, Rebalancer
+from .replicas import ReplicaPlan, plan_replicas
 from .transports import make_transport, root_message
 
 log = logging.getLogger(__name__)
@@ -103,8 +106,11 @@ class RemoteExperts:
         self._transport = make_transport(transport.transport)
         self._fleet = Fleet(self.plan, init_args, recovery_options=recovery,
                             actor_kwargs=self._transport.actor_kwargs, on_start=self._on_start)
-        self._dispatcher = Dispatcher(self._fleet, self._transport, self._owner, self.dtype,
+        self._dispatcher = Dispatcher(self._fleet, self._transport,
+                                      OwnerTable.static(self._owner, num_workers), self.dtype,
                                       transport.call_timeout_s, recovery)
+        self._rebalancer = Rebalancer(self._fleet, specs, self.plan.owners(), lambda: self._dispatcher.table,
+                                      self._swap_table)
         self._stats = [_ActorStats() for _ in self.plan.workers]
         self._latency: dict[int, deque] = defaultdict(lambda: deque(maxlen=LATENCY_WINDOW))
         self._layer_totals: dict[int, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # count, sum, max
@@ -178,6 +184,44 @@ class RemoteExperts:
         """An actor became ready (started or replaced): attach its channel; it starts with nothing loaded."""
         self._transport.attach(i, handle, node, self._fleet.where(i))
         self._dispatcher.all_resident[i] = False
+        if self._fleet.records[i].incarnation > 0:      # a replacement: it holds its primaries only
+            self._rebalancer.lost(i)
+
+    def _swap_table(self, table: OwnerTable) -> None:
+        self._dispatcher.table = table          # one reference: the next dispatch sees all of it
+
+    # -- load-driven re-placement (cluster/replicas.py, cluster/rebalance.py) ----------------------
+    @property
+    def replica_plan(self) -> ReplicaPlan:
+        """Who serves which expert now, with what share of its rows (the static plan until a re-placement)."""
+        return self._dispatcher.table.plan
+
+    def plan_replicas(self, loads: dict[tuple[int, int], float], slots: int | Sequence[int]) -> ReplicaPlan:
+        """A replica plan for measured `loads` ({(layer, expert): rows}, e.g. `LoadStats.load_map()`)
+        with `slots` replicas per actor (one number for all, or one per actor)."""
+        n = len(self.plan.workers)
+        per = [slots] * n if isinstance(slots, int) else list(slots)
+        return plan_replicas(loads, self.plan.owners(), n, per)
+
+    def begin_rebalance(self, plan: ReplicaPlan) -> None:
+        """Start a live re-placement: new holders load now; the owner table switches at the first
+        dispatch after every load finished; dropped replicas are released then. Returns at once.
+        Call it (and `wait_rebalance`) from the thread that generates, e.g. in `generate(on_token=...)`,
+        or between requests: the switch is made by the dispatching thread, not under a lock."""
+        if self._closed:
+            raise ClusterError("RemoteExperts is closed")
+        self._rebalancer.begin(plan)
+
+    def wait_rebalance(self, timeout_s: float | None = None) -> RebalanceStats:
+        """Block until the current re-placement is applied or abandoned (bounded: `restart_timeout_s`
+        by default); its outcome is in the returned stats."""
+        self._rebalancer.wait(self.recovery.restart_timeout_s if timeout_s is None else timeout_s)
+        return self._rebalancer.stats
+
+    def rebalance(self, plan: ReplicaPlan, timeout_s: float | None = None) -> RebalanceStats:
+        """`begin_rebalance` then `wait_rebalance`."""
+        self.begin_rebalance(plan)
+        return self.wait_rebalance(timeout_s)
 
     def _share_cores(self, wanted: int | None) -> None:
         """Set this process's torch threads: `wanted`, or the cores our actors on this node leave free."""
@@ -251,6 +295,8 @@ class RemoteExperts:
         left broken)."""
         if self._closed:
             raise ClusterError("RemoteExperts is closed")
+        if self._rebalancer.in_progress:
+            self._rebalancer.poll()              # swaps the table here, between dispatches, once loaded
         shares = self._hint_shares(hints)
         pending = self._dispatcher.submit(layer, x, weights, ids, shares)
         sent = {c.actor for c in pending.calls}
@@ -392,7 +438,8 @@ class RemoteExperts:
                              retry_budget={"max_call_retries": self.recovery.max_call_retries,
                                            "max_generation_retries": self.recovery.max_generation_retries,
                                            "used_this_request": self._dispatcher.request_retries},
-                             recovery_events=[dict(e) for e in self._fleet.log.events])
+                             recovery_events=[dict(e) for e in self._fleet.log.events],
+                             rebalance=dataclasses.asdict(self._rebalancer.stats))
 
     def _reports_tolerant(self) -> list[dict]:
         """`reports()`, but a dead, hung or broken actor gives {} instead of failing the whole call."""

@@ -30,6 +30,7 @@ from workers.errors import MoeshardError
 
 from .errors import ClusterError, ExpertTimeout, ShardUnavailable
 from .fleet import Fleet
+from .owners import OwnerTable
 from .split import split_by_owner
 from .transports import RemoteFailure, Ticket, Transport
 
@@ -67,6 +68,8 @@ class _Call:
     attempt: int = 0
     t_failed: float | None = None
     failed_nodes: list[str] = field(default_factory=list)
+    experts: list[int] = field(default_factory=list)   # what `msg` asks for (empty for a raw message)
+    counts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -83,13 +86,14 @@ class Pending:
 
 
 class Dispatcher:
-    """See module doc. `owners[layer][expert]` is the owning actor."""
+    """See module doc. `table` (cluster/owners.py) says which actor serves each expert; it is replaced
+    whole between dispatches (a re-placement, a failover), never edited."""
 
-    def __init__(self, fleet: Fleet, transport: Transport, owners: dict[int, dict[int, int]], dtype: torch.dtype,
+    def __init__(self, fleet: Fleet, transport: Transport, table: OwnerTable, dtype: torch.dtype,
                  call_timeout_s: float, recovery: RecoveryOptions):
         self.fleet = fleet
         self.transport = transport
-        self.owners = owners
+        self.table = table
         self.dtype = dtype
         self.call_timeout_s = call_timeout_s
         self.recovery = recovery
@@ -108,27 +112,33 @@ class Dispatcher:
             raise ValueError(f"x is {x.dtype} but the experts compute in {self.dtype}")
         t0 = time.perf_counter()
         batch = ExpertBatch.from_routing(weights, ids)
-        owners = self.owners.get(layer)
+        table = self.table
+        owners = table.pick(layer, batch.experts, batch.counts)
         if owners is None:
-            raise ValueError(f"layer {layer} has no routed experts (MoE layers: {sorted(self.owners)})")
+            raise ValueError(f"layer {layer} has no routed experts (MoE layers: {table.layers()})")
         shares = split_by_owner(batch, owners, layer)
         for a in shares:
             self.ensure_live(a, layer)
-        calls = []
-        for a, share in shares.items():
-            header: dict[str, Any] = {"op": "run_layer", "layer": layer, "experts": share.experts,
-                                      "counts": share.counts}
-            if a in hints:
-                header["hints"] = hints[a]
-            rows = x.index_select(0, batch.token_idx[share.idx])          # one gather per actor
-            calls.append(self._send(a, share.idx, wire.encode(header, {"rows": rows})))
+        calls = [self._send_share(a, layer, x, batch, share.experts, share.counts, share.idx, hints.get(a))
+                 for a, share in shares.items()]
         return Pending(layer, batch, x, calls, t0)
+
+    def _send_share(self, a: int, layer: int, x: torch.Tensor, batch: ExpertBatch, experts: list[int],
+                    counts: list[int], idx: torch.Tensor, hints: Any = None) -> _Call:
+        header: dict[str, Any] = {"op": "run_layer", "layer": layer, "experts": experts, "counts": counts}
+        if hints:
+            header["hints"] = hints
+        rows = x.index_select(0, batch.token_idx[idx])          # one gather per actor
+        call = self._send(a, idx, wire.encode(header, {"rows": rows}))
+        call.experts, call.counts = list(experts), list(counts)
+        return call
 
     def _send(self, a: int, idx: torch.Tensor, msg: bytes, like: _Call | None = None) -> _Call:
         ticket = self.transport.send(a, msg, time.perf_counter())
         call = _Call(a, ticket, idx, msg, self.fleet.records[a].incarnation)
         if like is not None:
             call.attempt, call.t_failed, call.failed_nodes = like.attempt, like.t_failed, like.failed_nodes
+            call.experts, call.counts = like.experts, like.counts
         return call
 
     def send_raw(self, actor: int, msg: bytes, layer: int, rows: int, hidden: int) -> Pending:
@@ -170,8 +180,8 @@ class Dispatcher:
             for ticket, outcome in done:
                 call = live.pop(id(ticket))
                 if isinstance(outcome, ShardUnavailable):
-                    new = self._retry(call, layer, outcome, "died")
-                    live[id(new.ticket)] = new
+                    for new in self._failover(call, pending, outcome):
+                        live[id(new.ticket)] = new
                 elif isinstance(outcome, RemoteFailure):
                     error = error or outcome.error(f"{self.fleet.where(call.actor)}, layer {layer}")
                 else:
@@ -222,6 +232,61 @@ class Dispatcher:
             raise ShardUnavailable(f"{self.fleet.where(a)}, layer {layer}: the actor is down ({rec.broken}) and "
                                    f"could not be replaced: {e}") from None
         rec.recovery_s += time.perf_counter() - t0
+
+    def _failover(self, call: _Call, pending: Pending, error: ShardUnavailable) -> list[_Call]:
+        """A call whose actor died: the rows of experts another live actor also holds (a replica, or
+        the primary of a replica it held) go to that holder at once, with no replacement to wait for;
+        only the rest are retried on a replacement (`_retry`). Without replicas this is `_retry`."""
+        a, layer = call.actor, pending.layer
+        if pending.raw or not self.table.replicated:
+            return [self._retry(call, layer, error, "died")]
+        table = self.table.without(a)
+        starts, s = [], 0
+        for c in call.counts:
+            starts.append(s)
+            s += c
+        moved, kept = [], []
+        for e, s, c in zip(call.experts, starts, call.counts):
+            live = [h for h in table.holders(layer, e) if h != a and self.fleet.broken(h) is None]
+            (moved if live else kept).append((e, s, c))
+        if not moved:
+            return [self._retry(call, layer, error, "died")]
+        t_failed = time.perf_counter()
+        self.table = table      # later dispatches too: the dead actor serves only what nobody else holds
+        self.fleet.records[a].failures += 1
+        node = self.fleet.node(a)
+        self.fleet.log.add(kind="failover", actor=a, layer=layer, node=node and node.node_id,
+                           experts=[e for e, _, _ in moved], reloaded=[e for e, _, _ in kept], error=str(error)[:300])
+        picked = table.pick(layer, [e for e, _, _ in moved], [c for _, _, c in moved])
+        per: dict[int, list[tuple[int, int, int]]] = {}
+        for e, s, c in moved:
+            h = picked[e] if picked is not None else a
+            if h == a or self.fleet.broken(h) is not None:
+                h = next(x for x in table.holders(layer, e) if x != a and self.fleet.broken(x) is None)
+            per.setdefault(h, []).append((e, s, c))
+        out = []
+        for h, segs in sorted(per.items()):
+            idx = torch.cat([call.idx[s:s + c] for _, s, c in segs])
+            new = self._send_share(h, layer, pending.x, pending.batch, [e for e, _, _ in segs],
+                                   [c for _, _, c in segs], idx)
+            new.t_failed = t_failed
+            out.append(new)
+        if kept:
+            idx = torch.cat([call.idx[s:s + c] for _, s, c in kept])
+            rest = self._send_share_later(a, layer, pending, kept, idx, call)
+            out.append(self._retry(rest, layer, error, "died"))
+        else:
+            self.fleet.mark_broken(a, f"died in layer {layer} (its replicated experts failed over)")
+        return out
+
+    def _send_share_later(self, a: int, layer: int, pending: Pending, segs: list[tuple[int, int, int]],
+                          idx: torch.Tensor, like: _Call) -> _Call:
+        """The part of a failed call that only its dead actor holds, as a call `_retry` resends."""
+        experts, counts = [e for e, _, _ in segs], [c for _, _, c in segs]
+        rows = pending.x.index_select(0, pending.batch.token_idx[idx])
+        msg = wire.encode({"op": "run_layer", "layer": layer, "experts": experts, "counts": counts}, {"rows": rows})
+        return _Call(a, like.ticket, idx, msg, like.incarnation, like.attempt, like.t_failed,
+                     list(like.failed_nodes), experts, counts)
 
     def _retry(self, call: _Call, layer: int, error: ShardUnavailable, kind: str) -> _Call:
         """Replace the call's actor if nobody did since the call was sent, then resend the same bytes.

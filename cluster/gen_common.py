@@ -97,6 +97,9 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heatmap", metavar="PNG", default=None,
                    help="also write a PNG heatmap of expert activations per layer (needs matplotlib); its folder "
                         "must exist")
+    p.add_argument("--load-stats", metavar="JSON", default=None,
+                   help="also write the rows routed to each expert per layer over the recent window (the file "
+                        "`moeshard plan --from-stats` plans replicas from); its folder must exist")
 
 
 def read_prompts(args: argparse.Namespace) -> tuple[str, list]:

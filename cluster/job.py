@@ -213,6 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     kind, prompts = read_prompts(args)
     try:
         check_writable(args.heatmap, "--heatmap")
+        check_writable(args.load_stats, "--load-stats")
     except ValueError as e:
         raise JobFailure(EXIT_ERROR, str(e)) from None
     try:
@@ -256,6 +257,7 @@ def _run(args: argparse.Namespace) -> int:
                 seconds = time.perf_counter() - t0
                 stats = None if args.no_stats else coord.stats()
                 activations = coord.expert_activations() if args.heatmap else None
+                load = coord.expert_load() if args.load_stats else None
             except ShardUnavailable as e:
                 lost_msg = f"expert actor lost: {' '.join(str(e).split())}"
                 if coord is not None:
@@ -285,6 +287,8 @@ def _run(args: argparse.Namespace) -> int:
 
             if (path := write_heatmap(activations, args.heatmap)) is not None:
                 print(f"heatmap written to {path}")
+        if load is not None:
+            print(f"expert load written to {load.write(args.load_stats)}")
         sys.stdout.flush()
         return EXIT_OK
     finally:

@@ -10,7 +10,10 @@ What `RemoteExperts` does with these (see cluster/dispatch.py and the README sec
   unreachable (`node_reachable`): then it is placed on a surviving node and, if that
   node cannot hold the experts, it sizes its own budget to the memory it finds there
   (`takeover_budget`) and pages the rest from the checkpoint files;
-- retries are bounded per call and per request (`coordinator.options.RecoveryOptions`); every wait is bounded.
+- retries are bounded per call and per request (`coordinator.options.RecoveryOptions`); every wait is bounded;
+- with replicas (cluster/replicas.py), a dead actor's rows of experts another live actor also holds
+  are resent to that holder at once (`Dispatcher._failover`), and only the rest wait for a
+  replacement; the replacement holds its planned experts only (cluster/rebalance.py: `lost`).
 
 This module imports neither torch nor Ray at import time.
 """

@@ -18,6 +18,7 @@ from workers.dtypes import COMPUTE_DTYPES
 from .checkpoint import Checkpoint
 from .experts import LocalExperts, RoutedExperts
 from .generation import generate
+from .load import LoadStats, load_model_key
 from .model import MoETransformer
 from .options import OptionError, RunOptions, SamplingOptions, UnknownOption
 
@@ -254,6 +255,11 @@ class Coordinator:
     def expert_activations(self) -> dict[int, list[int]]:
         """How often each routed expert was picked so far: {layer: [count per expert]}."""
         return {l: c.tolist() for l, c in sorted(self.model.routing.activations.items())}
+
+    def expert_load(self) -> LoadStats:
+        """Rows routed to each expert per MoE layer over the recent window of forward passes: what
+        load-driven placement plans from (`LoadStats.write` makes the file `moeshard plan --from-stats` reads)."""
+        return self.model.routing.window.snapshot(load_model_key(self.config))
 
     def close(self) -> None:
         """Release the expert backend (actors it created, threads, files). Idempotent."""

@@ -14,6 +14,8 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from workers.shard import ExpertShard
+
+from .load import LoadWindow
 from workers.spec import ExpertSpec
 
 
@@ -166,6 +168,7 @@ class RoutingStats:
         self._pending: dict[int, set[int]] = {}
         self._scores: dict[int, list[int]] = {}        # layer -> [predicted, needed, correct]
         self.activations: dict[int, torch.Tensor] = {}  # layer -> [E] times each expert was picked
+        self.window = LoadWindow()                      # the same counts, last passes only (placement)
 
     def predicted(self, layer: int, ids: torch.Tensor) -> None:
         self._pending.setdefault(layer, set()).update(torch.unique(ids).tolist())
@@ -173,6 +176,7 @@ class RoutingStats:
     def observed(self, layer: int, ids: torch.Tensor, num_experts: int) -> None:
         counts = torch.bincount(ids.reshape(-1), minlength=num_experts)
         self.activations[layer] = self.activations.get(layer, 0) + counts
+        self.window.add(layer, counts)
         guess = self._pending.pop(layer, None)
         if guess is None:
             return

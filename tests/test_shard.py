@@ -278,3 +278,34 @@ def test_missing_file_raises_and_shard_keeps_serving(tmp_path, ckpt):
         assert torch.equal(out, reference(tensors, 0, rows, [1, 2], [2, 1]))
     finally:
         shard.close()
+
+
+def test_replicas_compute_the_owners_bits_until_released(ckpt):
+    """A shard that adopts another shard's experts as replicas computes them bit for bit as their owner
+    does (even while its own experts page through a small budget); a released replica is refused again."""
+    specs, tensors = ckpt
+    mine = [s for s in specs if s.key[1] % 2 == 0]
+    theirs = [s for s in specs if s.key[1] % 2 == 1]
+    owner, holder = _shard(theirs), _shard(mine, budget_bytes=slot_bytes(specs) * TOP_K, min_resident=TOP_K)
+    try:
+        layer = LAYERS[0]
+        rows, experts, counts = routed_batch(layer, seed=7)
+        odd = [(e, c) for e, c in zip(experts, counts) if e % 2]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        sub = torch.cat([rows[s:s + c] for s, e, c in zip(starts, experts, counts) if e % 2])
+        want = owner.compute(layer, sub, [e for e, _ in odd], [c for _, c in odd])
+        with pytest.raises(ValueError, match="not owned by this shard"):
+            holder.compute(layer, sub, [e for e, _ in odd], [c for _, c in odd])
+        held = holder.adopt([s.to_dict() for s in theirs if s.key[0] == layer])
+        assert sorted(map(tuple, held)) == sorted(s.key for s in theirs if s.key[0] == layer)
+        assert holder.adopt([s.to_dict() for s in theirs if s.key[0] == layer]) == held, "adopting again is a no-op"
+        assert torch.equal(holder.compute(layer, sub, [e for e, _ in odd], [c for _, c in odd]), want)
+        # a mixed batch: own experts (paged) and replicas, against the reference kernel
+        assert torch.equal(holder.compute(layer, rows, experts, counts), reference(tensors, layer, rows, experts, counts))
+        assert holder.report()["replica_rows"] > 0 and holder.report()["replica_bytes"] > 0
+        assert holder.release(held) == [] and holder.report()["replica_bytes"] == 0
+        with pytest.raises(ValueError, match="not owned by this shard"):
+            holder.compute(layer, sub, [e for e, _ in odd], [c for _, c in odd])
+    finally:
+        owner.close()
+        holder.close()

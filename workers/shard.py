@@ -49,7 +49,12 @@ class ExpertShard:
         self.store = ExpertStore(self.specs, budget_bytes, self.dtype, device, policy,
                                  pinned=[tuple(p) for p in pinned], min_resident=min_resident, spill_dir=spill_dir)
         self.device = self.store.device
-        self._calls = self._rows = self._idle = 0
+        self._store_args = dict(dtype=self.dtype, device=device, spill_dir=spill_dir)
+        # Replicas (load-driven re-placement): one single-slot store per adopted expert, so that
+        # dropping one frees its memory at once. The dict is replaced whole, never mutated, so a
+        # layer computing on another thread sees either the old or the new set, never half of one.
+        self._replicas: dict[ExpertKey, tuple[ExpertStore, int]] = {}   # key -> (store, hidden size)
+        self._calls = self._rows = self._idle = self._replica_rows = 0
         self._compute_s = 0.0
 
     def compute(self, layer: int, rows: Tensor, experts: Sequence[int], counts: Sequence[int],
@@ -73,16 +78,23 @@ class ExpertShard:
         if rows.dtype != self.dtype:
             raise ValueError(f"rows are {rows.dtype} but this shard computes in {self.dtype}")
         keys: list[ExpertKey] = [(int(layer), e) for e in experts]
+        replicas = self._replicas
         for k in keys:
-            if k not in self._hidden:
+            if k not in self._hidden and k not in replicas:
                 raise ValueError(f"expert {k} (layer, expert) is not owned by this shard")
-            if self._hidden[k] != rows.shape[1]:
+            hidden = replicas[k][1] if k in replicas else self._hidden[k]
+            if hidden != rows.shape[1]:
                 raise ValueError(f"rows have hidden size {rows.shape[1]} but expert {k} expects {self._hidden[k]}")
 
         t0 = time.perf_counter()
         x = rows.to(self.device)                   # [N, H]
         out = torch.empty_like(x)                  # [N, H]
-        active = [(k, s, c) for k, s, c in zip(keys, _starts(counts), counts) if c]
+        every = [(k, s, c) for k, s, c in zip(keys, _starts(counts), counts) if c]
+        for k, s, c in every:            # replicas are resident for good: no slot to wait for
+            if k in replicas:
+                forward_into(out[s:s + c], replicas[k][0].get(k), x[s:s + c])
+                self._replica_rows += c
+        active = [a for a in every if a[0] not in replicas]
         self.store.begin_layer(k for k, _, _ in active)
         try:
             if hint_keys:
@@ -140,12 +152,46 @@ class ExpertShard:
             "compute_s": self._compute_s,
             "rss_bytes": psutil.Process().memory_info().rss,
             "torch_threads": torch.get_num_threads(),
+            "replicas": len(self._replicas),
+            "replica_rows": self._replica_rows,
+            "replica_bytes": sum(r.resident_bytes() for r, _ in self._replicas.values()),
             **self.store.stats(),
         }
 
     def drop_resident(self) -> dict:
         """Forget every resident expert (ExpertStore.drop_resident): the next layer reads from disk again."""
         return self.store.drop_resident()
+
+    def adopt(self, specs: list[dict]) -> list[list[int]]:
+        """Load these experts as replicas (fully resident, outside the owned experts' budget) and
+        serve them from then on; returns the (layer, expert) keys now held as replicas. Blocks until
+        every new replica is loaded: the coordinator routes no rows to it before this returns.
+        Experts owned already or adopted already are skipped."""
+        parsed = [ExpertSpec.from_dict(d) for d in specs]
+        new: dict[ExpertKey, tuple[ExpertStore, int]] = {}
+        try:
+            for s in parsed:
+                if s.key in self._hidden or s.key in self._replicas or s.key in new:
+                    continue
+                store = ExpertStore([s], None, loader_threads=1, **self._store_args)
+                new[s.key] = (store, s.hidden_size)
+                store.get(s.key)      # the read happens here, before anything is routed to it
+        except BaseException:
+            for store, _ in new.values():
+                store.close()
+            raise
+        self._replicas = {**self._replicas, **new}
+        return sorted([list(k) for k in self._replicas])
+
+    def release(self, keys: Iterable[Sequence[int]]) -> list[list[int]]:
+        """Drop these replicas and free their memory (unknown keys are ignored: a release may be
+        repeated); returns the keys still held as replicas."""
+        gone = {tuple(k) for k in keys} & self._replicas.keys()
+        old = self._replicas
+        self._replicas = {k: v for k, v in old.items() if k not in gone}
+        for k in gone:
+            old[k][0].close()
+        return sorted([list(k) for k in self._replicas])
 
     def ping(self) -> bool:
         """Liveness check."""
@@ -154,6 +200,7 @@ class ExpertShard:
     def close(self) -> None:
         """Stop background loading and release files and memory."""
         self.store.close()
+        self.release(list(self._replicas))
 
 
 def _hint_keys(hints: Any) -> list[ExpertKey]:
