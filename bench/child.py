@@ -14,6 +14,7 @@ one reply per command on stdout after the `@@BENCH ` marker. Commands:
 from __future__ import annotations
 
 import gc
+import dataclasses
 import json
 import os
 import sys
@@ -46,6 +47,8 @@ def _default(o: Any) -> Any:
         return list(o)
     if isinstance(o, Path):
         return str(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):   # typed stats (RerouteStats)
+        return dataclasses.asdict(o)
     return repr(o)
 
 

@@ -75,7 +75,7 @@ class RemoteExperts:
                  store: StoreOptions = StoreOptions(), transport: TransportOptions = TransportOptions(),
                  recovery: RecoveryOptions = RecoveryOptions(), min_resident: int = 1,
                  pinned: Sequence[tuple[int, int]] = (), coordinator_threads: int | None = None,
-                 load: dict[tuple[int, int], float] | None = None):
+                 load: dict[tuple[int, int], float] | None = None, report_residency: bool = False):
         self.dtype = compute_dtype(dtype)
         num_workers = placement.num_workers
         worker_memory, spill_dir = store.budget_bytes, store.spill_dir
@@ -105,6 +105,7 @@ class RemoteExperts:
                             actor_kwargs=self._transport.actor_kwargs, on_start=self._on_start)
         self._dispatcher = Dispatcher(self._fleet, self._transport, self._owner, self.dtype,
                                       transport.call_timeout_s, recovery)
+        self._dispatcher.report_residency = report_residency
         self._stats = [_ActorStats() for _ in self.plan.workers]
         self._latency: dict[int, deque] = defaultdict(lambda: deque(maxlen=LATENCY_WINDOW))
         self._layer_totals: dict[int, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # count, sum, max
@@ -178,6 +179,7 @@ class RemoteExperts:
         """An actor became ready (started or replaced): attach its channel; it starts with nothing loaded."""
         self._transport.attach(i, handle, node, self._fleet.where(i))
         self._dispatcher.all_resident[i] = False
+        self._dispatcher.resident[i] = {}
 
     def _share_cores(self, wanted: int | None) -> None:
         """Set this process's torch threads: `wanted`, or the cores our actors on this node leave free."""
@@ -304,6 +306,16 @@ class RemoteExperts:
         """False once every actor said (in its last reply) that all its experts are resident for good."""
         return not all(self._dispatcher.all_resident)
 
+    def resident(self, layer: int) -> frozenset[int]:
+        """Experts of `layer` resident on their owners as of each owner's latest reply (its residency
+        report, asked for with `report_residency`; all it owns once it said `all_resident`). An actor's
+        reads and evictions since that reply are not seen: cache-aware routing's "known at routing time"."""
+        out: set[int] = set()
+        for expert, a in self._owner.get(layer, {}).items():
+            if self._dispatcher.all_resident[a] or expert in self._dispatcher.resident[a].get(layer, ()):
+                out.add(expert)
+        return frozenset(out)
+
     def _hint_shares(self, hints: dict[int, torch.Tensor] | None) -> dict[int, list[tuple[int, list[int]]]]:
         """{layer: ids} -> {actor: [(layer, [its experts])]}, for actors that can still use a hint."""
         shares: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
@@ -355,6 +367,7 @@ class RemoteExperts:
             except ray.exceptions.RayActorError as e:
                 raise ShardUnavailable(f"{self._fleet.where(i)} is gone ({root_message(e)})") from e
             self._dispatcher.all_resident[i] = False
+            self._dispatcher.resident[i] = {}
             out = {k: out[k] + got[k] for k in out}
         return out
 

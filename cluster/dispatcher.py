@@ -95,6 +95,10 @@ class Dispatcher:
         self.recovery = recovery
         self.request_retries = 0
         self.all_resident = [False] * len(fleet.plan.workers)   # per actor, from its last reply
+        # Cache-aware routing asks each reply for the actor's resident experts ({layer: {experts}} per
+        # actor, from its last reply); off, the messages are exactly what they were without it.
+        self.report_residency = False
+        self.resident: list[dict[int, frozenset[int]]] = [{} for _ in fleet.plan.workers]
         self.hooks: list[Callable[[LayerTrace], None]] = []
 
     def begin_request(self) -> None:
@@ -120,6 +124,8 @@ class Dispatcher:
                                       "counts": share.counts}
             if a in hints:
                 header["hints"] = hints[a]
+            if self.report_residency and not self.all_resident[a]:
+                header["residency"] = True
             rows = x.index_select(0, batch.token_idx[share.idx])          # one gather per actor
             calls.append(self._send(a, share.idx, wire.encode(header, {"rows": rows})))
         return Pending(layer, batch, x, calls, t0)
@@ -199,6 +205,8 @@ class Dispatcher:
             raise ClusterError(f"{where}: reply has tensor 'out' of shape "
                                f"{None if out is None else tuple(out.shape)}, expected ({len(call.idx)}, {y.shape[1]})")
         self.all_resident[call.actor] = bool(header.get("all_resident", False))
+        if "resident" in header:
+            self.resident[call.actor] = {int(l): frozenset(map(int, es)) for l, es in header["resident"]}
         y.index_copy_(0, call.idx, out.to(y.device))
         compute = float(header.get("compute_s", 0.0))
         trip = arrived - call.ticket.t_sent

@@ -88,6 +88,10 @@ class Coordinator:
         store = options.store
         specs = ckpt.expert_specs(store.expert_dtype, store.group_size)
         pinned = pinned_experts(cfg, store.pin, store.pin_layers)
+        routing = options.routing
+        if routing.cache_aware and routing.policy == "max-rank" and routing.max_rank < cfg.top_k:
+            raise OptionError("routing_max_rank", f"must be at least the model's top-k ({cfg.top_k}), got "
+                                                  f"{routing.max_rank}")
         if not options.distributed:     # the distributed planner checks each actor's share the same way
             check_budget(specs, COMPUTE_DTYPES[options.dtype].itemsize, store.budget_bytes, min_resident=cfg.top_k,
                          pinned=pinned, option="worker_memory")
@@ -103,13 +107,14 @@ class Coordinator:
                 experts = RemoteExperts(specs, dtype=options.dtype, placement=options.placement, store=store,
                                         transport=options.transport, recovery=options.recovery,
                                         min_resident=cfg.top_k, pinned=pinned,
-                                        coordinator_threads=options.coordinator_threads)
+                                        coordinator_threads=options.coordinator_threads,
+                                        report_residency=routing.cache_aware)
         except BaseException:
             threads.restore()
             raise
         try:
             model = MoETransformer(cfg, experts, COMPUTE_DTYPES[options.dtype], prefetch_depth=store.prefetch_depth,
-                                   prefetch_extra=store.prefetch_extra)
+                                   prefetch_extra=store.prefetch_extra, routing=routing)
             ckpt.load_dense(model)
             model.eval()
         except BaseException:
@@ -236,11 +241,13 @@ class Coordinator:
 
     # -- lifecycle and reporting --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Counters of this coordinator and of its expert backend."""
+        """Counters of this coordinator and of its expert backend; "routing" is what cache-aware routing
+        did (`RerouteStats`, all zero with exact routing)."""
         c = dict(self._counters)
         if c["generate_seconds"]:
             c["tokens_per_second"] = c["generated_tokens"] / c["generate_seconds"]
-        return {"coordinator": c, "prefetch": self.model.routing.prefetch_stats(), "experts": self.experts.stats()}
+        return {"coordinator": c, "prefetch": self.model.routing.prefetch_stats(), "experts": self.experts.stats(),
+                "routing": self.model.rerouting.stats()}
 
     def drop_resident(self) -> dict:
         """Forget every resident routed expert (in this process or on the actors), so the next forward

@@ -41,6 +41,11 @@ class RoutedExperts(Protocol):
         """False once hints cannot help: every expert is resident and can never be evicted."""
         ...
 
+    def resident(self, layer: int) -> frozenset[int]:
+        """Experts of `layer` known to hold a slot now (loaded or being read), without a round trip:
+        what cache-aware routing prefers (coordinator/cache_routing.py)."""
+        ...
+
     def stats(self) -> dict: ...
 
     def drop_resident(self) -> dict:
@@ -120,6 +125,9 @@ class LocalExperts:
     @property
     def wants_hints(self) -> bool:
         return not self.shard.store.all_resident
+
+    def resident(self, layer: int) -> frozenset[int]:
+        return frozenset(e for l, e in self.shard.store.claimed_keys() if l == layer)
 
     def stats(self) -> dict:
         report = self.shard.report()

@@ -240,6 +240,11 @@ class ExpertStore:
         with self._cv:
             return self._t.resident()
 
+    def claimed_keys(self) -> list[ExpertKey]:
+        """Keys holding a slot: loaded, or claimed and being read (what `get` counts as a hit)."""
+        with self._cv:
+            return [k for k in self._t.owner if k is not None]
+
     def resident_bytes(self) -> int:
         """Bytes of expert data (as held) in occupied slots (loaded or being loaded); never above the budget."""
         with self._cv:
