@@ -308,11 +308,13 @@ class RemoteExperts:
 
     def resident(self, layer: int) -> frozenset[int]:
         """Experts of `layer` resident on their owners as of each owner's latest reply (its residency
-        report, asked for with `report_residency`; all it owns once it said `all_resident`). An actor's
-        reads and evictions since that reply are not seen: cache-aware routing's "known at routing time"."""
+        report, asked for with `report_residency`; all it owns once it said `all_resident`, or where its
+        budget holds all it owns, as `LocalExperts.resident`). An actor's reads and evictions since that
+        reply are not seen: cache-aware routing's "known at routing time"."""
         out: set[int] = set()
+        d = self._dispatcher
         for expert, a in self._owner.get(layer, {}).items():
-            if self._dispatcher.all_resident[a] or expert in self._dispatcher.resident[a].get(layer, ()):
+            if self.plan.workers[a].paged_bytes == 0 or d.all_resident[a] or expert in d.resident[a].get(layer, ()):
                 out.add(expert)
         return frozenset(out)
 

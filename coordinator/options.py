@@ -437,7 +437,7 @@ class RoutingOptions(_Checked):
             for f in fields(self):
                 if f.name != "mode" and getattr(self, f.name) != f.default:
                     raise UnknownOption(_FIELD_TO_NAME[("RoutingOptions", f.name)],
-                                        "applies only with routing='cache-aware'; exact routing has nothing to tune")
+                                        "applies only with routing='cache-aware' (the exact mode has nothing to tune)")
 
     @property
     def cache_aware(self) -> bool:
@@ -501,6 +501,12 @@ class RunOptions(_Checked):
                 name = _NAME_OF_FIELD.get(remote[0], remote[0])
                 raise UnknownOption(name, "applies only to expert actors (num_workers > 0); with num_workers=0 "
                                           "the experts run in this process")
+        given = [f for f in groups["routing"] if f != "mode"]
+        for f in given:                                    # a bad value is named as such first
+            check_option(_NAME_OF_FIELD.get(f, f), groups["routing"][f])
+        if given and groups["routing"].get("mode", "exact") == "exact":     # even at its default value
+            raise UnknownOption(_NAME_OF_FIELD.get(given[0], given[0]),
+                                "applies only with routing='cache-aware' (the exact mode has nothing to tune)")
         return cls(**groups["run"], store=StoreOptions(**groups["store"]),
                    placement=PlacementOptions(num_workers=workers, **groups["placement"]),
                    transport=TransportOptions(**groups["transport"]),

@@ -251,6 +251,11 @@ class ExpertStore:
             return self._t.occupied_bytes()
 
     @property
+    def holds_all(self) -> bool:
+        """The budget has a slot for every owned expert: once read, none is ever evicted."""
+        return self.num_slots == len(self._t.infos)
+
+    @property
     def all_resident(self) -> bool:
         """Every owned expert is loaded and none can ever be evicted (the budget holds them all)."""
         # with a slot per expert nothing is ever evicted, so each expert completes one load (since the last drop)
