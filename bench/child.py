@@ -214,7 +214,8 @@ def op_load(system: str, path: str, **o: Any) -> dict:
         kw = dict(num_workers=o.get("num_workers", 0), worker_memory=o.get("worker_memory"),
                   prefetch_depth=o.get("prefetch_depth", 1), prefetch_extra=o.get("prefetch_extra", 0),
                   policy=o.get("policy", "lfu-decay"), dtype=o.get("dtype", "float32"))
-        for k in ("num_cpus_per_worker", "resources", "call_timeout_s", "transport", "expert_dtype", "group_size"):
+        for k in ("num_cpus_per_worker", "resources", "call_timeout_s", "transport", "expert_dtype", "group_size",
+                  "routing", "routing_policy", "routing_strength", "routing_max_rank", "max_new_experts_per_token"):
             if o.get(k) is not None:
                 kw[k] = o[k]
         if o.get("coordinator_threads"):   # else, with actors on this node, it takes the cores they leave free
@@ -450,6 +451,33 @@ def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: 
             res["breakdown"] = S.breakdown.snapshot()
         res["distinct_tokens"] = int(torch.unique(out[:, prompt_len:]).numel())
     return res
+
+
+def op_routing_eval(text: str, prompt_len: int = 32, new_tokens: int = 32, prompts: int = 4,
+                    max_length: int = 256, **_: Any) -> dict:
+    """Quality and cache figures of one routing setting (bench scenario 10), from a cold expert cache:
+    perplexity of `text` (sliding windows of `max_length`), then greedy decodes of `prompts` prompts
+    cut from the text's second half (the cache carries over from one to the next, as on a server):
+    their new tokens, tok/s over the decode steps, and the cache counters of those steps."""
+    S.obj.drop_resident()
+    c0 = _expert_counters()
+    t0 = time.perf_counter()
+    ppl = S.obj.perplexity(text, max_length=max_length, progress=False)
+    ppl_s = time.perf_counter() - t0
+    ppl_counters = _diff(c0, _expert_counters())
+    ids = S.obj.tokenizer.encode(text).ids
+    starts = [len(ids) // 2 + i * (len(ids) // (2 * prompts)) for i in range(prompts)]
+    tokens, seconds, steps, totals = [], 0.0, 0, {}
+    for st in starts:
+        times, out = _generate(torch.tensor([ids[st:st + prompt_len]]), new_tokens, False, 0)
+        end = _expert_counters()
+        totals = {k: totals.get(k, 0) + v for k, v in _diff(S.first_token_counters, end).items()}
+        tokens.append(out[0, prompt_len:].tolist())
+        seconds += times[-1] - times[0]
+        steps += len(times) - 1
+    return {"perplexity": ppl, "perplexity_s": ppl_s, "perplexity_misses": ppl_counters.get("misses"),
+            "perplexity_loads": ppl_counters.get("loads"), "tokens": tokens, "tok_s": steps / seconds,
+            "decode_steps": steps, "experts": totals, "routing": S.obj.stats()["routing"]}
 
 
 def op_prefill(batch: int = 1, length: int = 512, seed: int = 0, **_: Any) -> dict:
@@ -689,7 +717,7 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
 
 OPS = {"load": op_load, "decode": op_decode, "prefill": op_prefill, "stats": op_stats, "memory": op_memory,
        "breakdown_decode": op_breakdown_decode, "dispatch_bench": op_dispatch_bench, "ray_init": op_ray_init,
-       "drop_resident": op_drop_resident, "read_bandwidth": op_read_bandwidth}
+       "drop_resident": op_drop_resident, "read_bandwidth": op_read_bandwidth, "routing_eval": op_routing_eval}
 
 
 def main() -> int:

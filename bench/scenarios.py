@@ -20,6 +20,7 @@ from . import make_checkpoint as mk
 from .common import (ROOT, Child, ChildError, cgroups_usable, drop_caches, expert_ranges, median, memory_cgroup,
                      paired_ratio, percentile, read_bandwidth, store_min_budget)
 from .results import figure
+from .routing import scenario_10
 from .serving import scenario_8
 
 GB = 10**9
@@ -1149,10 +1150,11 @@ SCENARIOS: dict[int, tuple[str, Callable[[Ctx], dict]]] = {
     6: ("Memory", scenario_6),
     7: ("Low-bit experts", scenario_7),
     8: ("Serving: concurrent clients, latency, load test", scenario_8),
+    10: ("Cache-aware routing: misses vs quality", scenario_10),
 }
 
 # Rough wall time per scenario on the 2-core bench machine (full / quick), for the progress bar.
-STEPS = {1: 32, 2: 14, 3: 8, 4: 1, 5: 20, 6: 3, 7: 16, 8: 10}
+STEPS = {1: 32, 2: 14, 3: 8, 4: 1, 5: 20, 6: 3, 7: 16, 8: 10, 10: 6}
 
 
 def run_scenario(n: int, ctx: Ctx) -> dict:

@@ -76,22 +76,26 @@ class MoEBlock(nn.Module):
             return topk_softmax_candidates(logits)
         return softmax_candidates(logits, c.norm_topk_prob)
 
-    def route_for_use(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The experts this layer actually uses: the exact routing, or with cache-aware routing the
-        exact one bent toward the experts resident right now (coordinator/cache_routing.py)."""
+    def route_for_use(self, x: torch.Tensor, extra: int = 0, record: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts this layer uses: the exact routing, or with cache-aware routing the exact one
+        bent toward the experts resident right now (coordinator/cache_routing.py). `record=False`
+        for a prediction (prefetch hints), which must not count as a decision."""
         logits = self._logits(x)
-        weights, ids = self._exact(logits)
+        weights, ids = self._exact(logits, extra)
         if self.rerouter is None:
             return weights, ids
         resident = self.experts.resident(self.layer)
         if len(resident) == self.cfg.num_experts:
-            self.rerouter.record(Decision(ids.shape[0], 0, 0, 0, 0.0, 0, 0, 0))
+            if record:
+                self.rerouter.record(Decision(ids.shape[0], 0, 0, 0, 0.0, 0, 0, 0))
             return weights, ids
         mask = torch.zeros(self.cfg.num_experts, dtype=torch.bool)
         mask[list(resident)] = True
         weights, ids, decision = route_cache_aware(weights, ids, self.candidates(logits), mask,
                                                    self.rerouter.options)
-        self.rerouter.record(decision)
+        if record:
+            self.rerouter.record(decision)
         return weights, ids
 
     def forward(self, x: torch.Tensor, hints: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -176,6 +180,8 @@ class MoETransformer(nn.Module):
         for nxt in range(layer + 1, min(layer + 1 + self.prefetch_depth, self.cfg.num_layers)):
             block = self.moe_blocks.get(nxt)
             if block is not None:
-                hints[nxt] = block.route(flat, self.prefetch_extra)[1]
+                # with cache-aware routing, predict what that layer will choose (mostly resident experts),
+                # so that hints fetch its few new experts instead of evicting the ones it will prefer
+                hints[nxt] = block.route_for_use(flat, self.prefetch_extra, record=False)[1]
                 self.routing.predicted(nxt, hints[nxt])
         return hints

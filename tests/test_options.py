@@ -56,7 +56,7 @@ CLI_INVALID = {
     ("harness up", "--cpu-quota"): ["-1", "x"],
     ("harness up", "--timeout"): ["0", "x"],
     ("harness down", "--cluster-id"): ["no-such-cluster"],
-    ("bench", "--scenario"): ["9"],
+    ("bench", "--scenario"): ["99"],
     ("bench", "--checkpoint"): ["/nonexistent/model"],
     ("bench", "--threads"): ["0", "x"],
     ("bench", "--workers"): ["a", "-1"],
