@@ -454,9 +454,10 @@ def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: 
 
 
 def op_routing_eval(text: str, prompt_len: int = 32, new_tokens: int = 32, prompts: int = 4,
-                    max_length: int = 256, **_: Any) -> dict:
+                    max_length: int = 256, stepwise_tokens: int = 512, **_: Any) -> dict:
     """Quality and cache figures of one routing setting (bench scenario 10), from a cold expert cache:
-    perplexity of `text` (sliding windows of `max_length`), then greedy decodes of `prompts` prompts
+    perplexity of `text` (sliding windows of `max_length`), its stepwise perplexity over the first
+    `stepwise_tokens` tokens (one token per forward, as decode runs), then greedy decodes of `prompts` prompts
     cut from the text's second half (the cache carries over from one to the next, as on a server):
     their new tokens, tok/s over the decode steps, and the cache counters of those steps."""
     S.obj.drop_resident()
@@ -466,6 +467,12 @@ def op_routing_eval(text: str, prompt_len: int = 32, new_tokens: int = 32, promp
     ppl_s = time.perf_counter() - t0
     ppl_counters = _diff(c0, _expert_counters())
     ids = S.obj.tokenizer.encode(text).ids
+    S.obj.drop_resident()
+    c1 = _expert_counters()
+    t0 = time.perf_counter()
+    step_ppl = S.obj.perplexity(ids[:stepwise_tokens], max_length=max_length, stepwise=True, progress=False)
+    step_s = time.perf_counter() - t0
+    step_counters = _diff(c1, _expert_counters())
     starts = [len(ids) // 2 + i * (len(ids) // (2 * prompts)) for i in range(prompts)]
     tokens, seconds, steps, totals = [], 0.0, 0, {}
     for st in starts:
@@ -476,6 +483,8 @@ def op_routing_eval(text: str, prompt_len: int = 32, new_tokens: int = 32, promp
         seconds += times[-1] - times[0]
         steps += len(times) - 1
     return {"perplexity": ppl, "perplexity_s": ppl_s, "perplexity_misses": ppl_counters.get("misses"),
+            "stepwise_perplexity": step_ppl, "stepwise_s": step_s, "stepwise_tokens": min(stepwise_tokens, len(ids)),
+            "stepwise_misses": step_counters.get("misses"), "stepwise_loads": step_counters.get("loads"),
             "perplexity_loads": ppl_counters.get("loads"), "tokens": tokens, "tok_s": steps / seconds,
             "decode_steps": steps, "experts": totals, "routing": S.obj.stats()["routing"]}
 
