@@ -468,11 +468,12 @@ def op_routing_eval(text: str, prompt_len: int = 32, new_tokens: int = 32, promp
     ppl_counters = _diff(c0, _expert_counters())
     ids = S.obj.tokenizer.encode(text).ids
     S.obj.drop_resident()
-    c1 = _expert_counters()
+    c1, r1 = _expert_counters(), S.obj.stats()["routing"]
     t0 = time.perf_counter()
     step_ppl = S.obj.perplexity(ids[:stepwise_tokens], max_length=max_length, stepwise=True, progress=False)
     step_s = time.perf_counter() - t0
     step_counters = _diff(c1, _expert_counters())
+    step_routing = _routing_diff(r1, S.obj.stats()["routing"])
     starts = [len(ids) // 2 + i * (len(ids) // (2 * prompts)) for i in range(prompts)]
     tokens, seconds, steps, totals = [], 0.0, 0, {}
     for st in starts:
@@ -485,8 +486,22 @@ def op_routing_eval(text: str, prompt_len: int = 32, new_tokens: int = 32, promp
     return {"perplexity": ppl, "perplexity_s": ppl_s, "perplexity_misses": ppl_counters.get("misses"),
             "stepwise_perplexity": step_ppl, "stepwise_s": step_s, "stepwise_tokens": min(stepwise_tokens, len(ids)),
             "stepwise_misses": step_counters.get("misses"), "stepwise_loads": step_counters.get("loads"),
+            "stepwise_routing": step_routing,
             "perplexity_loads": ppl_counters.get("loads"), "tokens": tokens, "tok_s": steps / seconds,
             "decode_steps": steps, "experts": totals, "routing": S.obj.stats()["routing"]}
+
+
+def _routing_diff(a: Any, b: Any) -> dict:
+    """What cache-aware routing did between two `RerouteStats` (they are cumulative): one pass's figures."""
+    n = b.token_layers - a.token_layers
+    subs = b.substituted - a.substituted
+    rank_sum = (b.mean_substitute_rank or 0) * b.substituted - (a.mean_substitute_rank or 0) * a.substituted
+    new = {k: getattr(b, k) * b.token_layers - getattr(a, k) * a.token_layers
+           for k in ("new_experts_per_token_exact", "new_experts_per_token_chosen")}
+    return {"token_layers": n, "rerouted_fraction": (b.rerouted - a.rerouted) / n if n else 0.0,
+            "mean_substitute_rank": rank_sum / subs if subs else None,
+            **{k: v / n if n else 0.0 for k, v in new.items()},
+            "forced_fraction": (b.forced_tokens - a.forced_tokens) / n if n else 0.0}
 
 
 def op_prefill(batch: int = 1, length: int = 512, seed: int = 0, **_: Any) -> dict:

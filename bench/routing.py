@@ -11,7 +11,8 @@ a cold expert cache:
 - cache: misses (demand reads) and loads (every read, prefetch included) per token of the stepwise
   pass (teacher-forced, so every setting sees the same tokens) and of the greedy decodes; tok/s of those;
 - what the router did: the share of (token, layer) decisions rerouted, the mean true rank of the
-  substitutes, tokens over the cap for want of resident experts (`RerouteStats`).
+  substitutes, tokens over the cap for want of resident experts (`RerouteStats`), over all passes and
+  for the stepwise pass alone (stepwise_routing).
 
 Figures: at the documented default setting, stepwise misses per token over exact (target <= 0.5) and
 stepwise perplexity over exact (target <= 1.03), both same-run ratios, at the 10% budget; the whole table
@@ -93,6 +94,7 @@ def scenario_10(ctx: Any) -> dict:
                          "misses_per_token": e["misses"] / steps, "loads_per_token": e["loads"] / steps,
                          "bytes_read_per_token": e["bytes_read"] / steps, "tok_s": r["tok_s"],
                          "perplexity_misses": r["perplexity_misses"], "perplexity_loads": r["perplexity_loads"],
+                         "stepwise_routing": r["stepwise_routing"],
                          "rerouted_fraction": rs["rerouted_fraction"],
                          "mean_substitute_rank": rs["mean_substitute_rank"],
                          "new_per_token_exact": rs["new_experts_per_token_exact"],

@@ -129,6 +129,39 @@ def test_bad_routing_options_are_clear_errors():
 
 
 IDS = torch.tensor([[1, 300, 400, 500, 77, 88, 1200, 35]])
+HELDOUT = "docs/data/heldout-pydoc.txt"
+
+
+def test_stepwise_perplexity_is_the_windows_one_token_at_a_time():
+    import math
+
+    with Coordinator.from_pretrained(MODEL) as c:
+        ids = torch.tensor(c.tokenizer.encode(open(HELDOUT).read()[:1500]).ids[:200])
+        # one window of 100, then one of the next 100 from a fresh cache (its first token unscored)
+        nll = 0.0
+        for begin in (0, 100):
+            lp = torch.log_softmax(c.forward(ids[None, begin:begin + 100])[0].double(), -1)
+            nll -= lp[:-1].gather(1, ids[begin + 1:begin + 100, None]).sum().item()
+        want = math.exp(nll / 198)
+        got = c.perplexity(ids, max_length=100, stepwise=True)
+        assert math.isclose(got, want, rel_tol=1e-6), (got, want)
+        with pytest.raises(ValueError, match="stride does not apply"):
+            c.perplexity(ids, max_length=100, stride=50, stepwise=True)
+        with pytest.raises(ValueError, match="stepwise must be True or False"):
+            c.perplexity(ids, stepwise="yes")
+
+
+def test_eval_takes_the_routing_flags_and_stepwise(capsys):
+    from cluster.cli import main
+
+    text = ["--text", HELDOUT, "--max-length", "64"]
+    assert main(["eval", MODEL, *text, "--stepwise", "--stride", "8"]) == 1
+    assert "--stride: does not apply with --stepwise" in capsys.readouterr().err
+    assert main(["eval", MODEL, *text, "--routing-strength", "0.5"]) == 1
+    assert "--routing-strength: applies only with --routing='cache-aware'" in capsys.readouterr().err
+    assert main(["eval", MODEL, "--text", HELDOUT, "--worker-memory", "5MB", "--routing", "cache-aware",
+                 "--routing-policy", "max-rank", "--routing-max-rank", "3", "--max-new-experts", "1"]) == 0
+    assert capsys.readouterr().out.startswith("perplexity: ")
 
 
 def _run(**kw):
