@@ -1,8 +1,8 @@
 """Scenario 10, cache-aware routing: what bending the router toward resident experts costs and saves.
 
-The embedded model (models/pydoc-moe, trained routing) in process at a small expert budget (10% of its
-experts' float32 bytes, floored at top_k + 1 slots; also 25%), one child process per setting, each from
-a cold expert cache:
+The embedded model (models/pydoc-moe, trained routing) in process at a small expert budget (10% of
+its experts' float32 bytes, floored at top_k + 1 slots; also 25% and 50%), one child process per
+setting, each from a cold expert cache:
 - quality: perplexity of the held-out text (docs/data/heldout-*.txt) two ways: sliding windows (`moeshard
   eval`: one forward per window, so each layer routes hundreds of tokens against one resident set) and
   stepwise (`moeshard eval --stepwise`: one token per forward through the KV cache, as decode runs);

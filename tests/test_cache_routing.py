@@ -208,3 +208,20 @@ def test_ray_actors_report_residency_in_their_replies_and_reroute(ray_session):
         assert any(known.values()), "no residency report came back with the replies"
         assert sum(map(len, known.values())) <= 2 * 3, "more experts known resident than the actors' slots"
         assert r.rerouted > 0 and r.new_experts_per_token_chosen < r.new_experts_per_token_exact
+
+
+@pytest.mark.slow
+def test_bench_scenario_10_runs_end_to_end(tmp_path):
+    """The bench rows run (tiny mode: three settings, a short text; no figure's value is asserted)."""
+    from bench import scenarios as S
+
+    ctx = S.Ctx(ckpt=tmp_path, params=S.Params.for_mode(False, True), threads=1, tiny=True,
+                log_dir=tmp_path / "logs")
+    res = S.run_scenario(10, ctx)
+    assert res["status"] == "ok", res.get("reason")
+    assert {f["id"] for f in res["figures"]} == {"s10.misses.10%", "s10.ppl.10%", "s10.ppl_windows.10%",
+                                                  "s10.tok_s.10%"}
+    rows = res["details"]["rows"]
+    assert [r["setting"] for r in rows] == ["exact", "cache-prior 0.5", "max-rank 4"]
+    assert rows[0]["greedy_agreement"] == 1.0 and rows[0]["stepwise_routing"]["token_layers"] == 0
+    assert all(r["stepwise_routing"]["token_layers"] > 0 for r in rows[1:])
