@@ -14,6 +14,7 @@ one reply per command on stdout after the `@@BENCH ` marker. Commands:
 from __future__ import annotations
 
 import gc
+import dataclasses
 import json
 import os
 import sys
@@ -48,6 +49,8 @@ def _default(o: Any) -> Any:
         return list(o)
     if isinstance(o, Path):
         return str(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):   # typed stats (RerouteStats)
+        return dataclasses.asdict(o)
     return repr(o)
 
 
@@ -213,7 +216,8 @@ def op_load(system: str, path: str, **o: Any) -> dict:
         kw = dict(num_workers=o.get("num_workers", 0), worker_memory=o.get("worker_memory"),
                   prefetch_depth=o.get("prefetch_depth", 1), prefetch_extra=o.get("prefetch_extra", 0),
                   policy=o.get("policy", "lfu-decay"), dtype=o.get("dtype", "float32"))
-        for k in ("num_cpus_per_worker", "resources", "call_timeout_s", "transport", "expert_dtype", "group_size"):
+        for k in ("num_cpus_per_worker", "resources", "call_timeout_s", "transport", "expert_dtype", "group_size",
+                  "routing", "routing_policy", "routing_strength", "routing_max_rank", "max_new_experts_per_token"):
             if o.get(k) is not None:
                 kw[k] = o[k]
         if o.get("coordinator_threads"):   # else, with actors on this node, it takes the cores they leave free
@@ -449,6 +453,57 @@ def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: 
             res["breakdown"] = S.breakdown.snapshot()
         res["distinct_tokens"] = int(torch.unique(out[:, prompt_len:]).numel())
     return res
+
+
+def op_routing_eval(text: str, prompt_len: int = 32, new_tokens: int = 32, prompts: int = 4,
+                    max_length: int = 256, stepwise_tokens: int = 512, **_: Any) -> dict:
+    """Quality and cache figures of one routing setting (bench scenario 10), from a cold expert cache:
+    perplexity of `text` (sliding windows of `max_length`), its stepwise perplexity over the first
+    `stepwise_tokens` tokens (one token per forward, as decode runs), then greedy decodes of `prompts` prompts
+    cut from the text's second half (the cache carries over from one to the next, as on a server):
+    their new tokens, tok/s over the decode steps, and the cache counters of those steps."""
+    S.obj.drop_resident()
+    c0 = _expert_counters()
+    t0 = time.perf_counter()
+    ppl = S.obj.perplexity(text, max_length=max_length, progress=False)
+    ppl_s = time.perf_counter() - t0
+    ppl_counters = _diff(c0, _expert_counters())
+    ids = S.obj.tokenizer.encode(text).ids
+    S.obj.drop_resident()
+    c1, r1 = _expert_counters(), S.obj.stats()["routing"]
+    t0 = time.perf_counter()
+    step_ppl = S.obj.perplexity(ids[:stepwise_tokens], max_length=max_length, stepwise=True, progress=False)
+    step_s = time.perf_counter() - t0
+    step_counters = _diff(c1, _expert_counters())
+    step_routing = _routing_diff(r1, S.obj.stats()["routing"])
+    starts = [len(ids) // 2 + i * (len(ids) // (2 * prompts)) for i in range(prompts)]
+    tokens, seconds, steps, totals = [], 0.0, 0, {}
+    for st in starts:
+        times, out = _generate(torch.tensor([ids[st:st + prompt_len]]), new_tokens, False, 0)
+        end = _expert_counters()
+        totals = {k: totals.get(k, 0) + v for k, v in _diff(S.first_token_counters, end).items()}
+        tokens.append(out[0, prompt_len:].tolist())
+        seconds += times[-1] - times[0]
+        steps += len(times) - 1
+    return {"perplexity": ppl, "perplexity_s": ppl_s, "perplexity_misses": ppl_counters.get("misses"),
+            "stepwise_perplexity": step_ppl, "stepwise_s": step_s, "stepwise_tokens": min(stepwise_tokens, len(ids)),
+            "stepwise_misses": step_counters.get("misses"), "stepwise_loads": step_counters.get("loads"),
+            "stepwise_routing": step_routing,
+            "perplexity_loads": ppl_counters.get("loads"), "tokens": tokens, "tok_s": steps / seconds,
+            "decode_steps": steps, "experts": totals, "routing": S.obj.stats()["routing"]}
+
+
+def _routing_diff(a: Any, b: Any) -> dict:
+    """What cache-aware routing did between two `RerouteStats` (they are cumulative): one pass's figures."""
+    n = b.token_layers - a.token_layers
+    subs = b.substituted - a.substituted
+    rank_sum = (b.mean_substitute_rank or 0) * b.substituted - (a.mean_substitute_rank or 0) * a.substituted
+    new = {k: getattr(b, k) * b.token_layers - getattr(a, k) * a.token_layers
+           for k in ("new_experts_per_token_exact", "new_experts_per_token_chosen")}
+    return {"token_layers": n, "rerouted_fraction": (b.rerouted - a.rerouted) / n if n else 0.0,
+            "mean_substitute_rank": rank_sum / subs if subs else None,
+            **{k: v / n if n else 0.0 for k, v in new.items()},
+            "forced_fraction": (b.forced_tokens - a.forced_tokens) / n if n else 0.0}
 
 
 def op_prefill(batch: int = 1, length: int = 512, seed: int = 0, **_: Any) -> dict:
@@ -688,7 +743,8 @@ def op_dispatch_bench(path: str, iters: int = 400, warmup: int = 40, blocks: int
 
 OPS = {"load": op_load, "decode": op_decode, "prefill": op_prefill, "stats": op_stats, "memory": op_memory,
        "breakdown_decode": op_breakdown_decode, "dispatch_bench": op_dispatch_bench, "ray_init": op_ray_init,
-       "drop_resident": op_drop_resident, "read_bandwidth": op_read_bandwidth, "placement": op_placement}
+       "drop_resident": op_drop_resident, "read_bandwidth": op_read_bandwidth, "placement": op_placement,
+       "routing_eval": op_routing_eval}
 
 
 def main() -> int:

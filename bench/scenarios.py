@@ -21,6 +21,7 @@ from .common import (ROOT, Child, ChildError, cgroups_usable, drop_caches, exper
                      paired_ratio, percentile, read_bandwidth, store_min_budget)
 from .results import figure
 from .placement import scenario_9
+from .routing import scenario_10
 from .serving import scenario_8
 
 GB = 10**9
@@ -1176,10 +1177,11 @@ SCENARIOS: dict[int, tuple[str, Callable[[Ctx], dict]]] = {
     7: ("Low-bit experts", scenario_7),
     8: ("Serving: concurrent clients, latency, load test", scenario_8),
     9: ("Load-driven placement: skewed routing, replicas, recovery", scenario_9),
+    10: ("Cache-aware routing: misses vs quality", scenario_10),
 }
 
 # Rough wall time per scenario on the 2-core bench machine (full / quick), for the progress bar.
-STEPS = {1: 32, 2: 14, 3: 8, 4: 1, 5: 20, 6: 3, 7: 16, 8: 10, 9: 6}
+STEPS = {1: 32, 2: 14, 3: 8, 4: 1, 5: 20, 6: 3, 7: 16, 8: 10, 9: 6, 10: 6}
 
 
 def run_scenario(n: int, ctx: Ctx) -> dict:

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-length", type=int, default=None, metavar="N",
                     help="tokens per window (default: the model's context, at most 1024)")
     ev.add_argument("--stride", type=int, default=None, metavar="N", help="tokens between windows (default: half the window)")
+    ev.add_argument("--stepwise", action="store_true",
+                    help="score one token per forward through the KV cache, as decode runs (consecutive windows, "
+                         "no --stride): what cache-aware routing does while generating (docs/routing.md)")
     add_option_arguments(ev, RUN_OPTIONS)
     ev.set_defaults(func=cmd_eval)
 
@@ -260,6 +263,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for flag, v in (("--max-length", args.max_length), ("--stride", args.stride)):
         if v is not None and v < 1:
             raise ValueError(f"{flag}: must be an integer >= 1, got {v}")
+    if args.stepwise and args.stride is not None:
+        raise ValueError("--stride: does not apply with --stepwise (its windows follow each other)")
     try:
         text = open(args.text, encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as e:
@@ -267,7 +272,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not text.strip():
         raise ValueError(f"--text: {args.text} is empty; give a text of at least two tokens")
     with Coordinator.open(args.checkpoint, options) as coord:
-        ppl = coord.perplexity(text, max_length=args.max_length, stride=args.stride)
+        ppl = coord.perplexity(text, max_length=args.max_length, stride=args.stride, stepwise=args.stepwise)
     print(f"perplexity: {ppl:.4f}")
     return 0
 

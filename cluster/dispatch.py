@@ -78,7 +78,7 @@ class RemoteExperts:
                  store: StoreOptions = StoreOptions(), transport: TransportOptions = TransportOptions(),
                  recovery: RecoveryOptions = RecoveryOptions(), min_resident: int = 1,
                  pinned: Sequence[tuple[int, int]] = (), coordinator_threads: int | None = None,
-                 load: dict[tuple[int, int], float] | None = None):
+                 load: dict[tuple[int, int], float] | None = None, report_residency: bool = False):
         self.dtype = compute_dtype(dtype)
         num_workers = placement.num_workers
         worker_memory, spill_dir = store.budget_bytes, store.spill_dir
@@ -111,6 +111,7 @@ class RemoteExperts:
                                       transport.call_timeout_s, recovery)
         self._rebalancer = Rebalancer(self._fleet, specs, self.plan.owners(), lambda: self._dispatcher.table,
                                       self._swap_table)
+        self._dispatcher.report_residency = report_residency
         self._stats = [_ActorStats() for _ in self.plan.workers]
         self._latency: dict[int, deque] = defaultdict(lambda: deque(maxlen=LATENCY_WINDOW))
         self._layer_totals: dict[int, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # count, sum, max
@@ -184,6 +185,7 @@ class RemoteExperts:
         """An actor became ready (started or replaced): attach its channel; it starts with nothing loaded."""
         self._transport.attach(i, handle, node, self._fleet.where(i))
         self._dispatcher.all_resident[i] = False
+        self._dispatcher.resident[i] = {}
         if self._fleet.records[i].incarnation > 0:      # a replacement: it holds its primaries only
             self._rebalancer.lost(i)
 
@@ -350,6 +352,18 @@ class RemoteExperts:
         """False once every actor said (in its last reply) that all its experts are resident for good."""
         return not all(self._dispatcher.all_resident)
 
+    def resident(self, layer: int) -> frozenset[int]:
+        """Experts of `layer` resident on their owners as of each owner's latest reply (its residency
+        report, asked for with `report_residency`; all it owns once it said `all_resident`, or where its
+        budget holds all it owns, as `LocalExperts.resident`). An actor's reads and evictions since that
+        reply are not seen: cache-aware routing's "known at routing time"."""
+        out: set[int] = set()
+        d = self._dispatcher
+        for expert, a in self._owner.get(layer, {}).items():
+            if self.plan.workers[a].paged_bytes == 0 or d.all_resident[a] or expert in d.resident[a].get(layer, ()):
+                out.add(expert)
+        return frozenset(out)
+
     def _hint_shares(self, hints: dict[int, torch.Tensor] | None) -> dict[int, list[tuple[int, list[int]]]]:
         """{layer: ids} -> {actor: [(layer, [its experts])]}, for actors that can still use a hint."""
         shares: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
@@ -401,6 +415,7 @@ class RemoteExperts:
             except ray.exceptions.RayActorError as e:
                 raise ShardUnavailable(f"{self._fleet.where(i)} is gone ({root_message(e)})") from e
             self._dispatcher.all_resident[i] = False
+            self._dispatcher.resident[i] = {}
             out = {k: out[k] + got[k] for k in out}
         return out
 

@@ -99,6 +99,10 @@ class Dispatcher:
         self.recovery = recovery
         self.request_retries = 0
         self.all_resident = [False] * len(fleet.plan.workers)   # per actor, from its last reply
+        # Cache-aware routing asks each reply for the actor's resident experts ({layer: {experts}} per
+        # actor, from its last reply); off, the messages are exactly what they were without it.
+        self.report_residency = False
+        self.resident: list[dict[int, frozenset[int]]] = [{} for _ in fleet.plan.workers]
         self.hooks: list[Callable[[LayerTrace], None]] = []
 
     def begin_request(self) -> None:
@@ -128,6 +132,8 @@ class Dispatcher:
         header: dict[str, Any] = {"op": "run_layer", "layer": layer, "experts": experts, "counts": counts}
         if hints:
             header["hints"] = hints
+        if self.report_residency and not self.all_resident[a]:
+            header["residency"] = True            # cache-aware routing: the reply lists what a holds
         rows = x.index_select(0, batch.token_idx[idx])          # one gather per actor
         call = self._send(a, idx, wire.encode(header, {"rows": rows}))
         call.experts, call.counts = list(experts), list(counts)
@@ -209,6 +215,8 @@ class Dispatcher:
             raise ClusterError(f"{where}: reply has tensor 'out' of shape "
                                f"{None if out is None else tuple(out.shape)}, expected ({len(call.idx)}, {y.shape[1]})")
         self.all_resident[call.actor] = bool(header.get("all_resident", False))
+        if "resident" in header:
+            self.resident[call.actor] = {int(l): frozenset(map(int, es)) for l, es in header["resident"]}
         y.index_copy_(0, call.idx, out.to(y.device))
         compute = float(header.get("compute_s", 0.0))
         trip = arrived - call.ticket.t_sent

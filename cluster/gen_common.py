@@ -17,7 +17,8 @@ from coordinator.options import BY_NAME, OPTIONS, RunOptions, SamplingOptions, d
 #: flags of every command that loads a model and generates (generate, job), in --help order
 RUN_OPTIONS = ("num_workers", "worker_memory", "dtype", "num_cpus_per_worker", "num_gpus_per_worker",
                "ray_address", "call_timeout_s", "ready_timeout_s", "transport", "coordinator_threads", "policy",
-               "prefetch_depth", "prefetch_extra", "pin_layers", "spill_dir", "expert_dtype", "group_size")
+               "prefetch_depth", "prefetch_extra", "pin_layers", "spill_dir", "expert_dtype", "group_size",
+               "routing", "routing_policy", "routing_strength", "routing_max_rank", "max_new_experts_per_token")
 SAMPLING_OPTIONS = tuple(o.name for o in OPTIONS if o.group == "generate")
 
 

@@ -43,6 +43,13 @@ def stats_report(stats: dict[str, Any]) -> str:
                      f"{coord['tokens_per_second']:.2f} tok/s")
     lines.append(f"prefetch precision {_ratio(pre.get('precision'))}, recall {_ratio(pre.get('recall'))} "
                  "(next-layer router predictions vs experts actually picked)")
+    r = stats.get("routing")
+    if r is not None and r.mode == "cache-aware":
+        rank = "-" if r.mean_substitute_rank is None else f"{r.mean_substitute_rank:.2f}"
+        lines.append(f"cache-aware routing ({r.policy}): {r.rerouted_fraction:.1%} of tokens rerouted (per layer), "
+                     f"substitutes at mean true rank {rank}; non-resident experts per token "
+                     f"{r.new_experts_per_token_exact:.2f} exact -> {r.new_experts_per_token_chosen:.2f} used, "
+                     f"{r.forced_tokens} token(s) over the cap for want of resident experts")
     rows = []
     for a in experts.get("actors", []):
         rows.append([a.get("index"), a.get("ip", "local"), a.get("experts"),

@@ -67,7 +67,9 @@ class Coordinator:
 
         The other keywords are the options of `coordinator/options.py` (every one is listed, with
         its allowed values, in docs/options.md): prefetch_depth, prefetch_extra, policy, pin,
-        pin_layers, spill_dir, lock_timeout_s, coordinator_threads; with workers also the
+        pin_layers, spill_dir, lock_timeout_s, coordinator_threads, routing ("exact", the default, or
+        "cache-aware" with routing_policy, routing_strength, routing_max_rank, max_new_experts_per_token,
+        or routing=RoutingOptions(...); docs/routing.md); with workers also the
         placement (num_cpus_per_worker, num_gpus_per_worker, resources, ready_timeout_s), transport
         (transport, call_timeout_s) and recovery (max_call_retries,
         max_generation_retries, restart_timeout_s, takeover_memory, takeover_share) options.
@@ -91,6 +93,10 @@ class Coordinator:
         store = options.store
         specs = ckpt.expert_specs(store.expert_dtype, store.group_size)
         pinned = pinned_experts(cfg, store.pin, store.pin_layers)
+        routing = options.routing
+        if routing.cache_aware and routing.policy == "max-rank" and routing.max_rank < cfg.top_k:
+            raise OptionError("routing_max_rank", f"must be at least the model's top-k ({cfg.top_k}), got "
+                                                  f"{routing.max_rank}")
         if not options.distributed:     # the distributed planner checks each actor's share the same way
             check_budget(specs, COMPUTE_DTYPES[options.dtype].itemsize, store.budget_bytes, min_resident=cfg.top_k,
                          pinned=pinned, option="worker_memory")
@@ -106,13 +112,14 @@ class Coordinator:
                 experts = RemoteExperts(specs, dtype=options.dtype, placement=options.placement, store=store,
                                         transport=options.transport, recovery=options.recovery,
                                         min_resident=cfg.top_k, pinned=pinned,
-                                        coordinator_threads=options.coordinator_threads)
+                                        coordinator_threads=options.coordinator_threads,
+                                        report_residency=routing.cache_aware)
         except BaseException:
             threads.restore()
             raise
         try:
             model = MoETransformer(cfg, experts, COMPUTE_DTYPES[options.dtype], prefetch_depth=store.prefetch_depth,
-                                   prefetch_extra=store.prefetch_extra)
+                                   prefetch_extra=store.prefetch_extra, routing=routing)
             ckpt.load_dense(model)
             model.eval()
         except BaseException:
@@ -210,12 +217,16 @@ class Coordinator:
         return tok.decode(new)
 
     def perplexity(self, text_or_ids: str | torch.Tensor | list[int], *, max_length: int | None = None,
-                   stride: int | None = None, progress: bool | None = None) -> float:
+                   stride: int | None = None, progress: bool | None = None, stepwise: bool = False) -> float:
         """Perplexity of a text (tokenized with the checkpoint's tokenizer) or of token ids [T] / [1, T],
         over sliding windows of `max_length` tokens (default: the context, at most 1024) moved by
         `stride` (default: max_length // 2), as in transformers' perplexity guide
-        (coordinator/perplexity.py). A bar on a terminal only, unless `progress` says otherwise."""
-        from .perplexity import sliding_perplexity
+        (coordinator/perplexity.py). A bar on a terminal only, unless `progress` says otherwise.
+
+        `stepwise`: feed the text one token per forward through the KV cache, as decode does, in
+        consecutive windows of `max_length` (no stride): the routing a generation sees, which matters
+        with cache-aware routing (docs/routing.md). Slower: one forward per token."""
+        from .perplexity import sliding_perplexity, stepwise_perplexity
         if isinstance(text_or_ids, str):
             if not text_or_ids.strip():
                 raise ValueError("perplexity: the text is empty; give at least two tokens of text")
@@ -232,18 +243,40 @@ class Coordinator:
         max_length = min(limit, 1024) if max_length is None else max_length
         if not isinstance(max_length, int) or not 2 <= max_length <= limit:
             raise ValueError(f"max_length must be an integer in [2, {limit}] (the model's context), got {max_length}")
+        if not isinstance(stepwise, bool):
+            raise ValueError(f"stepwise must be True or False, got {stepwise!r}")
+        if stepwise:
+            if stride is not None:
+                raise ValueError("stride does not apply with stepwise=True (windows follow each other)")
+            return stepwise_perplexity(self._decode_step(max_length), ids, max_length, progress)
         stride = max(1, max_length // 2) if stride is None else stride
         if not isinstance(stride, int) or not 1 <= stride <= max_length:
             raise ValueError(f"stride must be an integer in [1, max_length={max_length}], got {stride}")
         return sliding_perplexity(self.forward, ids, max_length, stride, progress)
 
+    def _decode_step(self, max_length: int) -> Callable[[torch.Tensor, int, bool], torch.Tensor]:
+        """One decode step per call on a KV cache of `max_length` positions (`fresh` starts it again),
+        each under the call lock, as `generate`'s steps are."""
+        key_valid = torch.ones(1, max_length, dtype=torch.bool)
+        caches: list = []
+
+        def step(token: torch.Tensor, pos: int, fresh: bool) -> torch.Tensor:
+            with self._serialised("perplexity"):
+                if fresh:
+                    caches[:] = self.model.new_caches(1, max_length)
+                return self.model(token, torch.tensor([[pos]]), torch.tensor([pos]), key_valid[:, :pos + 1],
+                                  caches)
+        return step
+
     # -- lifecycle and reporting --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Counters of this coordinator and of its expert backend."""
+        """Counters of this coordinator and of its expert backend; "routing" is what cache-aware routing
+        did (`RerouteStats`, all zero with exact routing)."""
         c = dict(self._counters)
         if c["generate_seconds"]:
             c["tokens_per_second"] = c["generated_tokens"] / c["generate_seconds"]
-        return {"coordinator": c, "prefetch": self.model.routing.prefetch_stats(), "experts": self.experts.stats()}
+        return {"coordinator": c, "prefetch": self.model.routing.prefetch_stats(), "experts": self.experts.stats(),
+                "routing": self.model.rerouting.stats()}
 
     def drop_resident(self) -> dict:
         """Forget every resident routed expert (in this process or on the actors), so the next forward

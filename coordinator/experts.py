@@ -43,6 +43,13 @@ class RoutedExperts(Protocol):
         """False once hints cannot help: every expert is resident and can never be evicted."""
         ...
 
+    def resident(self, layer: int) -> frozenset[int]:
+        """Experts of `layer` known to hold a slot now (loaded or being read), without a round trip:
+        what cache-aware routing prefers (coordinator/cache_routing.py). A holder whose budget has a
+        slot for each of its experts counts all of them: nothing is ever evicted there, so bending the
+        routing would change the model to save one first read."""
+        ...
+
     def stats(self) -> dict: ...
 
     def drop_resident(self) -> dict:
@@ -112,6 +119,7 @@ class LocalExperts:
                  spill_dir: str | None = None):
         self.shard = ExpertShard([s.to_dict() for s in specs], budget_bytes=budget_bytes, dtype=dtype,
                                  policy=policy, min_resident=min_resident, pinned=pinned, spill_dir=spill_dir)
+        self._owned = [s.key for s in specs]
 
     def submit(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                hints: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -128,6 +136,12 @@ class LocalExperts:
     @property
     def wants_hints(self) -> bool:
         return not self.shard.store.all_resident
+
+    def resident(self, layer: int) -> frozenset[int]:
+        store = self.shard.store
+        if store.holds_all:      # a first read is all a miss can cost: count every expert as resident
+            return frozenset(e for l, e in self._owned if l == layer)
+        return frozenset(e for l, e in store.claimed_keys() if l == layer)
 
     def stats(self) -> dict:
         report = self.shard.report()

@@ -27,6 +27,8 @@ from workers.units import parse_bytes
 
 DTYPE_NAMES = tuple(COMPUTE_DTYPES)
 POLICY_NAMES = ("lfu-decay", "lfu", "lru")
+ROUTING_MODES = ("exact", "cache-aware")
+ROUTING_POLICIES = ("cache-prior", "max-rank")
 TRANSPORT_NAMES = ("direct", "calls")
 
 
@@ -202,7 +204,7 @@ class Option:
     """One option: where it lives, how the CLI spells it, what it allows, an invalid value for tests."""
 
     name: str                       # Python name (keyword of from_pretrained / field of its dataclass)
-    group: str                      # "run", "store", "placement", "transport", "recovery", "generate"
+    group: str                      # "run", "store", "placement", "transport", "recovery", "routing", "generate"
     check: Callable[[Any], Any]
     allowed: str                    # what a person reads in docs/options.md
     flag: str | None = None         # CLI flag, None where the CLI has none
@@ -281,6 +283,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("takeover_memory", "recovery", size(), "size, or None (measure the node's free memory)",
            invalid=(0, "big")),
     Option("takeover_share", "recovery", number(0, 1, lo_open=True), "number in (0, 1]", invalid=(0, 1.5)),
+    Option("routing", "routing", choice(ROUTING_MODES), " | ".join(ROUTING_MODES) + " (default exact)",
+           "--routing", field="mode", invalid=("sticky", 1), cli_invalid=("sticky",),
+           help="exact: the model's own routing, bit-identical to transformers; cache-aware: prefer experts "
+                "already resident (docs/routing.md)"),
+    Option("routing_policy", "routing", choice(ROUTING_POLICIES), " | ".join(ROUTING_POLICIES) + " (cache-aware only)",
+           "--routing-policy", field="policy", invalid=("lru",), cli_invalid=("lru",),
+           help="cache-prior: demote non-resident experts by --routing-strength of the token's score range; "
+                "max-rank: prefer resident experts within the true top --routing-max-rank"),
+    Option("routing_strength", "routing", number(0), "finite number >= 0 (cache-prior; 0 = only the cap)",
+           "--routing-strength", field="strength", invalid=(-0.1, float("nan"), "1"), cli_invalid=("-1", "x"),
+           help="cache-prior bias as a fraction of each token's router-score range (>= 1: any resident expert "
+                "beats any non-resident one)"),
+    Option("routing_max_rank", "routing", integer(1), "integer >= 1 (max-rank; at least the model's top-k)",
+           "--routing-max-rank", field="max_rank", invalid=(0, 2.5), cli_invalid=("0", "x"),
+           help="max-rank: how deep in the router's true ranking a resident expert may be taken from"),
+    Option("max_new_experts_per_token", "routing", integer(0), "integer >= 0 (cache-aware only)",
+           "--max-new-experts", field="max_new_experts_per_token", invalid=(-1, 1.5), cli_invalid=("-1", "x"),
+           help="at most this many non-resident experts per token and layer, while the layer has enough "
+                "resident candidates (docs/routing.md)"),
     Option("max_new_tokens", "generate", integer(0), "integer >= 0", "--max-new-tokens", invalid=(-1, 2.5),
            cli_invalid=("-1", "x"),
            help="tokens to generate (>= 0); prompt + new tokens must fit the model's context"),
@@ -393,6 +414,37 @@ class RecoveryOptions(_Checked):
 
 
 @dataclass(frozen=True)
+class RoutingOptions(_Checked):
+    """Which experts each token uses (coordinator/cache_routing.py, docs/routing.md).
+
+    mode "exact" is the model's own routing. "cache-aware" prefers experts already resident
+    where the router's own ranking allows: `policy` says how (cache-prior: demote non-resident
+    experts by `strength` x the token's score range; max-rank: resident experts within the true top
+    `max_rank` first), and no token takes more than `max_new_experts_per_token` non-resident experts
+    in a layer while that layer has enough resident candidates. The other fields only apply to
+    cache-aware: giving one with mode "exact" is an error (UnknownOption), not silently ignored.
+    """
+
+    mode: str = "exact"
+    policy: str = "cache-prior"
+    strength: float = 0.5
+    max_rank: int = 4
+    max_new_experts_per_token: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode == "exact":
+            for f in fields(self):
+                if f.name != "mode" and getattr(self, f.name) != f.default:
+                    raise UnknownOption(_FIELD_TO_NAME[("RoutingOptions", f.name)],
+                                        "applies only with routing='cache-aware' (the exact mode has nothing to tune)")
+
+    @property
+    def cache_aware(self) -> bool:
+        return self.mode == "cache-aware"
+
+
+@dataclass(frozen=True)
 class SamplingOptions(_Checked):
     """How `generate` picks tokens."""
 
@@ -414,6 +466,7 @@ class RunOptions(_Checked):
     placement: PlacementOptions = field(default_factory=PlacementOptions)
     transport: TransportOptions = field(default_factory=TransportOptions)
     recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
+    routing: RoutingOptions = field(default_factory=RoutingOptions)
 
     @property
     def distributed(self) -> bool:
@@ -425,7 +478,15 @@ class RunOptions(_Checked):
 
         Unknown names, and options of actor placement, transport or recovery with
         `num_workers=0`, raise UnknownOption naming them."""
-        groups: dict[str, dict[str, Any]] = {g: {} for g in ("run", "store", "placement", "transport", "recovery")}
+        groups: dict[str, dict[str, Any]] = {g: {} for g in ("run", "store", "placement", "transport", "recovery",
+                                                               "routing")}
+        typed_routing = kwargs.get("routing")
+        if isinstance(typed_routing, RoutingOptions):     # routing=RoutingOptions(...): the whole group, typed
+            extra = [n for n, v in kwargs.items() if v is not None and n != "routing" and
+                     BY_NAME.get(n) is not None and BY_NAME[n].group == "routing"]
+            if extra:
+                raise UnknownOption(extra[0], "give routing=RoutingOptions(...) or routing keywords, not both")
+            kwargs = {n: v for n, v in kwargs.items() if n != "routing"}
         for name, value in kwargs.items():
             opt = BY_NAME.get(name)
             if opt is None or opt.group == "generate":
@@ -440,17 +501,26 @@ class RunOptions(_Checked):
                 name = _NAME_OF_FIELD.get(remote[0], remote[0])
                 raise UnknownOption(name, "applies only to expert actors (num_workers > 0); with num_workers=0 "
                                           "the experts run in this process")
+        given = [f for f in groups["routing"] if f != "mode"]
+        for f in given:                                    # a bad value is named as such first
+            check_option(_NAME_OF_FIELD.get(f, f), groups["routing"][f])
+        if given and groups["routing"].get("mode", "exact") == "exact":     # even at its default value
+            raise UnknownOption(_NAME_OF_FIELD.get(given[0], given[0]),
+                                "applies only with routing='cache-aware' (the exact mode has nothing to tune)")
         return cls(**groups["run"], store=StoreOptions(**groups["store"]),
                    placement=PlacementOptions(num_workers=workers, **groups["placement"]),
                    transport=TransportOptions(**groups["transport"]),
-                   recovery=RecoveryOptions(**groups["recovery"]))
+                   recovery=RecoveryOptions(**groups["recovery"]),
+                   routing=typed_routing if isinstance(typed_routing, RoutingOptions) else
+                   RoutingOptions(**groups["routing"]))
 
     def with_(self, **changes: Any) -> "RunOptions":
         return replace(self, **changes)
 
 
 _CLASSES = {"run": RunOptions, "store": StoreOptions, "placement": PlacementOptions,
-            "transport": TransportOptions, "recovery": RecoveryOptions, "generate": SamplingOptions}
+            "transport": TransportOptions, "recovery": RecoveryOptions, "routing": RoutingOptions,
+            "generate": SamplingOptions}
 
 
 def default_of(name: str) -> Any:

@@ -4,6 +4,10 @@ Windows of `max_length` tokens start every `stride` tokens; each window scores o
 the previous windows did not (its last `end - prev_end`), with the rest as context, so every
 token but the first is scored exactly once with up to `max_length - stride` tokens before it.
 perplexity = exp(total negative log-likelihood / tokens scored), accumulated in float64.
+
+`stepwise_perplexity` scores the same way but feeds the text one token per forward through the KV
+cache, as decode runs: what a model whose output depends on the expert cache (cache-aware routing,
+docs/routing.md) does while generating, which a window's one big forward does not show.
 """
 from __future__ import annotations
 
@@ -43,4 +47,24 @@ def sliding_perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: t
         nll -= logp.gather(1, window[0, first:, None]).sum().item()
         scored += end - begin - first
         prev_end = end
+    return math.exp(nll / scored)
+
+
+def stepwise_perplexity(step_fn: Callable[[torch.Tensor, int, bool], torch.Tensor], ids: torch.Tensor,
+                        max_length: int, progress: bool | None = None) -> float:
+    """ids [T] (T >= 2); `step_fn(token [1, 1], position, fresh) -> logits [1, 1, V]` runs one decode step
+    at `position` of a KV cache that `fresh` restarts. Consecutive windows of `max_length` tokens, each
+    from a fresh cache, each token scored from the tokens of its window before it."""
+    n = int(ids.numel())
+    if n < 2:
+        raise ValueError(f"perplexity needs at least two tokens, got {n}")
+    nll, scored = 0.0, 0
+    for t in tqdm(range(n - 1), desc="perplexity (stepwise)", unit="token",
+                  disable=None if progress is None else not progress, leave=False):
+        pos = t % max_length
+        logits = step_fn(ids[t].reshape(1, 1), pos, pos == 0)
+        if pos == max_length - 1:       # the window is full: its last token starts the next one
+            continue
+        nll -= torch.log_softmax(logits[0, -1].double(), dim=-1)[ids[t + 1]].item()
+        scored += 1
     return math.exp(nll / scored)

@@ -20,6 +20,18 @@ def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[
     return weights, ids
 
 
+def group_mask(scores: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
+    """[T, E] bool: the experts of each token's `topk_group` best groups, a group scored by the sum of
+    its two best scores ("top2", DeepSeek-V3) or by its best one ("max", DeepSeek-V2)."""
+    T, E = scores.shape
+    grouped = scores.view(T, n_group, E // n_group)
+    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if group_score == "top2" else \
+        grouped.max(dim=-1).values                                                        # [T, G]
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]           # [T, g]
+    mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+    return mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E).bool()
+
+
 def route_sigmoid_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
                           renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3: sigmoid scores; the correction bias picks experts but never weighs them.
@@ -27,14 +39,9 @@ def route_sigmoid_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, 
     Experts are chosen only from the `topk_group` groups whose two best biased scores sum
     highest. logits [T, E] float32, bias [E] -> weights [T, k] float32, ids [T, k].
     """
-    T, E = logits.shape
     scores = logits.float().sigmoid()                          # [T, E]
     choice = scores + bias                                     # [T, E]
-    group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)   # [T, G]
-    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]           # [T, g]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-    expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E).bool()
-    choice = choice.masked_fill(~expert_mask, float("-inf"))
+    choice = choice.masked_fill(~group_mask(choice, n_group, topk_group, "top2"), float("-inf"))
     ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]                            # [T, k]
     weights = scores.gather(1, ids)
     if renormalize:
@@ -49,14 +56,10 @@ def route_softmax_grouped(logits: torch.Tensor, top_k: int, n_group: int, topk_g
 
     logits [T, E] float32 -> weights [T, k] float32, ids [T, k].
     """
-    T, E = logits.shape
     scores = torch.softmax(logits.float(), dim=-1)                             # [T, E]
     if n_group > 1:
-        group_scores = scores.view(T, n_group, E // n_group).max(dim=-1).values  # [T, G]
-        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-        expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E).bool()
-        scores = scores.masked_fill(~expert_mask, 0.0)   # the reference zeroes, it does not use -inf
+        # the reference zeroes, it does not use -inf
+        scores = scores.masked_fill(~group_mask(scores, n_group, topk_group, "max"), 0.0)
     weights, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)
     return weights * scaling, ids
 

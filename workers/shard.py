@@ -118,8 +118,8 @@ class ExpertShard:
         return out
 
     def run_layer(self, msg: bytes) -> bytes:
-        """Wire form of compute: {"op": "run_layer", layer, experts, counts[, hints]} + "rows"
-        -> {compute_s, stall_s, all_resident} + "out" (see docs/wire.md)."""
+        """Wire form of compute: {"op": "run_layer", layer, experts, counts[, hints][, residency]} + "rows"
+        -> {compute_s, stall_s, all_resident[, resident]} + "out" (see docs/wire.md)."""
         header, tensors = wire.decode(msg)
         if header.get("op") != "run_layer":
             raise WireError(f"expected op 'run_layer', got {header.get('op')!r}")
@@ -133,7 +133,16 @@ class ExpertShard:
                            header.get("hints", ()))
         reply = {"compute_s": time.perf_counter() - t0, "stall_s": self.store.stall_seconds - stall0,
                  "all_resident": self.store.all_resident}
+        if header.get("residency"):     # asked for by cache-aware routing: what this actor holds now
+            reply["resident"] = self.residency()
         return wire.encode(reply, {"out": out})
+
+    def residency(self) -> list[list]:
+        """[[layer, [expert, ...]], ...]: the experts holding a slot now (loaded or being read), by layer."""
+        by_layer: dict[int, list[int]] = {}
+        for layer, expert in sorted(self.store.claimed_keys()):
+            by_layer.setdefault(layer, []).append(expert)
+        return [[layer, experts] for layer, experts in by_layer.items()]
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
         """Background-load these experts of `layer` if owned and they fit; never blocks."""

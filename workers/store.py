@@ -240,10 +240,20 @@ class ExpertStore:
         with self._cv:
             return self._t.resident()
 
+    def claimed_keys(self) -> list[ExpertKey]:
+        """Keys holding a slot: loaded, or claimed and being read (what `get` counts as a hit)."""
+        with self._cv:
+            return [k for k in self._t.owner if k is not None]
+
     def resident_bytes(self) -> int:
         """Bytes of expert data (as held) in occupied slots (loaded or being loaded); never above the budget."""
         with self._cv:
             return self._t.occupied_bytes()
+
+    @property
+    def holds_all(self) -> bool:
+        """The budget has a slot for every owned expert: once read, none is ever evicted."""
+        return self.num_slots == len(self._t.infos)
 
     @property
     def all_resident(self) -> bool:
