@@ -108,7 +108,8 @@ class ExpertBatch:
         order (ascending expert), and torch's CPU index_add_ (a scatter_add_) was measured to take
         up to a quarter of a millisecond per layer at batch 1 (docs/performance.md)."""
         y = y * self.weights.to(y.dtype)[:, None]                                  # [N, H]
-        return y.index_select(0, self.by_token).view(self.num_tokens, -1, y.shape[1]).sum(dim=1)   # [T, H]
+        k = y.shape[0] // self.num_tokens if self.num_tokens else 0                   # rows per token
+        return y.index_select(0, self.by_token).view(self.num_tokens, k, y.shape[1]).sum(dim=1)   # [T, H]
 
 
 class LocalExperts:
