@@ -190,14 +190,20 @@ def gguf_f32(ckpt: Path, fetch: bool = False) -> Path:
     return out
 
 
-def quantized(ckpt: Path, ftype: str, threads: int = 1, fetch: bool = False) -> Path:
-    """The GGUF of `ckpt` quantized to `ftype` (Q8_0 or Q4_0) by llama_cpp.llama_model_quantize, with
-    llama.cpp's default choices (routers and norms stay f32; cached, rebuilt if the f32 file is newer)."""
+def _derived(ckpt: Path, ftype: str, suffix: str, fetch: bool) -> tuple[Path, Path, bool]:
+    """(f32 source, the derived file `<ftype><suffix>.gguf` beside it, whether that file is fresh)."""
     if ftype not in FTYPES:
         raise LlamaCppError(f"unknown llama.cpp type {ftype!r}; the bench uses {', '.join(FTYPES)}")
     src = gguf_f32(ckpt, fetch=fetch)
-    out = src.with_name(f"{ftype.lower()}.gguf")
-    if _fresh(out, src.stat().st_mtime):
+    out = src.with_name(f"{ftype.lower()}{suffix}.gguf")
+    return src, out, _fresh(out, src.stat().st_mtime)
+
+
+def quantized(ckpt: Path, ftype: str, threads: int = 1, fetch: bool = False) -> Path:
+    """The GGUF of `ckpt` quantized to `ftype` (Q8_0 or Q4_0) by llama_cpp.llama_model_quantize, with
+    llama.cpp's default choices (routers and norms stay f32; cached, rebuilt if the f32 file is newer)."""
+    src, out, fresh = _derived(ckpt, ftype, "", fetch)
+    if fresh:
         return out
     import llama_cpp
 
@@ -222,11 +228,8 @@ def quantized(ckpt: Path, ftype: str, threads: int = 1, fetch: bool = False) -> 
 def experts_only(ckpt: Path, ftype: str, fetch: bool = False) -> Path:
     """The GGUF of `ckpt` with only the routed experts quantized to `ftype` (Q8_0 or Q4_0) and every
     other tensor f32, as moeshard's expert_dtype holds them (bench/gguf_experts.py; cached)."""
-    if ftype not in FTYPES:
-        raise LlamaCppError(f"unknown llama.cpp type {ftype!r}; the bench uses {', '.join(FTYPES)}")
-    src = gguf_f32(ckpt, fetch=fetch)
-    out = src.with_name(f"{ftype.lower()}-experts.gguf")
-    if _fresh(out, src.stat().st_mtime):
+    src, out, fresh = _derived(ckpt, ftype, "-experts", fetch)
+    if fresh:
         return out
     gguf_py = converter(fetch=fetch).parent / "gguf-py"
     tmp = out.with_suffix(".gguf.tmp")
