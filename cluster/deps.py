@@ -12,7 +12,7 @@ import sys
 # The import names of pyproject.toml's [project] dependencies (tests/test_connect.py keeps them in step).
 REQUIRED = {"torch": "torch", "ray": "ray", "safetensors": "safetensors", "msgpack": "msgpack", "pyzmq": "zmq",
             "numpy": "numpy", "psutil": "psutil", "tqdm": "tqdm", "tokenizers": "tokenizers",
-            "grpcio": "grpc"}   # distribution -> import name
+            "ninja": "ninja", "grpcio": "grpc"}   # distribution -> import name
 
 
 def missing_packages() -> list[str]:
