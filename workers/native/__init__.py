@@ -61,10 +61,16 @@ _build_lock = threading.Lock()   # the store's loader threads and the compute th
 def _ops():
     if os.environ.get(ENV, "1") == "0" or not cpu_supports():
         return None
-    from torch.utils.cpp_extension import load
-
     build = Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "moeshard" / "native") / digest()
+    built = build / "moeshard_lowbit.so"
     try:
+        # the digest names source, flags and torch, so a library there is current, unless a build is
+        # still writing it (torch's builder holds a "lock" file in the folder meanwhile)
+        if built.is_file() and not (build / "lock").exists():
+            torch.ops.load_library(str(built))
+            return torch.ops.moeshard_lowbit
+        from torch.utils.cpp_extension import load   # only to build: it runs ninja, ~1 s, even when current
+
         build.mkdir(parents=True, exist_ok=True)
         load(name="moeshard_lowbit", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-pthread"],
              build_directory=str(build), is_python_module=False, verbose=False)
