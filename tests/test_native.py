@@ -120,12 +120,67 @@ def test_linear_takes_the_native_path_for_decode_rows_only(monkeypatch):
     assert calls == [1]
 
 
+I = 384   # the experts' intermediate size (a multiple of 128, the down weight's input size; not K, so a swapped gate and down cannot pass)
+
+
+def _expert_weights(fmt: str, seed: int = 3):
+    """gate [I, K], up [I, K], down [K, I] held for the native kernels, and the fused call's weight arguments."""
+    ws = [_w(I, K, seed), _w(I, K, seed + 1), _w(K, I, seed + 2)]
+    if fmt == "dense":
+        return ws, ws
+    held = [_int8(w)[:2] if fmt == "int8" else _int4(w, 64)[:2] for w in ws]
+    return held, [t for pair in held for t in pair]
+
+
+def _op_by_op(fmt: str, held, x, act):
+    o, a = native.ops(), getattr(F, act)
+    if fmt == "dense":
+        (g, u, d) = held
+        return o.dense_linear(a(o.dense_linear(x, g)) * o.dense_linear(x, u), d)
+    if fmt == "int8":
+        (g, gs), (u, us), (d, ds) = held
+        return o.int8_linear(a(o.int8_linear(x, g, gs)) * o.int8_linear(x, u, us), d, ds)
+    (g, gs), (u, us), (d, ds) = held
+    return o.int4_linear(a(o.int4_linear(x, g, gs, 64)) * o.int4_linear(x, u, us, 64), d, ds, 64)
+
+
+def _fused(fmt: str, args, x, act):
+    o = native.ops()
+    if fmt == "int4":
+        return o.int4_expert(x, *args, 64, act)
+    return getattr(o, f"{fmt}_expert")(x, *args, act)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "dense"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_fused_expert_gives_the_bits_of_its_ops_one_by_one(fmt, act, m):
+    held, args = _expert_weights(fmt)
+    x = _x(m)
+    fused = _fused(fmt, args, x, act)
+    assert fused.shape == (m, K)
+    assert torch.equal(fused, _op_by_op(fmt, held, x, act))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "dense"])
+def test_fused_expert_bad_input_is_a_clear_error(fmt):
+    held, args = _expert_weights(fmt)
+    with pytest.raises(RuntimeError, match="unknown activation 'tanh'"):
+        _fused(fmt, args, _x(1), "tanh")
+    swapped = list(args)
+    n = len(args) // 3
+    swapped[:n], swapped[2 * n:] = args[2 * n:], args[:n]        # down where gate belongs
+    with pytest.raises(RuntimeError):
+        _fused(fmt, swapped, _x(1), "silu")
+
+
 def _all_kernels(x):
     w = _w(N, K)
     c8, s8, _ = _int8(w)
     p4, q4, _ = _int4(w, 64)
-    return [native.ops().int8_linear(x, c8, s8), native.ops().int4_linear(x, p4, q4, 64),
-            native.ops().dense_linear(x, w)]
+    o = native.ops()
+    return [o.int8_linear(x, c8, s8), o.int4_linear(x, p4, q4, 64), o.dense_linear(x, w),
+            *(_fused(fmt, _expert_weights(fmt)[1], x, "silu") for fmt in ("int8", "int4", "dense"))]
 
 
 def test_same_bits_on_any_thread_count():

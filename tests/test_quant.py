@@ -374,7 +374,9 @@ def test_bench_scenario_7_runs_on_the_tiny_checkpoint(tmp_path, monkeypatch):
     assert res["status"] == "ok", res.get("reason")
     ids = {f["id"] for f in res["figures"]}
     want = {"s7.b1.stored", "s7.b1.int8", "s7.b1.int4", "s7.b1.int4-bf16"}
-    assert ids == want | ({f"s7.b1.{t}.llama_cpp" for t in ("stored", "int8", "int4")} if peer else set())
+    llama_rows = {f"s7.b1.{t}.llama_cpp" for t in ("stored", "int8", "int4")} | \
+        {f"s7.b1.{t}.llama_cpp_experts" for t in ("int8", "int4")}
+    assert ids == want | (llama_rows if peer else set())
     assert all(f["value"] and f["peer_value"] for f in res["figures"])
     assert any("llama" in n for n in res["notes"]) and any("out-of-core rows skipped" in n for n in res["notes"])
     assert any("peer skipped" in n for n in res["notes"]) != peer

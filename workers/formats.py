@@ -245,6 +245,8 @@ class Int8Weights:
         return int(self.q[0].shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.q[0].dtype == torch.uint8:   # held for the native kernels: one fused call
+            return quant.int8_expert(x, self.q, self.scale, self.activation)
         act = activation_fn(self.activation)
         (gq, uq, dq), (gs, us, ds) = self.q, self.scale
         return quant.int8_linear(act(quant.int8_linear(x, gq, gs)) * quant.int8_linear(x, uq, us), dq, ds)
@@ -300,6 +302,8 @@ class Int4Weights:
         return int(sz.shape[1] if self.native else sz.shape[0]) * self.group_size
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.native:   # one fused call
+            return quant.int4_expert(x, self.packed, self.group_size, self.scales_zeros, self.activation)
         act = activation_fn(self.activation)
         (gp, up, dp), (gs, us, ds), g, nat = self.packed, self.scales_zeros, self.group_size, self.native
         h = act(quant.int4_linear(x, gp, g, gs, nat)) * quant.int4_linear(x, up, g, us, nat)

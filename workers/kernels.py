@@ -184,13 +184,10 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 
     Which path runs depends only on the shapes, dtypes and device, so the same rows always give
     the same bits; the two paths differ by float rounding only."""
-    ops = native.ops()
     rows = x.numel() // max(x.shape[-1], 1)
-    if (ops is None or rows > DECODE_ROWS or rows == 0 or x.device.type != "cpu" or x.dtype not in _NATIVE_DENSE
-            or w.dtype not in _NATIVE_DENSE or w.shape[1] % 16 or not w.is_contiguous()
-            or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+    if not _native_decode(x, rows, (w,)):
         return F.linear(x, w, bias)
-    out = ops.dense_linear(x.reshape(rows, -1).float().contiguous(), w).to(x.dtype)
+    out = native.ops().dense_linear(x.reshape(rows, -1).float().contiguous(), w).to(x.dtype)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], w.shape[0])
@@ -199,9 +196,21 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 _NATIVE_DENSE = (torch.float32, torch.bfloat16)
 
 
+def _native_decode(x: Tensor, rows: int, ws: Sequence[Tensor]) -> bool:
+    """Whether `rows` rows of x times the float weights `ws` take the native decode GEMV."""
+    return (native.ops() is not None and 0 < rows <= DECODE_ROWS and x.device.type == "cpu"
+            and x.dtype in _NATIVE_DENSE
+            and all(w.dtype in _NATIVE_DENSE and w.shape[1] % 16 == 0 and w.is_contiguous() for w in ws)
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws))))
+
+
 def expert_forward(w: ExpertWeights, x: Tensor) -> Tensor:
-    """down(act(gate(x)) * up(x)) for rows x [N, H] -> [N, H]."""
+    """down(act(gate(x)) * up(x)) for rows x [N, H] -> [N, H].
+
+    float32 decode rows take one native call (the same bits as the three GEMVs op by op)."""
     act = activation_fn(w.activation)
+    if x.dtype == torch.float32 and x.dim() == 2 and _native_decode(x, x.shape[0], (w.gate, w.up, w.down)):
+        return native.ops().dense_expert(x.contiguous(), w.gate, w.up, w.down, w.activation)
     return linear(act(linear(x, w.gate)) * linear(x, w.up), w.down)  # [N, I] -> [N, H]
 
 

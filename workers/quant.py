@@ -154,6 +154,21 @@ def int4_linear(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor
     return torch._weight_int4pack_mm_for_cpu(k, packed, group_size, scales_zeros).to(x.dtype)
 
 
+def int8_expert(x: Tensor, q: Sequence[Tensor], scale: Sequence[Tensor], activation: str) -> Tensor:
+    """down(act(gate(x)) * up(x)) for rows x [M, H] over native-held int8 weights (gate, up, down),
+    in one native call; in x's dtype."""
+    (gq, uq, dq), (gs, us, ds) = q, scale
+    return native.ops().int8_expert(x.float().contiguous(), gq, gs, uq, us, dq, ds, activation).to(x.dtype)
+
+
+def int4_expert(x: Tensor, packed: Sequence[Tensor], group_size: int, scales_zeros: Sequence[Tensor],
+                activation: str) -> Tensor:
+    """down(act(gate(x)) * up(x)) for rows x [M, H] over native-held int4 weights, in one native call."""
+    (gp, up, dp), (gs, us, ds) = packed, scales_zeros
+    return native.ops().int4_expert(x.float().contiguous(), gp, gs, up, us, dp, ds, group_size,
+                                    activation).to(x.dtype)
+
+
 # ---- what a checkpoint and the options say ---------------------------------------------------------
 
 def check_group_size(group_size: Any) -> int:

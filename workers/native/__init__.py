@@ -1,6 +1,7 @@
 """Native CPU kernels for batch-1 decode (lowbit.cpp), built on first use with torch's extension builder.
 
-`ops()` is `torch.ops.moeshard_lowbit` (int8_linear, int4_linear, dense_linear) where they can
+`ops()` is `torch.ops.moeshard_lowbit` (int8/int4/dense `_linear` for one weight, `_expert` for a
+whole routed expert in one call) where they can
 run, else None and the callers use torch's own kernels:
 - MOESHARD_NATIVE=0 turns them off (to compare, or to rule them out);
 - they need x86-64 with AVX-512 (F, BW, VL, DQ) and VNNI;

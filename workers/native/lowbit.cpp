@@ -1,6 +1,9 @@
 // Batch-1-first CPU kernels for weight-only int8 and int4 experts (AVX-512 VNNI).
 //
-// Both take float32 activations x [M, K], quantize each row to int8 in blocks of 32 (one float32
+// int8_expert / int4_expert / dense_expert run one routed expert, down(act(gate(x)) * up(x)), in one
+// call (see "one routed expert" below); the linear ops run one weight.
+//
+// The low-bit ops take float32 activations x [M, K], quantize each row to int8 in blocks of 32 (one float32
 // scale per block, as llama.cpp's Q8 activations), and run u8 x s8 dot products with vpdpbusd.
 // Weights are held unsigned:
 //   int8: u = q + 128, one scale per output channel:        w = (u - 128) * s[n]
@@ -23,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "pool.h"
@@ -133,11 +137,31 @@ inline void int8_rows(const uint8_t* w, int64_t K, const QuantizedRows& r, int64
   for (int i = 0; i < R; ++i) o[i] = s[i] * _mm512_reduce_add_ps(acc[i]);
 }
 
+// Rows [n0, n1) of an int8 weight [N, K] for every row of x (its quantized rows r) -> o [M, N].
+void int8_range(int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K, const uint8_t* w, at::ScalarType st,
+                const void* sp, const QuantizedRows& r, float* o) {
+  std::vector<float> s(n1 - n0);
+  float ob[4];
+  to_float(st, sp, n0, n1 - n0, s.data());
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+      int8_rows<4>(w + n * K, K, r, m, s.data() + (n - n0), ob);
+      for (int i = 0; i < 4; ++i) o[m * N + n + i] = ob[i];
+    }
+    for (; n < n1; ++n) int8_rows<1>(w + n * K, K, r, m, s.data() + (n - n0), o + m * N + n);
+  }
+}
+
+void check_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
+  check_common(x, codes, codes.size(1));
+  check_scales(scale);
+  TORCH_CHECK(scale.numel() == codes.size(0), "int8 scale must have one value per output channel (", codes.size(0), ")");
+}
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
   const int64_t N = codes.size(0), K = codes.size(1), M = x.size(0);
-  check_common(x, codes, K);
-  check_scales(scale);
-  TORCH_CHECK(scale.numel() == N, "int8 scale must have one value per output channel (", N, ")");
+  check_int8(x, codes, scale);
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const QuantizedRows r = quantize_rows(x.data_ptr<float>(), M, K, 128, 0);
@@ -145,16 +169,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   const void* sp = scale.data_ptr();
   float* o = out.data_ptr<float>();
   moeshard::SpinPool::get().run(N, 16, at::get_num_threads(), [&](int64_t n0, int64_t n1) {
-    std::vector<float> s(n1 - n0), ob(4);
-    to_float(scale.scalar_type(), sp, n0, n1 - n0, s.data());
-    for (int64_t m = 0; m < M; ++m) {
-      int64_t n = n0;
-      for (; n + 4 <= n1; n += 4) {
-        int8_rows<4>(w + n * K, K, r, m, s.data() + (n - n0), ob.data());
-        for (int i = 0; i < 4; ++i) o[m * N + n + i] = ob[i];
-      }
-      for (; n < n1; ++n) int8_rows<1>(w + n * K, K, r, m, s.data() + (n - n0), o + m * N + n);
-    }
+    int8_range(n0, n1, N, M, K, w, scale.scalar_type(), sp, r, o);
   });
   return out;
 }
@@ -223,14 +238,29 @@ void int4_range(int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K, int64_t
   }
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& qparams, int64_t group) {
-  const int64_t N = codes.size(0), K = codes.size(1) * 2, M = x.size(0);
+// Rows [n0, n1) of an int4 weight for every row of x; this range's (scale, zero) pairs are
+// converted to float32 once, for every row of x.
+void int4_chunk(int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K, int64_t group, const uint8_t* w,
+                at::ScalarType st, const void* qp, const QuantizedRows& r, float* o) {
+  const int64_t ng = K / group;
+  std::vector<float> sz((n1 - n0) * ng * 2);
+  to_float(st, qp, n0 * ng * 2, (n1 - n0) * ng * 2, sz.data());
+  if (group >= kChunk) int4_range<true>(n0, n1, N, M, K, group, w, r, sz.data(), o);
+  else int4_range<false>(n0, n1, N, M, K, group, w, r, sz.data(), o);
+}
+
+void check_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& qparams, int64_t group) {
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
   check_common(x, codes, K);
   TORCH_CHECK(group >= kBlock && (group & (group - 1)) == 0 && K % group == 0,
               "group size ", group, " must be a power of two >= 32 that divides ", K);
-  const int64_t ng = K / group;
   check_scales(qparams);
-  TORCH_CHECK(qparams.numel() == N * ng * 2, "int4 qparams must be [N, K/G, 2]");
+  TORCH_CHECK(qparams.numel() == N * (K / group) * 2, "int4 qparams must be [N, K/G, 2]");
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& qparams, int64_t group) {
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, M = x.size(0);
+  check_int4(x, codes, qparams, group);
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const QuantizedRows r = quantize_rows(x.data_ptr<float>(), M, K, 8, group);
@@ -238,11 +268,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   const void* qp = qparams.data_ptr();
   float* o = out.data_ptr<float>();
   moeshard::SpinPool::get().run(N, 16, at::get_num_threads(), [&](int64_t n0, int64_t n1) {
-    // This range's (scale, zero) pairs as float32, converted once for every row of x.
-    std::vector<float> sz((n1 - n0) * ng * 2);
-    to_float(qparams.scalar_type(), qp, n0 * ng * 2, (n1 - n0) * ng * 2, sz.data());
-    if (group >= kChunk) int4_range<true>(n0, n1, N, M, K, group, w, r, sz.data(), o);
-    else int4_range<false>(n0, n1, N, M, K, group, w, r, sz.data(), o);
+    int4_chunk(n0, n1, N, M, K, group, w, qparams.scalar_type(), qp, r, o);
   });
   return out;
 }
@@ -287,22 +313,141 @@ void dense_range(int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K, const 
   }
 }
 
-at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+void check_dense(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t K = w.size(1);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() && x.size(1) == K,
               "x must be a contiguous float32 CPU [M, K] tensor");
   TORCH_CHECK(w.is_contiguous() && w.device().is_cpu() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) && K % 16 == 0,
               "w must be a contiguous float32 or bfloat16 [N, K] tensor, K a multiple of 16");
+}
+
+void dense_chunk(int64_t n0, int64_t n1, int64_t N, int64_t M, const at::Tensor& w, const float* x, float* o) {
+  if (w.scalar_type() == at::kBFloat16) dense_range<true>(n0, n1, N, M, w.size(1), w.data_ptr(), x, o);
+  else dense_range<false>(n0, n1, N, M, w.size(1), w.data_ptr(), x, o);
+}
+
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t N = w.size(0), M = x.size(0);
+  check_dense(x, w);
   auto out = at::empty({M, N}, x.options());
-  const bool bf = w.scalar_type() == at::kBFloat16;
-  const void* wp = w.data_ptr();
   const float* xp = x.data_ptr<float>();
   float* o = out.data_ptr<float>();
   moeshard::SpinPool::get().run(N, 16, at::get_num_threads(), [&](int64_t n0, int64_t n1) {
-    if (bf) dense_range<true>(n0, n1, N, M, K, wp, xp, o);
-    else dense_range<false>(n0, n1, N, M, K, wp, xp, o);
+    dense_chunk(n0, n1, N, M, w, xp, o);
   });
   return out;
+}
+
+// ---- one routed expert, down(act(gate(x)) * up(x)), in one call ---------------------------------
+//
+// Two pool jobs instead of three calls and the torch ops between them: gate and up rows [n0, n1)
+// together (x rounded to int8 once for both), then, after the activation (ATen's own, so the bits
+// are those of act(gate(x)) * up(x) computed op by op), down over h. Every output element is
+// still computed by one thread in a fixed order.
+
+// ATen's activation by name, in place.
+void activate(at::Tensor& g, const std::string& act) {
+  if (act == "silu") at::silu_(g);
+  else if (act == "gelu") at::gelu_(g);
+  else if (act == "relu") at::relu_(g);
+  else TORCH_CHECK(false, "unknown activation '", act, "' (silu, gelu, relu)");
+}
+
+void check_expert(const at::Tensor& x, int64_t I, int64_t H, const at::Tensor& gate, const at::Tensor& up,
+                  const at::Tensor& down, int64_t down_in, const std::string& act) {
+  TORCH_CHECK(gate.size(0) == I && up.size(0) == I && down.size(0) == H && down_in == I,
+              "expert weights must be gate [I, H], up [I, H], down [H, I]; got gate ", gate.sizes(), ", up ",
+              up.sizes(), ", down ", down.sizes());
+  TORCH_CHECK(act == "silu" || act == "gelu" || act == "relu", "unknown activation '", act, "' (silu, gelu, relu)");
+}
+
+// `gate_up(n0, n1, g, u)` fills rows [n0, n1) of g and u [M, I]; `down(h, out)` computes out from h.
+template <class GateUp, class Down>
+at::Tensor expert(const at::Tensor& x, int64_t I, int64_t H, const std::string& act, GateUp gate_up, Down down) {
+  const int64_t M = x.size(0);
+  auto out = at::empty({M, H}, x.options());
+  if (M == 0) return out;
+  auto g = at::empty({M, I}, x.options()), u = at::empty({M, I}, x.options());
+  float* gp = g.data_ptr<float>();
+  float* up = u.data_ptr<float>();
+  moeshard::SpinPool::get().run(I, 16, at::get_num_threads(), [&](int64_t n0, int64_t n1) { gate_up(n0, n1, gp, up); });
+  activate(g, act);
+  g.mul_(u);
+  down(g, out);
+  return out;
+}
+
+at::Tensor int8_expert(const at::Tensor& x, const at::Tensor& gq, const at::Tensor& gs, const at::Tensor& uq,
+                       const at::Tensor& us, const at::Tensor& dq, const at::Tensor& ds, const std::string& act) {
+  const int64_t I = gq.size(0), H = gq.size(1), M = x.size(0);
+  check_int8(x, gq, gs);
+  check_scales(us);
+  TORCH_CHECK(uq.sizes() == gq.sizes() && uq.scalar_type() == at::kByte && uq.is_contiguous() && us.numel() == I,
+              "int8 up must match gate");
+  check_common(at::empty({0, I}, x.options()), dq, dq.size(1));
+  check_scales(ds);
+  TORCH_CHECK(ds.numel() == dq.size(0), "int8 down scale must have one value per output channel");
+  check_expert(x, I, H, gq, uq, dq, dq.size(1), act);
+  const QuantizedRows r = quantize_rows(x.data_ptr<float>(), M, H, 128, 0);
+  return expert(x, I, H, act,
+      [&](int64_t n0, int64_t n1, float* g, float* u) {
+        int8_range(n0, n1, I, M, H, gq.data_ptr<uint8_t>(), gs.scalar_type(), gs.data_ptr(), r, g);
+        int8_range(n0, n1, I, M, H, uq.data_ptr<uint8_t>(), us.scalar_type(), us.data_ptr(), r, u);
+      },
+      [&](const at::Tensor& h, at::Tensor& out) {
+        const QuantizedRows rh = quantize_rows(h.data_ptr<float>(), M, I, 128, 0);
+        float* o = out.data_ptr<float>();
+        moeshard::SpinPool::get().run(H, 16, at::get_num_threads(), [&](int64_t n0, int64_t n1) {
+          int8_range(n0, n1, H, M, I, dq.data_ptr<uint8_t>(), ds.scalar_type(), ds.data_ptr(), rh, o);
+        });
+      });
+}
+
+at::Tensor int4_expert(const at::Tensor& x, const at::Tensor& gq, const at::Tensor& gs, const at::Tensor& uq,
+                       const at::Tensor& us, const at::Tensor& dq, const at::Tensor& ds, int64_t group,
+                       const std::string& act) {
+  const int64_t I = gq.size(0), H = gq.size(1) * 2, M = x.size(0);
+  check_int4(x, gq, gs, group);
+  TORCH_CHECK(uq.sizes() == gq.sizes(), "int4 up must match gate");
+  check_int4(x, uq, us, group);
+  check_int4(at::empty({0, dq.size(1) * 2}, x.options()), dq, ds, group);
+  check_expert(x, I, H, gq, uq, dq, dq.size(1) * 2, act);
+  const QuantizedRows r = quantize_rows(x.data_ptr<float>(), M, H, 8, group);
+  return expert(x, I, H, act,
+      [&](int64_t n0, int64_t n1, float* g, float* u) {
+        int4_chunk(n0, n1, I, M, H, group, gq.data_ptr<uint8_t>(), gs.scalar_type(), gs.data_ptr(), r, g);
+        int4_chunk(n0, n1, I, M, H, group, uq.data_ptr<uint8_t>(), us.scalar_type(), us.data_ptr(), r, u);
+      },
+      [&](const at::Tensor& h, at::Tensor& out) {
+        const QuantizedRows rh = quantize_rows(h.data_ptr<float>(), M, I, 8, group);
+        float* o = out.data_ptr<float>();
+        moeshard::SpinPool::get().run(H, 16, at::get_num_threads(), [&](int64_t n0, int64_t n1) {
+          int4_chunk(n0, n1, H, M, I, group, dq.data_ptr<uint8_t>(), ds.scalar_type(), ds.data_ptr(), rh, o);
+        });
+      });
+}
+
+at::Tensor dense_expert(const at::Tensor& x, const at::Tensor& gw, const at::Tensor& uw, const at::Tensor& dw,
+                        const std::string& act) {
+  const int64_t I = gw.size(0), H = gw.size(1), M = x.size(0);
+  check_dense(x, gw);
+  check_dense(x, uw);
+  TORCH_CHECK(uw.sizes() == gw.sizes(), "up must match gate");
+  check_dense(at::empty({0, dw.size(1)}, x.options()), dw);
+  check_expert(x, I, H, gw, uw, dw, dw.size(1), act);
+  const float* xp = x.data_ptr<float>();
+  return expert(x, I, H, act,
+      [&](int64_t n0, int64_t n1, float* g, float* u) {
+        dense_chunk(n0, n1, I, M, gw, xp, g);
+        dense_chunk(n0, n1, I, M, uw, xp, u);
+      },
+      [&](const at::Tensor& h, at::Tensor& out) {
+        const float* hp = h.data_ptr<float>();
+        float* o = out.data_ptr<float>();
+        moeshard::SpinPool::get().run(H, 16, at::get_num_threads(), [&](int64_t n0, int64_t n1) {
+          dense_chunk(n0, n1, H, M, dw, hp, o);
+        });
+      });
 }
 
 }  // namespace
@@ -311,10 +456,18 @@ TORCH_LIBRARY(moeshard_lowbit, m) {
   m.def("int8_linear(Tensor x, Tensor codes, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor codes, Tensor qparams, int group) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("int8_expert(Tensor x, Tensor gate, Tensor gate_scale, Tensor up, Tensor up_scale, Tensor down, "
+        "Tensor down_scale, str activation) -> Tensor");
+  m.def("int4_expert(Tensor x, Tensor gate, Tensor gate_qparams, Tensor up, Tensor up_qparams, Tensor down, "
+        "Tensor down_qparams, int group, str activation) -> Tensor");
+  m.def("dense_expert(Tensor x, Tensor gate, Tensor up, Tensor down, str activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeshard_lowbit, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
   m.impl("dense_linear", &dense_linear);
+  m.impl("int8_expert", &int8_expert);
+  m.impl("int4_expert", &int4_expert);
+  m.impl("dense_expert", &dense_expert);
 }
