@@ -70,13 +70,18 @@ def test_int4_equals_dequantize_then_matmul(m, group, scale_dtype):
 
 
 def test_int4_layout_is_the_documented_one():
-    # inputs j and j + 64 of each 128-input span share byte j, j in the low nibble
-    q = torch.arange(256).remainder(16).to(torch.uint8).repeat(2, 1)          # [2, 256] codes
+    # rows in groups of 4; per group, per 128-input span, each row's 64 bytes in turn; in a row's
+    # span, inputs j and j + 64 share byte j, j in the low nibble
+    q = (torch.arange(8 * 256).reshape(8, 256) * 7).remainder(16).to(torch.uint8)   # [8, 256] codes
     portable = q[:, 0::2] | (q[:, 1::2] << 4)
     packed = quant.pack_int4(portable, torch.device("cpu"), True)
-    assert packed.shape == (2, 128)
-    assert packed[0, 5].item() == (q[0, 5] | (q[0, 69] << 4)).item()
-    assert packed[0, 64 + 5].item() == (q[0, 128 + 5] | (q[0, 128 + 69] << 4)).item()
+    assert packed.shape == (8, 128)
+    flat = packed.reshape(-1)
+    for row, span, j in ((0, 0, 5), (5, 1, 5), (7, 1, 63), (2, 0, 0)):
+        group, i = divmod(row, 4)
+        at = group * 4 * 128 + span * 4 * 64 + i * 64 + j
+        want = q[row, span * 128 + j] | (q[row, span * 128 + 64 + j] << 4)
+        assert flat[at].item() == want.item(), (row, span, j)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

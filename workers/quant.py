@@ -94,11 +94,12 @@ def dequantize_int4(codes: Tensor, qparams: Tensor, group_size: int) -> Tensor:
 # - native (workers/native: AVX-512 VNNI, float32 activations quantized to int8 per 32 inputs),
 #   on CPU where it builds, for input sizes that are multiples of NATIVE_MULTIPLE;
 # - torch's weight-only kernels otherwise (and on CUDA).
-# int8 native: codes + 128 as uint8 [N, K]; torch: int8 [N, K]. int4 native: [N, K/2] with each
-# 128-input span's byte j holding inputs j (low nibble) and j + 64; qparams [N, K/g, 2]. torch:
-# its packed layout and [K/g, N, 2].
+# int8 native: codes + 128 as uint8 [N, K]; torch: int8 [N, K]. int4 native: N*K/2 bytes, rows in
+# groups of NATIVE_INT4_ROWS and, per group, per 128-input span, each row's 64 bytes in turn (byte j
+# holding inputs j (low nibble) and j + 64); qparams [N, K/g, 2]. torch: its packed layout and [K/g, N, 2].
 
 NATIVE_MULTIPLE = 128
+NATIVE_INT4_ROWS = 4        # rows interleaved per span in the native int4 layout (INT4_OUT_MULTIPLE is a multiple)
 
 
 def uses_native(device: torch.device, in_sizes: Sequence[int]) -> bool:
@@ -121,8 +122,10 @@ def pack_int4(codes: Tensor, device: torch.device, native_layout: bool) -> Tenso
     if native_layout:
         q = unpack_int4(codes).to(torch.uint8)
         n, k = q.shape
-        q = q.view(n, k // NATIVE_MULTIPLE, 2, NATIVE_MULTIPLE // 2)   # per span: inputs [0, 64) low, [64, 128) high
-        return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+        r = NATIVE_INT4_ROWS
+        q = q.view(n // r, r, k // NATIVE_MULTIPLE, 2, NATIVE_MULTIPLE // 2)   # per span: inputs [0, 64) low, [64, 128) high
+        spans = q[:, :, :, 0] | (q[:, :, :, 1] << 4)                             # [n/r, r, spans, 64]
+        return spans.transpose(1, 2).reshape(n, k // 2).contiguous()            # each span's r rows in turn
     if device.type == "cuda":
         hi_first = ((codes & 0xF) << 4) | (codes >> 4)   # the CUDA packer wants the even column high
         return torch._convert_weight_to_int4pack(hi_first.to(device), 8)

@@ -13,7 +13,9 @@
 //
 // Codes layout (K a multiple of 128):
 //   int8 [N, K] uint8, plain row-major;
-//   int4 [N, K/2] uint8, per span of 128 inputs: byte j holds input j (low nibble) and j + 64 (high).
+//   int4 N*K/2 bytes (viewed as [N, K/2] uint8; N a multiple of 4): rows in groups of 4 and, per
+//   group, per span of 128 inputs, each of the 4 rows' 64 bytes in turn; byte j of a row's span
+//   holds input j (low nibble) and j + 64 (high).
 // Scales: int8 [N], int4 [N, K/G, 2] (scale, zero), bfloat16 or float32.
 //
 // Each output element is computed by one thread in a fixed order, so the result does not depend
@@ -35,12 +37,15 @@ namespace {
 
 constexpr int64_t kChunk = 64;   // inputs per vpdpbusd (one zmm of bytes)
 constexpr int64_t kBlock = 32;   // inputs per activation scale
+constexpr int kInt4Rows = 4;     // int4 rows interleaved in the held codes, and computed together
+constexpr int64_t kInt4Prefetch = 4096;   // bytes ahead of the int4 loads (2-8 KB measured alike, 1 KB ~10% slower)
 
 struct QuantizedRows {
   std::vector<int8_t> q;        // [M, K]
   std::vector<float> dx;        // [M, K/32]  activation scale per block
   std::vector<int32_t> bsum;    // [M, K/64, 16] -(offset) * sum of each lane's 4 int8 values
-  std::vector<float> xsum;      // [M, K/G]   exact float sum of x per weight group (int4 zeros)
+  std::vector<float> xsum;      // [M, 2 K/G] 0, then the exact float sum of x, per weight group: int4's zeros
+                                //            term is then a plain dot product with its (scale, zero) pairs
 };
 
 // Quantize rows of x to int8 per block of 32; `offset` is the weights' unsigned offset.
@@ -50,7 +55,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int32_t offset
   r.q.resize(M * K);
   r.dx.resize(M * nb);
   r.bsum.resize(M * nc * 16);
-  if (group) r.xsum.resize(M * (K / group));
+  if (group) r.xsum.assign(M * 2 * (K / group), 0.f);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     int8_t* qr = r.q.data() + m * K;
@@ -72,7 +77,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int32_t offset
       for (int64_t g = 0; g < K / group; ++g) {
         float s = 0.f;
         for (int64_t j = 0; j < group; ++j) s += xr[g * group + j];
-        r.xsum[m * (K / group) + g] = s;
+        r.xsum[(m * (K / group) + g) * 2 + 1] = s;
       }
   }
   return r;
@@ -174,27 +179,30 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out;
 }
 
-// Per row i: sz[i] its (scale, zero) pairs per group as float32 [K/G, 2]. One 64-byte load holds
-// 128 codes: the low nibbles are inputs [0, 64) of the span, the high ones [64, 128).
-template <int R, bool kUniform>   // kUniform: groups of >= 64 inputs (one scale per 64-input chunk)
+// The 4 rows i of a row group: sz[i] their (scale, zero) pairs per group as float32 [K/G, 2].
+// One 64-byte load holds 128 codes of one row: the low nibbles are inputs [0, 64) of the span,
+// the high ones [64, 128). The group's 4 rows are interleaved per span, so the loads run straight
+// through memory (with 4 rows each only K/2 bytes long, row after row gave the hardware
+// prefetcher streams too short to learn).
+template <bool kUniform>   // kUniform: groups of >= 64 inputs (one scale per 64-input chunk)
 inline void int4_rows(const uint8_t* w, int64_t K, int chunk_shift, int64_t ng, const QuantizedRows& r, int64_t m,
                       const float* const* sz, float* o) {
   const int64_t nc = K / kChunk;
   const int8_t* xq = r.q.data() + m * K;
   const int32_t* bs = r.bsum.data() + m * nc * 16;
   const float* dx = r.dx.data() + m * (K / kBlock);
-  const float* xs = r.xsum.data() + m * ng;
+  const float* xs = r.xsum.data() + m * ng * 2;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  __m512 acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 acc[kInt4Rows], acc1[kInt4Rows];   // two chains per row: the low and the high nibbles' chunks
+  for (int i = 0; i < kInt4Rows; ++i) acc[i] = acc1[i] = _mm512_setzero_ps();
   for (int64_t c = 0; c < nc; c += 2) {
     const __m512i xv0 = _mm512_loadu_si512(xq + c * kChunk), xv1 = _mm512_loadu_si512(xq + (c + 1) * kChunk);
     const __m512i bv0 = _mm512_loadu_si512(bs + c * 16), bv1 = _mm512_loadu_si512(bs + (c + 1) * 16);
     const __m512 dv0 = block_scales(dx, c), dv1 = block_scales(dx, c + 1);
-    for (int i = 0; i < R; ++i) {
-      const uint8_t* at = w + i * (K / 2) + c * (kChunk / 2);
-      _mm_prefetch(reinterpret_cast<const char*>(at + R * (K / 2)), _MM_HINT_T0);   // the next rows' bytes
-      const __m512i b = _mm512_loadu_si512(at);
+    const uint8_t* span = w + (c / 2) * (kInt4Rows * kChunk);
+    for (int i = 0; i < kInt4Rows; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(span + kInt4Prefetch + i * kChunk), _MM_HINT_T0);
+      const __m512i b = _mm512_loadu_si512(span + i * kChunk);
       const __m512i lo = _mm512_and_si512(b, low);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
       __m512 s0, s1;
@@ -207,35 +215,33 @@ inline void int4_rows(const uint8_t* w, int64_t K, int chunk_shift, int64_t ng, 
       }
       const __m512i d0 = _mm512_dpbusd_epi32(bv0, lo, xv0), d1 = _mm512_dpbusd_epi32(bv1, hi, xv1);
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(dv0, s0), acc[i]);
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mul_ps(dv1, s1), acc[i]);
+      acc1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mul_ps(dv1, s1), acc1[i]);
     }
   }
-  for (int i = 0; i < R; ++i) {
-    float zs = 0.f;
-    for (int64_t g = 0; g < ng; ++g) zs += sz[i][2 * g + 1] * xs[g];
-    o[i] = _mm512_reduce_add_ps(acc[i]) + zs;
+  for (int i = 0; i < kInt4Rows; ++i) {   // + sum over groups of zero * sum(x): (scale, zero) . (0, sum(x))
+    __m512 z = _mm512_add_ps(acc[i], acc1[i]);
+    for (int64_t j = 0; j < 2 * ng; j += 16) {
+      const __mmask16 k = 2 * ng - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (2 * ng - j)) - 1);
+      z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, sz[i] + j), _mm512_maskz_loadu_ps(k, xs + j), z);
+    }
+    o[i] = _mm512_reduce_add_ps(z);
   }
 }
 
+// Rows [n0, n1) (whole row groups) for every row of x.
 template <bool kUniform>
 void int4_range(int64_t n0, int64_t n1, int64_t N, int64_t M, int64_t K, int64_t group, const uint8_t* w,
                 const QuantizedRows& r, const float* sz, float* o) {
   const int64_t ng = K / group;
   const int chunk_shift = group >= 128 ? __builtin_ctzll(group / kChunk) : 0;
-  float ob[4];
-  for (int64_t m = 0; m < M; ++m) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-      const float* rows[4];
-      for (int i = 0; i < 4; ++i) rows[i] = sz + (n - n0 + i) * ng * 2;
-      int4_rows<4, kUniform>(w + n * (K / 2), K, chunk_shift, ng, r, m, rows, ob);
-      for (int i = 0; i < 4; ++i) o[m * N + n + i] = ob[i];
+  float ob[kInt4Rows];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; n += kInt4Rows) {
+      const float* rows[kInt4Rows];
+      for (int i = 0; i < kInt4Rows; ++i) rows[i] = sz + (n - n0 + i) * ng * 2;
+      int4_rows<kUniform>(w + n * (K / 2), K, chunk_shift, ng, r, m, rows, ob);
+      for (int i = 0; i < kInt4Rows; ++i) o[m * N + n + i] = ob[i];
     }
-    for (; n < n1; ++n) {
-      const float* rows[1] = {sz + (n - n0) * ng * 2};
-      int4_rows<1, kUniform>(w + n * (K / 2), K, chunk_shift, ng, r, m, rows, o + m * N + n);
-    }
-  }
 }
 
 // Rows [n0, n1) of an int4 weight for every row of x; this range's (scale, zero) pairs are
@@ -256,6 +262,7 @@ void check_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
               "group size ", group, " must be a power of two >= 32 that divides ", K);
   check_scales(qparams);
   TORCH_CHECK(qparams.numel() == N * (K / group) * 2, "int4 qparams must be [N, K/G, 2]");
+  TORCH_CHECK(N % kInt4Rows == 0, "int4 weights need a multiple of ", kInt4Rows, " output channels, got ", N);
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& qparams, int64_t group) {
@@ -267,8 +274,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   const uint8_t* w = codes.data_ptr<uint8_t>();
   const void* qp = qparams.data_ptr();
   float* o = out.data_ptr<float>();
-  moeshard::SpinPool::get().run(N, 16, at::get_num_threads(), [&](int64_t n0, int64_t n1) {
-    int4_chunk(n0, n1, N, M, K, group, w, qparams.scalar_type(), qp, r, o);
+  moeshard::SpinPool::get().run(N / kInt4Rows, 16 / kInt4Rows, at::get_num_threads(), [&](int64_t g0, int64_t g1) {
+    int4_chunk(g0 * kInt4Rows, g1 * kInt4Rows, N, M, K, group, w, qparams.scalar_type(), qp, r, o);
   });
   return out;
 }
@@ -361,16 +368,20 @@ void check_expert(const at::Tensor& x, int64_t I, int64_t H, const at::Tensor& g
   TORCH_CHECK(act == "silu" || act == "gelu" || act == "relu", "unknown activation '", act, "' (silu, gelu, relu)");
 }
 
-// `gate_up(n0, n1, g, u)` fills rows [n0, n1) of g and u [M, I]; `down(h, out)` computes out from h.
+// `gate_up(n0, n1, g, u)` fills rows [n0, n1) of g and u [M, I], taken `unit` rows at a time (int4's
+// row groups); `down(h, out)` computes out from h.
 template <class GateUp, class Down>
-at::Tensor expert(const at::Tensor& x, int64_t I, int64_t H, const std::string& act, GateUp gate_up, Down down) {
+at::Tensor expert(const at::Tensor& x, int64_t I, int64_t H, const std::string& act, int64_t unit, GateUp gate_up,
+                  Down down) {
   const int64_t M = x.size(0);
   auto out = at::empty({M, H}, x.options());
   if (M == 0) return out;
   auto g = at::empty({M, I}, x.options()), u = at::empty({M, I}, x.options());
   float* gp = g.data_ptr<float>();
   float* up = u.data_ptr<float>();
-  moeshard::SpinPool::get().run(I, 16, at::get_num_threads(), [&](int64_t n0, int64_t n1) { gate_up(n0, n1, gp, up); });
+  moeshard::SpinPool::get().run(I / unit, 16 / unit, at::get_num_threads(), [&](int64_t u0, int64_t u1) {
+    gate_up(u0 * unit, u1 * unit, gp, up);
+  });
   activate(g, act);
   g.mul_(u);
   down(g, out);
@@ -389,7 +400,7 @@ at::Tensor int8_expert(const at::Tensor& x, const at::Tensor& gq, const at::Tens
   TORCH_CHECK(ds.numel() == dq.size(0), "int8 down scale must have one value per output channel");
   check_expert(x, I, H, gq, uq, dq, dq.size(1), act);
   const QuantizedRows r = quantize_rows(x.data_ptr<float>(), M, H, 128, 0);
-  return expert(x, I, H, act,
+  return expert(x, I, H, act, 1,
       [&](int64_t n0, int64_t n1, float* g, float* u) {
         int8_range(n0, n1, I, M, H, gq.data_ptr<uint8_t>(), gs.scalar_type(), gs.data_ptr(), r, g);
         int8_range(n0, n1, I, M, H, uq.data_ptr<uint8_t>(), us.scalar_type(), us.data_ptr(), r, u);
@@ -413,7 +424,7 @@ at::Tensor int4_expert(const at::Tensor& x, const at::Tensor& gq, const at::Tens
   check_int4(at::empty({0, dq.size(1) * 2}, x.options()), dq, ds, group);
   check_expert(x, I, H, gq, uq, dq, dq.size(1) * 2, act);
   const QuantizedRows r = quantize_rows(x.data_ptr<float>(), M, H, 8, group);
-  return expert(x, I, H, act,
+  return expert(x, I, H, act, kInt4Rows,
       [&](int64_t n0, int64_t n1, float* g, float* u) {
         int4_chunk(n0, n1, I, M, H, group, gq.data_ptr<uint8_t>(), gs.scalar_type(), gs.data_ptr(), r, g);
         int4_chunk(n0, n1, I, M, H, group, uq.data_ptr<uint8_t>(), us.scalar_type(), us.data_ptr(), r, u);
@@ -421,8 +432,8 @@ at::Tensor int4_expert(const at::Tensor& x, const at::Tensor& gq, const at::Tens
       [&](const at::Tensor& h, at::Tensor& out) {
         const QuantizedRows rh = quantize_rows(h.data_ptr<float>(), M, I, 8, group);
         float* o = out.data_ptr<float>();
-        moeshard::SpinPool::get().run(H, 16, at::get_num_threads(), [&](int64_t n0, int64_t n1) {
-          int4_chunk(n0, n1, H, M, I, group, dq.data_ptr<uint8_t>(), ds.scalar_type(), ds.data_ptr(), rh, o);
+        moeshard::SpinPool::get().run(H / kInt4Rows, 16 / kInt4Rows, at::get_num_threads(), [&](int64_t g0, int64_t g1) {
+          int4_chunk(g0 * kInt4Rows, g1 * kInt4Rows, H, M, I, group, dq.data_ptr<uint8_t>(), ds.scalar_type(), ds.data_ptr(), rh, o);
         });
       });
 }
@@ -436,7 +447,7 @@ at::Tensor dense_expert(const at::Tensor& x, const at::Tensor& gw, const at::Ten
   check_dense(at::empty({0, dw.size(1)}, x.options()), dw);
   check_expert(x, I, H, gw, uw, dw, dw.size(1), act);
   const float* xp = x.data_ptr<float>();
-  return expert(x, I, H, act,
+  return expert(x, I, H, act, 1,
       [&](int64_t n0, int64_t n1, float* g, float* u) {
         dense_chunk(n0, n1, I, M, gw, xp, g);
         dense_chunk(n0, n1, I, M, uw, xp, u);
