@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from workers.kernels import attention
 
 from .config import DeepseekV3Config, ModelConfig
 from .layers import Linear, RMSNorm, apply_rope, apply_rope_interleaved
@@ -135,8 +136,7 @@ class Attention(nn.Module):
         if hasattr(self, "sinks"):
             y = attend_with_sinks(q, k, v, mask, self.scale, self.sinks)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=self.n_kv != self.n_heads)
+            y = attention(q, k, v, mask, self.scale, gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
@@ -186,7 +186,7 @@ class LatentAttention(nn.Module):
         k = torch.cat((k_nope, k_rot.expand(B, self.n_heads, T, self.rope)), dim=-1)
         if cache is not None:
             k, v = cache.update(a.input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask(None, q.dtype, k.shape[2]), scale=self.scale)
+        y = attention(q, k, v, a.mask(None, q.dtype, k.shape[2]), self.scale, gqa=False)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:

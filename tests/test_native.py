@@ -237,3 +237,54 @@ def test_bad_input_is_a_clear_error(call, match):
     codes, s, _ = _int8(_w())
     with pytest.raises(RuntimeError, match=match):
         call(native.ops(), codes, s)
+
+
+def _attention_inputs(B, H, KV, S, D, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, 1, D, generator=g)
+    k = torch.randn(B, KV, S + 7, D, generator=g)[:, :, :S]      # views of a longer cache, as KVCache.update returns
+    v = torch.randn(B, KV, S + 7, D, generator=g)[:, :, :S]
+    mask = torch.zeros(B, 1, 1, S)
+    mask[0, ..., : S // 3] = torch.finfo(torch.float32).min        # padding of the first sequence
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("B,H,KV,S,D", [(1, 16, 4, 37, 64), (3, 8, 8, 5, 16), (2, 4, 1, 100, 128), (1, 2, 2, 1, 24)])
+def test_decode_attention_equals_sdpa(B, H, KV, S, D):
+    q, k, v, mask = _attention_inputs(B, H, KV, S, D)
+    got = native.ops().decode_attention(q, k, v, mask, 0.3)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=H != KV)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() < 1e-5
+
+
+def test_decode_attention_row_does_not_depend_on_its_batch():
+    q, k, v, mask = _attention_inputs(3, 8, 2, 50, 64)
+    whole = native.ops().decode_attention(q, k, v, mask, 0.125)
+    for b in range(3):
+        alone = native.ops().decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask[b:b + 1], 0.125)
+        assert torch.equal(whole[b:b + 1], alone)
+
+
+def test_attention_takes_the_native_kernel_for_decode_only(monkeypatch):
+    from workers.kernels import attention
+    calls = []
+    real = native.ops().decode_attention
+    monkeypatch.setattr(native, "ops", lambda: type("Ops", (), {"decode_attention": lambda *a: calls.append(1) or real(*a)}))
+    q, k, v, mask = _attention_inputs(2, 8, 2, 20, 32)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (attention(q, k, v, mask, None, gqa=True) - ref).abs().max() < 1e-5 and calls == [1]   # scale None: 1/sqrt(D)
+    attention(q.repeat(1, 1, 3, 1), k, v, mask.repeat(1, 1, 3, 1), None, gqa=True)                 # 3 queries: torch's
+    attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16(), None, gqa=True)            # bf16: torch's
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda q, k, v, m: (q.repeat(1, 1, 2, 1), k, v, m), "one query per sequence"),
+    (lambda q, k, v, m: (q[:, :3], k, v, m), "multiple of kv heads"),
+    (lambda q, k, v, m: (q, k, v, m[..., :-1]), "mask must be"),
+    (lambda q, k, v, m: (q.double(), k, v, m), "float32"),
+])
+def test_decode_attention_bad_input_is_a_clear_error(change, match):
+    with pytest.raises(RuntimeError, match=match):
+        native.ops().decode_attention(*change(*_attention_inputs(2, 8, 2, 20, 32)), 0.1)

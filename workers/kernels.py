@@ -204,6 +204,20 @@ def _native_decode(x: Tensor, rows: int, ws: Sequence[Tensor]) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws))))
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, gqa: bool) -> Tensor:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa) for
+    q [B, h, T, Dk], k [B, kv, S, Dk], v [B, kv, S, Dv], mask [B, 1, T, S] additive.
+
+    One query per sequence (decode) in float32 on CPU takes the native kernel: the same math,
+    float rounding apart, with each (sequence, head) computed alone, so a row's result does not
+    depend on the batch it sits in."""
+    if (q.shape[2] == 1 and q.device.type == "cpu" and native.ops() is not None
+            and all(t.dtype == torch.float32 and t.dim() == 4 and t.stride(3) == 1 for t in (q, k, v))
+            and mask.dtype == torch.float32 and not (torch.is_grad_enabled() and q.requires_grad)):
+        return native.ops().decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
 def expert_forward(w: ExpertWeights, x: Tensor) -> Tensor:
     """down(act(gate(x)) * up(x)) for rows x [N, H] -> [N, H].
 

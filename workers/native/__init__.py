@@ -1,8 +1,9 @@
-"""Native CPU kernels for batch-1 decode (lowbit.cpp), built on first use with torch's extension builder.
+"""Native CPU kernels for batch-1 decode (lowbit.cpp: GEMVs and experts; attention.cpp: decode
+attention), built on first use with torch's extension builder.
 
 `ops()` is `torch.ops.moeshard_lowbit` (int8/int4/dense `_linear` for one weight, `_expert` for a
-whole routed expert in one call) where they can
-run, else None and the callers use torch's own kernels:
+whole routed expert in one call; decode_attention) where they can run, else None and the callers
+use torch's own kernels:
 - MOESHARD_NATIVE=0 turns them off (to compare, or to rule them out);
 - they need x86-64 with AVX-512 (F, BW, VL, DQ) and VNNI;
 - they need a C++ compiler at first use; the build lands in ~/.cache/moeshard/native/<digest>
@@ -24,7 +25,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lowbit.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("lowbit.cpp", "attention.cpp")]
+HEADERS = [Path(__file__).with_name("pool.h")]
 ENV = "MOESHARD_NATIVE"
 DIR_ENV = "MOESHARD_NATIVE_DIR"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
@@ -45,7 +47,7 @@ def cpu_supports() -> bool:
 
 def digest() -> str:
     """What the built library depends on: its source, the flags and the torch it links."""
-    h = hashlib.sha256(SOURCE.read_bytes() + SOURCE.with_name("pool.h").read_bytes())
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS))
     h.update(" ".join(CFLAGS).encode() + torch.__version__.encode())
     return h.hexdigest()[:16]
 
@@ -73,7 +75,7 @@ def _ops():
         from torch.utils.cpp_extension import load   # only to build: it runs ninja, ~1 s, even when current
 
         build.mkdir(parents=True, exist_ok=True)
-        load(name="moeshard_lowbit", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-pthread"],
+        load(name="moeshard_lowbit", sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-pthread"],
              build_directory=str(build), is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: run on torch's kernels
         log.warning("native CPU kernels unavailable, using torch's (%s: %s)", type(e).__name__, str(e)[-400:])
