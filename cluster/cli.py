@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also propose a load-driven re-placement from a stats file (`generate --load-stats`): "
                            "replicas of the hottest experts and each actor's max/mean rows, before and after")
     plan.add_argument("--replica-slots", type=int, default=None, metavar="R",
-                      help="replicas each actor may hold beyond its own experts, for --from-stats (default: one "
-                           "per MoE layer)")
+                      help="replicas each actor may hold beyond its own experts, for --from-stats (default: as "
+                           "many as the budget its own slots leave, --worker-memory; one per MoE layer when unlimited)")
     plan.set_defaults(func=cmd_plan)
 
     gen = sub.add_parser("generate", help="generate tokens from a prompt, streaming them, then print run stats",
@@ -183,7 +183,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for line in plan.table():
         print(line)
     if stats is not None:
-        print_replica_plan(plan, cfg, stats, args.from_stats, args.replica_slots)
+        from workers.budget import expert_nbytes
+
+        nbytes = max(expert_nbytes(s, COMPUTE_DTYPES[opts.dtype].itemsize) for s in specs)
+        print_replica_plan(plan, cfg, stats, args.from_stats, args.replica_slots, nbytes)
     return 0
 
 
@@ -199,16 +202,19 @@ def read_load_stats(path: str, cfg):
     return stats
 
 
-def print_replica_plan(plan, cfg, stats, path: str, slots: int | None) -> None:
+def print_replica_plan(plan, cfg, stats, path: str, slots: int | None, replica_nbytes: int) -> None:
     """The re-placement `--from-stats` proposes for this placement (see cluster/replicas.py)."""
     from cluster.replicas import imbalance, plan_replicas, static_plan
 
-    slots = len(cfg.moe_layer_ids) if slots is None else slots
     loads, n = stats.load_map(), len(plan.workers)
+    per = [slots] * n if slots is not None else [
+        len(cfg.moe_layer_ids) if w.spare_bytes is None else w.spare_bytes // replica_nbytes for w in plan.workers]
     before = static_plan(plan.owners(), n)
-    after = plan_replicas(loads, plan.owners(), n, [slots] * n)
+    after = plan_replicas(loads, plan.owners(), n, per)
+    where = ("--replica-slots" if slots is not None else "unlimited worker_memory: one per MoE layer"
+             if plan.worker_memory is None else "the budget each actor's own slots leave")
     print(f"re-placement from {path} (window {stats.window} passes, {sum(loads.values()):g} rows), "
-          f"{slots} replica slot(s) per actor:")
+          f"replica slots per actor {per} ({where}):")
     for line in after.table(loads, before):
         print(line)
     if imbalance(after, loads) >= imbalance(before, loads):

@@ -31,6 +31,7 @@ import torch
 from coordinator.experts import backend_stats, hint_lists
 from coordinator.options import (PlacementOptions, RecoveryOptions, RunOptions, StoreOptions, TransportOptions,
                                  UnknownOption)
+from workers.budget import expert_nbytes
 from workers.dtypes import compute_dtype
 from workers.spec import ExpertSpec
 
@@ -40,7 +41,7 @@ from .errors import ClusterError, ExpertTimeout, ShardUnavailable
 from .fleet import ActorNode, Fleet
 from .owners import OwnerTable
 from .placement import plan_for
-from .rebalance import RebalanceStats, Rebalancer
+from .rebalance import AutoRebalance, RebalanceStats, Rebalancer
 from .replicas import ReplicaPlan, plan_replicas
 from .transports import make_transport, root_message
 
@@ -110,7 +111,12 @@ class RemoteExperts:
                                       OwnerTable.static(self._owner, num_workers), self.dtype,
                                       transport.call_timeout_s, recovery)
         self._rebalancer = Rebalancer(self._fleet, specs, self.plan.owners(), lambda: self._dispatcher.table,
-                                      self._swap_table)
+                                      self._swap_table, [w.spare_bytes for w in self.plan.workers],
+                                      self.dtype.itemsize)
+        self._replica_nbytes = max(expert_nbytes(s, self.dtype.itemsize) for s in specs)
+        self._moe_layers = len({s.layer for s in specs})
+        self._first_layer = min(s.layer for s in specs)
+        self._auto: AutoRebalance | None = None
         self._dispatcher.report_residency = report_residency
         self._stats = [_ActorStats() for _ in self.plan.workers]
         self._latency: dict[int, deque] = defaultdict(lambda: deque(maxlen=LATENCY_WINDOW))
@@ -198,12 +204,36 @@ class RemoteExperts:
         """Who serves which expert now, with what share of its rows (the static plan until a re-placement)."""
         return self._dispatcher.table.plan
 
-    def plan_replicas(self, loads: dict[tuple[int, int], float], slots: int | Sequence[int]) -> ReplicaPlan:
+    def replica_slots(self) -> list[int]:
+        """Replicas each actor can hold: as many of the largest expert as the budget its own slots leave
+        (`WorkerPlan.spare_bytes`; 0 for an actor that pages), or one per MoE layer where the budget is
+        unlimited."""
+        return [self._moe_layers if w.spare_bytes is None else w.spare_bytes // self._replica_nbytes
+                for w in self.plan.workers]
+
+    def plan_replicas(self, loads: dict[tuple[int, int], float],
+                      slots: int | Sequence[int] | None = None) -> ReplicaPlan:
         """A replica plan for measured `loads` ({(layer, expert): rows}, e.g. `LoadStats.load_map()`)
-        with `slots` replicas per actor (one number for all, or one per actor)."""
+        with `slots` replicas per actor (one number for all, or one per actor; None: `replica_slots()`).
+        Slots beyond an actor's spare budget are refused when the plan is applied."""
         n = len(self.plan.workers)
-        per = [slots] * n if isinstance(slots, int) else list(slots)
+        per = self.replica_slots() if slots is None else [slots] * n if isinstance(slots, int) else list(slots)
         return plan_replicas(loads, self.plan.owners(), n, per)
+
+    def rebalance_every(self, passes: int | None, loads: Callable[[], dict[tuple[int, int], float]] | None = None,
+                        min_gain: float = 0.05) -> None:
+        """Re-place automatically (`rebalance_interval`): every `passes` forward passes, plan replicas
+        from `loads()` ({(layer, expert): rows}, the coordinator's recent load window) within
+        `replica_slots()`, and apply the plan live when it lowers the worst layer's max/mean rows per
+        actor by `min_gain` (cluster/rebalance.py `AutoRebalance`). None turns it off."""
+        if passes is None:
+            self._auto = None
+            self._rebalancer.counted(interval=None)
+            return
+        if loads is None:
+            raise ClusterError("rebalance_every needs the load to plan from (e.g. the coordinator's expert_load)")
+        self._auto = AutoRebalance(self._rebalancer, passes, loads, self.plan_replicas, lambda: self.replica_plan,
+                                   min_gain)
 
     def begin_rebalance(self, plan: ReplicaPlan) -> None:
         """Start a live re-placement: new holders load now; the owner table switches at the first
@@ -297,6 +327,8 @@ class RemoteExperts:
         left broken)."""
         if self._closed:
             raise ClusterError("RemoteExperts is closed")
+        if self._auto is not None and layer == self._first_layer:
+            self._auto.tick()                    # one forward pass begins here
         if self._rebalancer.in_progress:
             self._rebalancer.poll()              # swaps the table here, between dispatches, once loaded
         shares = self._hint_shares(hints)

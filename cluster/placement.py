@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Sequence
 from cluster.errors import ClusterError
 from coordinator.options import PlacementOptions, StoreOptions
 # expert_nbytes is re-exported: callers size experts through the planner's import
-from workers.budget import check_budget, expert_nbytes, min_budget, slot_bytes
+from workers.budget import check_budget, expert_nbytes, min_budget, slot_bytes, spare_bytes
 from workers.dtypes import COMPUTE_DTYPES
 from workers.errors import BudgetError
 from workers.spec import ExpertKey, ExpertSpec
@@ -56,6 +56,7 @@ class WorkerPlan:
     resources: dict[str, float] = field(default_factory=dict)
     load: float = 0.0                 # total expected load (0 when no load was given)
     pinned: list[ExpertKey] = field(default_factory=list)  # owned experts its store never evicts
+    spare_bytes: int | None = None    # budget its slots leave for replicas (workers.budget.spare_bytes); None: unlimited
 
     def experts_of_layer(self, layer: int) -> list[int]:
         """Expert ids of `layer` this actor owns, ascending."""
@@ -182,7 +183,8 @@ def plan_placement(specs: Sequence[ExpertSpec], num_workers: int, *, dtype_bytes
             index=i, experts=sorted(owned[i]), expert_bytes=nbytes, resident_bytes=resident,
             paged_bytes=nbytes - resident, num_cpus=num_cpus, num_gpus=num_gpus,
             resources=dict(resources[i]) if resources is not None else {}, load=total_load[i],
-            pinned=sorted(k for k in owned[i] if k in pins)))
+            pinned=sorted(k for k in owned[i] if k in pins),
+            spare_bytes=spare_bytes(mine[i], dtype_bytes, worker_memory)))
     return Plan(workers=workers, worker_memory=worker_memory, min_resident=min_resident)
 
 

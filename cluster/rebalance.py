@@ -16,17 +16,19 @@ same tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from workers.budget import expert_nbytes
 from workers.spec import ExpertKey, ExpertSpec
 
 from .errors import ClusterError, ExpertTimeout
 from .fleet import Fleet
 from .owners import OwnerTable
-from .replicas import ReplicaPlan
+from .replicas import ReplicaPlan, check_fits, imbalance
 from .transports import root_message
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ class RebalanceStats:
     last_load_s: float | None = None
     last_error: str | None = None
     replicas: tuple[int, ...] = ()          # replicas each actor holds now
+    interval: int | None = None             # automatic re-placement every this many passes (None: off)
+    checks: int = 0                         # automatic plans made (applied or not)
 
 
 @dataclass
@@ -55,12 +59,15 @@ class _Loading:
 
 class Rebalancer:
     """Owns which replicas each actor holds and the switch between owner tables (see module doc).
-    `get_table()` / `set_table(t)` read and swap the dispatcher's table."""
+    `get_table()` / `set_table(t)` read and swap the dispatcher's table; `spare[a]` is the budget
+    actor a's slots leave for replicas (None: unlimited), with experts held in `itemsize`-byte floats."""
 
     def __init__(self, fleet: Fleet, specs: Sequence[ExpertSpec], primary: dict[ExpertKey, int],
-                 get_table: Callable[[], OwnerTable], set_table: Callable[[OwnerTable], None]):
+                 get_table: Callable[[], OwnerTable], set_table: Callable[[OwnerTable], None],
+                 spare: Sequence[int | None], itemsize: int):
         self._fleet = fleet
         self._specs = {s.key: s for s in specs}
+        self._spare, self._itemsize = list(spare), itemsize
         self.primary = dict(primary)
         self._get, self._set = get_table, set_table
         self.held: list[set[ExpertKey]] = [set() for _ in fleet.plan.workers]
@@ -69,8 +76,11 @@ class Rebalancer:
 
     @property
     def stats(self) -> RebalanceStats:
-        return RebalanceStats(self._stats.applied, self._stats.abandoned, self._stats.last_load_s,
-                              self._stats.last_error, tuple(len(h) for h in self.held))
+        return dataclasses.replace(self._stats, replicas=tuple(len(h) for h in self.held))
+
+    def counted(self, **changes: Any) -> None:
+        """Update the counters (the automatic policy's `interval` and `checks`)."""
+        self._stats = dataclasses.replace(self._stats, **changes)
 
     @property
     def in_progress(self) -> bool:
@@ -89,6 +99,7 @@ class Rebalancer:
         if moved:
             raise ClusterError(f"the replica plan moves primaries {moved[:5]}; primaries stay where the static "
                                "plan put them (plan replicas from the backend's own owners)")
+        check_fits(plan, self._spare, lambda k: expert_nbytes(self._specs[k], self._itemsize))
 
     def begin(self, plan: ReplicaPlan) -> None:
         """Start loading what `plan` adds; returns at once (the swap happens in `poll`)."""
@@ -135,7 +146,8 @@ class Rebalancer:
         if error is not None:
             for a, keys in loaded.items():
                 self._release(a, sorted(keys - self.held[a]))
-            self._stats = RebalanceStats(self._stats.applied, self._stats.abandoned + 1, None, error)
+            self._stats = dataclasses.replace(self._stats, abandoned=self._stats.abandoned + 1, last_load_s=None,
+                                              last_error=error)
             self._fleet.log.add(kind="replacement_abandoned", error=error[:300])
             log.warning("re-placement abandoned, the previous placement stays: %s", error)
             return True
@@ -148,7 +160,7 @@ class Rebalancer:
         for a, keys in job.stale.items():
             self._release(a, keys)
         dt = time.perf_counter() - job.t0
-        self._stats = RebalanceStats(self._stats.applied + 1, self._stats.abandoned, dt, None)
+        self._stats = dataclasses.replace(self._stats, applied=self._stats.applied + 1, last_load_s=dt, last_error=None)
         self._fleet.log.add(kind="replacement", seconds=dt, replicas=[len(h) for h in self.held])
         log.info("re-placement applied after %.2fs: replicas per actor %s", dt, [len(h) for h in self.held])
         return True
@@ -168,3 +180,41 @@ class Rebalancer:
         if keys and self._fleet.broken(a) is None:
             # fire and forget: nothing is routed to these any more, and a dead actor frees them anyway
             self._fleet.handle(a).release.options(concurrency_group="placement").remote([list(k) for k in keys])
+
+
+class AutoRebalance:
+    """The periodic policy (vLLM's EPLB step interval, DeepSeek's ~10-minute repack): every
+    `interval` forward passes (`tick`, once per pass), plan replicas from `loads()` (the coordinator's
+    load window) with `plan(loads)`, and start it when it lowers the worst layer's max/mean rows per
+    actor by at least `min_gain` against `current()`, the plan in use. Never waits: the switch
+    happens at a later dispatch, and a plan that cannot start (an actor down) is skipped and logged."""
+
+    def __init__(self, rebalancer: Rebalancer, interval: int, loads: Callable[[], dict[ExpertKey, float]],
+                 plan: Callable[[dict[ExpertKey, float]], ReplicaPlan], current: Callable[[], ReplicaPlan],
+                 min_gain: float = 0.05):
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            raise ClusterError(f"rebalance_interval must be an integer >= 1 of forward passes, got {interval!r}")
+        self._r, self.interval, self._loads, self._plan, self._current = rebalancer, interval, loads, plan, current
+        self.min_gain = min_gain
+        self._passes = 0
+        rebalancer.counted(interval=interval)
+
+    def tick(self) -> None:
+        self._passes += 1
+        if self._passes % self.interval or self._r.in_progress:
+            return
+        loads = self._loads()
+        if not any(loads.values()):
+            return
+        plan, current = self._plan(loads), self._current()
+        self._r.counted(checks=self._r.stats.checks + 1)
+        before, after = imbalance(current, loads), imbalance(plan, loads)
+        if plan == current or after > before * (1 - self.min_gain):
+            return
+        try:
+            self._r.begin(plan)
+        except ClusterError as e:
+            log.warning("automatic re-placement skipped: %s", e)
+            return
+        log.info("automatic re-placement after %d passes: worst max/mean rows %.2f -> %.2f (planned)",
+                 self._passes, before, after)

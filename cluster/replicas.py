@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from workers.spec import ExpertKey
+from workers.units import format_bytes
 
 from .errors import ClusterError
 
-__all__ = ["ReplicaPlan", "plan_replicas", "layer_rows", "imbalance"]
+__all__ = ["ReplicaPlan", "plan_replicas", "layer_rows", "imbalance", "check_fits"]
 
 _EPS = 1e-9
 
@@ -179,3 +180,15 @@ def _water_fill(rows: list[float], old: Mapping[int, float], w: float, holders: 
         if used == len(ordered) or level <= base[ordered[used]]:
             break
     return {a: (max(0.0, level - base[a]) / w if a in ordered[:used] else 0.0) for a in holders}
+
+
+def check_fits(plan: ReplicaPlan, spare: Sequence[int | None], nbytes: Callable[[ExpertKey], int]) -> None:
+    """ClusterError unless every actor's replicas fit `spare[a]`, the budget its own slots leave
+    (`WorkerPlan.spare_bytes`; None: unlimited); `nbytes(key)` is what one replica holds."""
+    for a, room in enumerate(spare):
+        held = plan.replicas(a)
+        need = sum(nbytes(k) for k in held)
+        if room is not None and need > room:
+            raise ClusterError(f"the replica plan gives actor {a} {len(held)} replica(s) of {format_bytes(need)}, but "
+                               f"its worker_memory leaves {format_bytes(room)} after its own slots; plan with the "
+                               "slots RemoteExperts.replica_slots() gives, or raise worker_memory")

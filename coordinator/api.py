@@ -128,6 +128,8 @@ class Coordinator:
             raise
         coord = cls(ckpt, model, experts, options.dtype, lock_timeout_s=options.lock_timeout_s)
         coord.options, coord._threads = options, threads
+        if options.placement.rebalance_interval is not None:     # distributed only (RunOptions refuses it else)
+            experts.rebalance_every(options.placement.rebalance_interval, model.routing.window.load_map)
         return coord
 
     # -- inference ---------------------------------------------------------------------------------

@@ -149,6 +149,10 @@ class LoadWindow:
                          passes={l: min(n, self.window) for l, n in sorted(self._passes.items())},
                          loads={l: tuple(float(v) for v in self._sum[l].tolist()) for l in sorted(self._sum)})
 
+    def load_map(self) -> dict[tuple[int, int], float]:
+        """{(layer, expert): rows} over the window (`LoadStats.load_map` of a snapshot)."""
+        return self.snapshot({}).load_map()
+
     def clear(self) -> None:
         self._ring.clear()
         self._sum.clear()

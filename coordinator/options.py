@@ -268,6 +268,12 @@ OPTIONS: tuple[Option, ...] = (
            help="Ray GPUs each actor asks for (>= 0); > 0 runs its experts on CUDA"),
     Option("resources", "placement", resource_list(), "one dict of Ray custom resources per actor, or None",
            invalid=({"host_1": 1}, ["x"])),
+    Option("rebalance_interval", "placement", integer(1, optional=True),
+           "integer >= 1: forward passes between load-driven re-placements; None = off", "--rebalance-interval",
+           invalid=(0, 2.5, "100"), cli_invalid=("0", "x"),
+           help="every N forward passes, plan replicas of the hottest experts from the recent load, within each "
+                "actor's spare budget, and apply them live when they even out rows per actor (docs/placement.md); "
+                "default: off"),
     Option("ready_timeout_s", "placement", number(0, lo_open=True), "seconds > 0", "--ready-timeout",
            invalid=(0,), cli_invalid=("0",),
            help="seconds to wait for the expert actors to start (> 0)"),
@@ -385,6 +391,7 @@ class PlacementOptions(_Checked):
     num_gpus: float = 0.0
     resources: tuple[dict[str, float], ...] | None = None
     ready_timeout_s: float = 120.0
+    rebalance_interval: int | None = None
 
 
 @dataclass(frozen=True)

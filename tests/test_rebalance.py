@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 FAMILY, VARIANT = "mixtral", "e8_top3"   # 3 MoE layers x 8 experts, top-3
 NEW = 16
 WORKERS = 2
+AUTO_OFF = 10**9         # the module's coordinator is built with automatic re-placement wired, but never due
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def coord(checkpoint):
         ray_internal.reload_auth()
         ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, logging_level="WARNING")
     c = Coordinator.from_pretrained(checkpoint(FAMILY, VARIANT), num_workers=WORKERS, dtype="float32",
-                                    call_timeout_s=20, restart_timeout_s=60)
+                                    call_timeout_s=20, restart_timeout_s=60, rebalance_interval=AUTO_OFF)
     yield c
     c.close()
     if started:
@@ -102,6 +103,28 @@ def kill(c: Coordinator, i: int) -> int:
 def generate(c, prompts, on_token=None):
     ids, mask = prompts
     return c.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD_ID, on_token=on_token)
+
+
+def test_automatic_replacement_mid_generation_gives_identical_tokens(coord, prompts, reference):
+    """rebalance_interval: the backend plans from the coordinator's load window every N passes and
+    applies the plan live; the tokens stay those of the static placement, and replicas serve rows."""
+    static(coord)
+    be = coord.experts
+    st = be.stats()["rebalance"]
+    assert st["interval"] == AUTO_OFF, "from_pretrained(rebalance_interval=...) wires the policy"
+    applied, rows = st["applied"], replica_rows(coord)
+    be.rebalance_every(4, lambda: coord.expert_load().load_map())   # the live window (the reference run's on)
+    try:
+        assert torch.equal(generate(coord, prompts), reference["tokens"])
+        be.wait_rebalance(60)
+        st = be.stats()["rebalance"]
+        assert st["applied"] > applied and st["checks"] >= 1, st
+        assert any(st["replicas"]), "the automatic plan added replicas"
+        assert torch.equal(generate(coord, prompts), reference["tokens"])
+        assert replica_rows(coord) > rows, "replicas served rows"
+    finally:
+        be.rebalance_every(AUTO_OFF, lambda: coord.expert_load().load_map())
+        static(coord)
 
 
 def test_replacement_mid_generation_gives_identical_tokens_and_logits(coord, prompts, reference):

@@ -12,7 +12,8 @@ import torch
 from cluster.cli import main
 from cluster.errors import ClusterError
 from cluster.owners import OwnerTable
-from cluster.replicas import ReplicaPlan, imbalance, layer_rows, plan_replicas, static_plan
+from cluster.errors import ClusterError
+from cluster.replicas import ReplicaPlan, check_fits, imbalance, layer_rows, plan_replicas, static_plan
 from coordinator.load import FORMAT, LoadFileError, LoadStats, LoadWindow
 
 L, E = 4, 16
@@ -61,6 +62,19 @@ def test_planner_balances_a_skewed_load(workers):
     rows = layer_rows(plan_replicas(loads, primary, workers, [2 * L] * workers), loads)
     for l, r in rows.items():
         assert sum(r) == pytest.approx(sum(v for (ll, _), v in loads.items() if ll == l)), "no row lost"
+
+
+def test_a_plan_must_fit_each_actors_spare_budget():
+    plan = ReplicaPlan(2, {(0, 0): ((0, 0.5), (1, 0.5)), (0, 1): ((1, 0.5), (0, 0.5)),
+                           (0, 2): ((0, 0.5), (1, 0.5)), (0, 3): ((1, 1.0),)})
+    assert [len(plan.replicas(a)) for a in range(2)] == [1, 2]
+    check_fits(plan, [100, 200], lambda k: 100)
+    check_fits(plan, [None, 200], lambda k: 100)
+    with pytest.raises(ClusterError, match=r"gives actor 1 2 replica\(s\) of 200 B, but its worker_memory leaves 199 B"):
+        check_fits(plan, [None, 199], lambda k: 100)
+    with pytest.raises(ClusterError, match="gives actor 0 1 replica"):
+        check_fits(plan, [0, None], lambda k: 100)
+    check_fits(static_plan({k: hs[0][0] for k, hs in plan.holders.items()}, 2), [0, 0], lambda k: 100)
 
 
 def test_planner_without_slots_is_the_static_plan():
@@ -175,7 +189,7 @@ def test_plan_from_stats(checkpoint, tmp_path, capsys):
     f.write_text(json.dumps(stats_for(load_model_key(cfg), cfg.num_layers, cfg.num_experts)))
     assert main(["plan", str(path), "--workers", "2", "--from-stats", str(f), "--replica-slots", "3"]) == 0
     out = capsys.readouterr().out
-    assert "3 replica slot(s) per actor" in out
+    assert "replica slots per actor [3, 3] (--replica-slots)" in out
     line = next(x for x in out.splitlines() if x.startswith("max/mean rows per actor per layer"))
     before, after = (float(v) for v in line.split(": ")[1].replace(" (static)", "").split(" (with")[0].split(" -> "))
     assert after < before
@@ -187,6 +201,30 @@ def test_plan_from_stats(checkpoint, tmp_path, capsys):
     assert "another model: num_experts is 16 in the file but 8" in err.err and err.out == ""
     assert main(["plan", str(path), "--workers", "2", "--replica-slots", "2"]) == 1
     assert "only with --from-stats" in capsys.readouterr().err
+
+
+def test_plan_from_stats_sizes_replicas_from_the_spare_budget(checkpoint, tmp_path, capsys):
+    """Without --replica-slots, each actor gets the replicas the budget its own slots leave holds: 2
+    where worker_memory has room for its 12 experts and 2 more, none where it pages."""
+    from coordinator.checkpoint import Checkpoint
+    from coordinator.config import load_config
+    from coordinator.load import load_model_key
+    from workers.budget import expert_nbytes
+
+    path = checkpoint("mixtral", "e8_top3")
+    cfg = load_config(path)
+    nbytes = max(expert_nbytes(s, 4) for s in Checkpoint.open(path).expert_specs(None, None))
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(stats_for(load_model_key(cfg), cfg.num_layers, cfg.num_experts)))
+    mine = len(cfg.moe_layer_ids) * cfg.num_experts // 2
+    for budget, want in ((mine + 2) * nbytes, "[2, 2]"), ((cfg.top_k + 1) * nbytes, "[0, 0]"):
+        assert main(["plan", str(path), "--workers", "2", "--worker-memory", str(budget), "--dtype", "float32",
+                     "--from-stats", str(f)]) == 0
+        out = capsys.readouterr().out
+        assert f"replica slots per actor {want} (the budget each actor's own slots leave)" in out
+    assert main(["plan", str(path), "--workers", "2", "--from-stats", str(f)]) == 0
+    assert f"replica slots per actor [{len(cfg.moe_layer_ids)}, {len(cfg.moe_layer_ids)}] (unlimited" in \
+        capsys.readouterr().out
 
 
 def test_window_ring_wraps_many_times():

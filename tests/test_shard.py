@@ -282,13 +282,16 @@ def test_missing_file_raises_and_shard_keeps_serving(tmp_path, ckpt):
 
 def test_replicas_compute_the_owners_bits_until_released(ckpt):
     """A shard that adopts another shard's experts as replicas computes them bit for bit as their owner
-    does (even while its own experts page through a small budget); a released replica is refused again."""
+    does, in the budget its own slots leave; a released replica is refused again."""
     specs, tensors = ckpt
     mine = [s for s in specs if s.key[1] % 2 == 0]
     theirs = [s for s in specs if s.key[1] % 2 == 1]
-    owner, holder = _shard(theirs), _shard(mine, budget_bytes=slot_bytes(specs) * TOP_K, min_resident=TOP_K)
+    layer = LAYERS[0]
+    replicas = [s for s in theirs if s.key[0] == layer]
+    owner = _shard(theirs)
+    holder = _shard(mine, budget_bytes=slot_bytes(specs) * (len(mine) + len(replicas)))
     try:
-        layer = LAYERS[0]
+        assert holder.report()["spare_bytes"] == slot_bytes(specs) * len(replicas)
         rows, experts, counts = routed_batch(layer, seed=7)
         odd = [(e, c) for e, c in zip(experts, counts) if e % 2]
         starts = [sum(counts[:i]) for i in range(len(counts))]
@@ -300,7 +303,7 @@ def test_replicas_compute_the_owners_bits_until_released(ckpt):
         assert sorted(map(tuple, held)) == sorted(s.key for s in theirs if s.key[0] == layer)
         assert holder.adopt([s.to_dict() for s in theirs if s.key[0] == layer]) == held, "adopting again is a no-op"
         assert torch.equal(holder.compute(layer, sub, [e for e, _ in odd], [c for _, c in odd]), want)
-        # a mixed batch: own experts (paged) and replicas, against the reference kernel
+        # a mixed batch: own experts and replicas, against the reference kernel
         assert torch.equal(holder.compute(layer, rows, experts, counts), reference(tensors, layer, rows, experts, counts))
         assert holder.report()["replica_rows"] > 0 and holder.report()["replica_bytes"] > 0
         assert holder.release(held) == [] and holder.report()["replica_bytes"] == 0
@@ -309,3 +312,30 @@ def test_replicas_compute_the_owners_bits_until_released(ckpt):
     finally:
         owner.close()
         holder.close()
+
+
+def test_replicas_never_exceed_the_spare_budget(ckpt):
+    """Replicas live in the budget the shard's own slots leave: one too many is refused with nothing
+    loaded, and a shard that pages (no spare budget) adopts none."""
+    specs, _ = ckpt
+    mine = [s for s in specs if s.key[1] % 2 == 0]
+    theirs = [s for s in specs if s.key[1] % 2 == 1]
+    slot = slot_bytes(specs)
+    holder = _shard(mine, budget_bytes=slot * (len(mine) + 2))
+    try:
+        with pytest.raises(BudgetError, match=r"3 more replica\(s\) .* leaves .* raise worker_memory"):
+            holder.adopt([s.to_dict() for s in theirs[:3]])
+        assert holder.report()["replicas"] == 0, "a refused adopt loads nothing"
+        assert len(holder.adopt([s.to_dict() for s in theirs[:2]])) == 2
+        with pytest.raises(BudgetError):
+            holder.adopt([theirs[2].to_dict()])
+        assert len(holder.adopt([theirs[0].to_dict()])) == 2, "one already held needs no room"
+    finally:
+        holder.close()
+    pager = _shard(mine, budget_bytes=slot * TOP_K, min_resident=TOP_K)
+    try:
+        assert pager.report()["spare_bytes"] == 0
+        with pytest.raises(BudgetError):
+            pager.adopt([theirs[0].to_dict()])
+    finally:
+        pager.close()

@@ -84,3 +84,13 @@ def check_budget(specs: Sequence[ExpertSpec], itemsize: int, budget_bytes: int |
         f"{max(min_resident, 1)}); the minimum is {minimum} bytes ({format_bytes(minimum)}). Raise {option}, "
         "pin fewer experts, or spread the experts over more shards.",
         needed_bytes=minimum, budget_bytes=budget_bytes)
+
+
+def spare_bytes(specs: Sequence[ExpertSpec], itemsize: int, budget_bytes: int | None) -> int | None:
+    """Budget a store owning `specs` leaves unused: what remains after its slots (None = unlimited).
+    Non-zero only when the budget holds every owned expert with room to spare; replicas of other
+    actors' experts (load-driven re-placement) live there, so they never take a slot from paging."""
+    if budget_bytes is None:
+        return None
+    slot = slot_bytes(specs, itemsize)
+    return budget_bytes - min(len(specs), budget_bytes // max(slot, 1)) * slot

@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 
 from . import native, wire
+from .budget import expert_nbytes, spare_bytes
 from .dtypes import compute_dtype
-from .errors import WireError
+from .errors import BudgetError, WireError
+from .units import format_bytes
 from .kernels import forward_into
 from .spec import ExpertKey, ExpertSpec
 from .store import ExpertStore
@@ -50,6 +52,8 @@ class ExpertShard:
                                  pinned=[tuple(p) for p in pinned], min_resident=min_resident, spill_dir=spill_dir)
         self.device = self.store.device
         self._store_args = dict(dtype=self.dtype, device=device, spill_dir=spill_dir)
+        # replicas live in the budget the store's slots leave unused, never beside it
+        self.spare_bytes = spare_bytes(self.specs, self.dtype.itemsize, budget_bytes)
         # Replicas (load-driven re-placement): one single-slot store per adopted expert, so that
         # dropping one frees its memory at once. The dict is replaced whole, never mutated, so a
         # layer computing on another thread sees either the old or the new set, never half of one.
@@ -164,6 +168,7 @@ class ExpertShard:
             "replicas": len(self._replicas),
             "replica_rows": self._replica_rows,
             "replica_bytes": sum(r.resident_bytes() for r, _ in self._replicas.values()),
+            "spare_bytes": self.spare_bytes,
             **self.store.stats(),
         }
 
@@ -172,16 +177,25 @@ class ExpertShard:
         return self.store.drop_resident()
 
     def adopt(self, specs: list[dict]) -> list[list[int]]:
-        """Load these experts as replicas (fully resident, outside the owned experts' budget) and
-        serve them from then on; returns the (layer, expert) keys now held as replicas. Blocks until
-        every new replica is loaded: the coordinator routes no rows to it before this returns.
-        Experts owned already or adopted already are skipped."""
+        """Load these experts as replicas (fully resident, in the budget this shard's slots leave
+        unused) and serve them from then on; returns the (layer, expert) keys now held as replicas.
+        Blocks until every new replica is loaded: the coordinator routes no rows to it before this
+        returns. Experts owned already or adopted already are skipped. BudgetError, with nothing
+        loaded, when the replicas would not fit the spare budget."""
         parsed = [ExpertSpec.from_dict(d) for d in specs]
+        todo = list({s.key: s for s in parsed if s.key not in self._hidden and s.key not in self._replicas}.values())
+        held = sum(store.slot_bytes for store, _ in self._replicas.values())   # one slot of expert_nbytes each
+        need = held + sum(expert_nbytes(s, self.dtype.itemsize) for s in todo)
+        if self.spare_bytes is not None and need > self.spare_bytes:
+            raise BudgetError(
+                f"{len(todo)} more replica(s) would make {format_bytes(need)} of replicas, but this shard's budget "
+                f"({format_bytes(self.budget_bytes)}) leaves {format_bytes(self.spare_bytes)} after its "
+                f"{self.store.num_slots} slots of {format_bytes(self.store.slot_bytes)}; raise worker_memory or "
+                "plan fewer replicas (RemoteExperts.replica_slots)",
+                needed_bytes=self.budget_bytes + need - self.spare_bytes, budget_bytes=self.budget_bytes)
         new: dict[ExpertKey, tuple[ExpertStore, int]] = {}
         try:
-            for s in parsed:
-                if s.key in self._hidden or s.key in self._replicas or s.key in new:
-                    continue
+            for s in todo:
                 store = ExpertStore([s], None, loader_threads=1, **self._store_args)
                 new[s.key] = (store, s.hidden_size)
                 store.get(s.key)      # the read happens here, before anything is routed to it
