@@ -179,8 +179,8 @@ class Dispatcher:
                         self.transport.cancel(call.ticket)
                         err = ExpertTimeout(f"no reply within {self.call_timeout_s:g}s from "
                                             f"{self.fleet.where(call.actor)} for layer {layer}")
-                        new = self._retry(call, layer, err, "timeout")
-                        live[id(new.ticket)] = new
+                        for new in self._failover(call, pending, err, "timeout"):
+                            live[id(new.ticket)] = new
                 continue
             arrived = time.perf_counter()
             for ticket, outcome in done:
@@ -241,13 +241,14 @@ class Dispatcher:
                                    f"could not be replaced: {e}") from None
         rec.recovery_s += time.perf_counter() - t0
 
-    def _failover(self, call: _Call, pending: Pending, error: ShardUnavailable) -> list[_Call]:
-        """A call whose actor died: the rows of experts another live actor also holds (a replica, or
-        the primary of a replica it held) go to that holder at once, with no replacement to wait for;
-        only the rest are retried on a replacement (`_retry`). Without replicas this is `_retry`."""
+    def _failover(self, call: _Call, pending: Pending, error: ShardUnavailable, kind: str = "died") -> list[_Call]:
+        """A call whose actor died or hung (`kind` "died" or "timeout"): the rows of experts another
+        live actor also holds (a replica, or the primary of a replica it held) go to that holder at
+        once, with no replacement to wait for; only the rest are retried on a replacement (`_retry`).
+        Without replicas this is `_retry`."""
         a, layer = call.actor, pending.layer
         if pending.raw or not self.table.replicated:
-            return [self._retry(call, layer, error, "died")]
+            return [self._retry(call, layer, error, kind)]
         table = self.table.without(a)
         starts, s = [], 0
         for c in call.counts:
@@ -258,12 +259,12 @@ class Dispatcher:
             live = [h for h in table.holders(layer, e) if h != a and self.fleet.broken(h) is None]
             (moved if live else kept).append((e, s, c))
         if not moved:
-            return [self._retry(call, layer, error, "died")]
+            return [self._retry(call, layer, error, kind)]
         t_failed = time.perf_counter()
         self.table = table      # later dispatches too: the dead actor serves only what nobody else holds
         self.fleet.records[a].failures += 1
         node = self.fleet.node(a)
-        self.fleet.log.add(kind="failover", actor=a, layer=layer, node=node and node.node_id,
+        self.fleet.log.add(kind="failover", cause=kind, actor=a, layer=layer, node=node and node.node_id,
                            experts=[e for e, _, _ in moved], reloaded=[e for e, _, _ in kept], error=str(error)[:300])
         picked = table.pick(layer, [e for e, _, _ in moved], [c for _, _, c in moved])
         per: dict[int, list[tuple[int, int, int]]] = {}
@@ -282,9 +283,12 @@ class Dispatcher:
         if kept:
             idx = torch.cat([call.idx[s:s + c] for _, s, c in kept])
             rest = self._send_share_later(a, layer, pending, kept, idx, call)
-            out.append(self._retry(rest, layer, error, "died"))
+            out.append(self._retry(rest, layer, error, kind))
         else:
-            self.fleet.mark_broken(a, f"died in layer {layer} (its replicated experts failed over)")
+            self.fleet.mark_broken(a, f"{'hung' if kind == 'timeout' else 'died'} in layer {layer} (its replicated "
+                                      "experts failed over)")
+            if kind == "timeout":           # do not leave a hung actor holding its resources; replaced at next use
+                self.fleet.kill_quietly(a)
         return out
 
     def _send_share_later(self, a: int, layer: int, pending: Pending, segs: list[tuple[int, int, int]],

@@ -206,3 +206,44 @@ def test_replicas_serve_a_killed_actors_experts_at_once(coord, prompts, referenc
     static(coord)
     assert torch.equal(generate(coord, prompts), reference["tokens"])
     assert coord.experts.stats()["restarts"] == before["restarts"] + 1
+
+
+def test_replicas_serve_a_hung_actors_experts_after_the_timeout(coord, prompts, reference):
+    """A hung actor (SIGSTOP) whose experts all have a second holder: after `call_timeout_s` its rows go
+    to that holder with no replacement started, and the hung process is killed, not left holding memory."""
+    static(coord)
+    be = coord.experts
+    victim = 0
+    be.rebalance(full_standby(coord, victim), timeout_s=60)
+    before = be.stats()
+    pid = be.nodes[victim]["pid"]
+    step, timeout = [0], be.call_timeout_s
+
+    def on_token(_):
+        step[0] += 1
+        if step[0] == 2:
+            os.kill(pid, signal.SIGSTOP)
+
+    be.call_timeout_s = 3
+    try:
+        out = generate(coord, prompts, on_token)
+    finally:
+        be.call_timeout_s = timeout
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    after = be.stats()
+    assert torch.equal(out, reference["tokens"])
+    assert after["restarts"] == before["restarts"], "no replacement needed: its replicas served everything"
+    events = [e for e in after["recovery_events"] if e["kind"] == "failover"]
+    assert events and events[-1]["actor"] == victim and events[-1]["cause"] == "timeout"
+    assert events[-1]["reloaded"] == []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and psutil.pid_exists(pid) and \
+            psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "the hung actor was killed"
+    static(coord)
+    assert torch.equal(generate(coord, prompts), reference["tokens"])
+    assert be.stats()["restarts"] == before["restarts"] + 1
