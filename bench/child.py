@@ -431,6 +431,7 @@ def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: 
               text: str | None = None, **_: Any) -> dict:
     ids = _prompt(batch, prompt_len, seed, text)
     c0 = _expert_counters()
+    r0 = S.obj.stats().get("routing") if S.system == "moeshard" else None
     if S.breakdown:
         S.breakdown.reset()
     t0 = time.perf_counter()
@@ -452,6 +453,8 @@ def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: 
         if S.breakdown:   # covers prefill and decode; breakdown_decode has decode steps only
             res["breakdown"] = S.breakdown.snapshot()
         res["distinct_tokens"] = int(torch.unique(out[:, prompt_len:]).numel())
+        if r0 is not None:      # what cache-aware routing did in this call (prefill and decode)
+            res["routing"] = _routing_diff(r0, S.obj.stats()["routing"])
     return res
 
 

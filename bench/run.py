@@ -6,8 +6,10 @@
 
 Scenarios: 1 in memory, 2 out of core in a 3 GB cgroup, 3 out of core on two harness hosts,
 4 dispatch overhead, 5 cache and prefetch, 6 memory, 7 low-bit experts, 8 serving, 9 load-driven
-placement (skewed routing, replicas; its own checkpoint, bench/placement.py). Scenarios 2 and 3
-need root (memory cgroups, drop_caches, network namespaces); without it they report "unavailable".
+placement (skewed routing, replicas; its own checkpoint, bench/placement.py), 10 cache-aware routing
+on the embedded model (quality and misses, bench/routing.py), 11 cache-aware routing out of core
+(mix8x32 in scenario 2's cgroup). Scenarios 2, 3 and 11 need root (memory cgroups, drop_caches,
+network namespaces); without it they report "unavailable".
 
 Results: bench/results/<date>-<machine>.json (merged scenario by scenario), a markdown
 table next to it (.md) and PNG plots (<stem>-tok_s_vs_budget.png, <stem>-breakdown.png).

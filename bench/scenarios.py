@@ -21,7 +21,7 @@ from .common import (ROOT, Child, ChildError, cgroups_usable, drop_caches, exper
                      paired_ratio, percentile, read_bandwidth, store_min_budget)
 from .results import figure
 from .placement import scenario_9
-from .routing import scenario_10
+from .routing import DEFAULT as ROUTING_DEFAULT, SETTINGS as ROUTING_SETTINGS, scenario_10
 from .serving import scenario_8
 
 GB = 10**9
@@ -624,6 +624,86 @@ def scenario_2(ctx: Ctx) -> dict:
     return {"figures": figures, "details": details, "notes": notes}
 
 
+# ---- scenario 11: cache-aware routing out of core (scenario 2's conditions) -------------------
+
+#: the quality table's settings (bench/routing.py) that stay within ~10% of exact's stepwise perplexity
+OOC_ROUTING = ("exact", "cache-prior 0.25", ROUTING_DEFAULT, "max-rank 3")
+
+
+def _per(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def scenario_11(ctx: Ctx) -> dict:
+    """mix8x32 out of core as in scenario 2 (0 workers, one 3 GB memory cgroup each, the same budget),
+    exact routing against the cache-aware settings of the quality table (docs/routing.md), all loaded at
+    once and measured round by round, cold and warm: decode tok/s, misses and bytes read per token."""
+    why = cgroups_usable()
+    if why:
+        return {"status": "unavailable", "reason": why}
+    P = ctx.params
+    kws = dict(ROUTING_SETTINGS)
+    labels = OOC_ROUTING[:2] if (ctx.quick or ctx.tiny) else OOC_ROUTING
+    labels = labels if ROUTING_DEFAULT in labels else (labels[0], ROUTING_DEFAULT)
+    budget = _ooc_budget(ctx, 0)
+    kw = dict(batch=1, prompt_len=16, new_tokens=P.ooc_tokens)
+    figures, details, cgs, children = [], {"budget": budget, "model": ctx.ckpt.name}, [], {}
+    try:
+        for label in labels:
+            cg = memory_cgroup(f"s11-{len(cgs)}", ctx.ooc_memory)
+            cgs.append(cg)
+            ctx.progress(f"s11: loading moeshard 0 workers, {label}, budget {format_bytes(budget)} (in its cgroup)")
+            ch = ctx.child(f"s11-{len(cgs)}", cgroup=cg)
+            ch.call("load", system="moeshard", path=str(ctx.ckpt), num_workers=0, worker_memory=budget,
+                    prefetch_depth=1, prefetch_extra=0, **kws[label])
+            ch.call("decode", batch=1, prompt_len=16, new_tokens=2, seed=99)
+            children[label] = (ch, cg)
+        res = {s: {label: [] for label in labels} for s in OOC_STATES}
+        for r in range(P.ooc_rounds):
+            for state in OOC_STATES:
+                for label, (ch, cg) in children.items():
+                    ctx.progress(f"s11: {state} {label} round {r + 1}/{P.ooc_rounds}")
+                    res[state][label].append(_ooc_state_round(ch, cg, ctx, state, r, **kw))
+        details["rounds"] = res
+        per_token = {}
+        for state in OOC_STATES:
+            for label, rs in res[state].items():
+                steps = sum(x["steps"] for x in rs)
+                per_token[f"{state} {label}"] = {
+                    "tok_s": _med(rs), "misses_per_token": sum(x["experts"]["misses"] for x in rs) / steps,
+                    "loads_per_token": sum(x["experts"]["loads"] for x in rs) / steps,
+                    "disk_bytes_per_call": median(x["disk_read_bytes"] for x in rs),
+                    "rerouted_fraction": median((x.get("routing") or {}).get("rerouted_fraction", 0.0) for x in rs)}
+            ex = res[state]["exact"]
+            for label in labels[1:]:
+                rs = res[state][label]
+                figures.append(figure(
+                    f"s11.decode.{state}.{label}", f"{format_bytes(ctx.ooc_memory)} cgroup, {state}, 0 workers (budget "
+                    f"{budget / _expert_bytes(ctx.manifest):.0%} of experts), {label} vs exact: decode tok/s, batch 1",
+                    _med(rs), "tok/s", peer="exact routing, same rounds", peer_value=_med(ex), ratio=_ratio(rs, ex)))
+                figures.append(figure(
+                    f"s11.misses.{state}.{label}", f"same, {state}, {label} vs exact: expert misses per token",
+                    per_token[f"{state} {label}"]["misses_per_token"], "misses/token", peer="exact routing",
+                    peer_value=per_token[f"{state} exact"]["misses_per_token"],
+                    ratio=_per(per_token[f"{state} {label}"]["misses_per_token"],
+                               per_token[f"{state} exact"]["misses_per_token"])))
+        details["per_token"] = per_token
+        notes = [f"each setting in its own {format_bytes(ctx.ooc_memory)} memory cgroup with scenario 2's 0-worker "
+                 f"budget ({format_bytes(budget)}), all loaded at once, {P.ooc_rounds} rounds of {P.ooc_tokens} "
+                 "tokens, each round cold (page cache and resident experts dropped) then warm, setting by setting",
+                 "mix8x32 has random weights, so its perplexity says nothing: the quality of each setting is the "
+                 "embedded model's table (scenario 10, docs/routing.md); decode samples (temperature 1), so the "
+                 "settings decode different tokens"]
+    finally:
+        ctx.close_children()
+        for cg in cgs:
+            try:
+                cg.remove()
+            except cgroups.CgroupError:
+                pass
+    return {"figures": figures, "details": details, "notes": notes}
+
+
 # ---- scenario 3: out of core, two hosts --------------------------------------------------------
 
 def scenario_3(ctx: Ctx) -> dict:
@@ -1178,10 +1258,11 @@ SCENARIOS: dict[int, tuple[str, Callable[[Ctx], dict]]] = {
     8: ("Serving: concurrent clients, latency, load test", scenario_8),
     9: ("Load-driven placement: skewed routing, replicas, recovery", scenario_9),
     10: ("Cache-aware routing: misses vs quality", scenario_10),
+    11: ("Cache-aware routing out of core (3 GB cgroup)", scenario_11),
 }
 
 # Rough wall time per scenario on the 2-core bench machine (full / quick), for the progress bar.
-STEPS = {1: 32, 2: 14, 3: 8, 4: 1, 5: 20, 6: 3, 7: 16, 8: 10, 9: 6, 10: 6}
+STEPS = {1: 32, 2: 14, 3: 8, 4: 1, 5: 20, 6: 3, 7: 16, 8: 10, 9: 6, 10: 6, 11: 10}
 
 
 def run_scenario(n: int, ctx: Ctx) -> dict:

@@ -205,6 +205,26 @@ def test_scenario_2_cold_and_warm_in_cgroups(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.requires("cgroups")
+def test_scenario_11_cache_aware_routing_out_of_core(tmp_path, monkeypatch):
+    """Scenario 11 on the tiny checkpoint: exact and the default cache-aware setting, each in its own cgroup,
+    cold and warm in the same rounds, with misses and what the router did per round."""
+    monkeypatch.setattr(mk, "CACHE_DIR", tmp_path / "cache")
+    sc = _run(tmp_path, "--scenario", "11", "--quick")["scenarios"]["11"]
+    assert sc["status"] == "ok", sc.get("reason")
+    figs = {f["id"]: f for f in sc["figures"]}
+    default = S.ROUTING_DEFAULT
+    assert {f"s11.decode.{s}.{default}" for s in ("cold", "warm")} <= set(figs)
+    assert all(f["value"] > 0 and f["peer_value"] > 0 for f in figs.values() if f["id"].startswith("s11.decode"))
+    rounds = S.Params.for_mode(True, True).ooc_rounds
+    for state in ("cold", "warm"):
+        by = sc["details"]["rounds"][state]
+        assert {n: len(v) for n, v in by.items()} == {"exact": rounds, default: rounds}
+        assert all(r["routing"]["rerouted_fraction"] == 0 for r in by["exact"]), "exact routing reroutes nothing"
+        assert all(r["state"] == state and r["disk_read_bytes"] >= 0 for v in by.values() for r in v)
+
+
+@pytest.mark.slow
 @pytest.mark.requires("harness")
 def test_scenario_3_peers_in_the_same_run(tmp_path, monkeypatch):
     """Scenario 3 on the tiny checkpoint and 2 harness hosts: accelerate and transformers measured in its rounds."""
