@@ -259,6 +259,15 @@ def memory_cgroup(label: str, limit_bytes: int) -> cgroups.Cgroup:
         raise ChildError(str(e)) from e
 
 
+def remove_cgroups(cgs: list[cgroups.Cgroup]) -> None:
+    """Remove these cgroups (a scenario's `finally`), quietly: one already gone, or still busy, is left."""
+    for cg in cgs:
+        try:
+            cg.remove()
+        except (OSError, cgroups.CgroupError):
+            pass
+
+
 def drop_caches() -> bool:
     """sync, then drop the page cache (root only); False if not permitted."""
     try:

@@ -18,7 +18,7 @@ from workers.units import format_bytes
 from . import llama_cpp as llama
 from . import make_checkpoint as mk
 from .common import (ROOT, Child, ChildError, cgroups_usable, drop_caches, expert_ranges, median, memory_cgroup,
-                     paired_ratio, percentile, read_bandwidth, store_min_budget)
+                     paired_ratio, percentile, read_bandwidth, remove_cgroups, store_min_budget)
 from .results import figure
 from .placement import scenario_9
 from .routing import DEFAULT as ROUTING_DEFAULT, SETTINGS as ROUTING_SETTINGS, scenario_10
@@ -616,11 +616,7 @@ def scenario_2(ctx: Ctx) -> dict:
         ctx.close_children()
         if acc is not None:
             acc.close()
-        for cg in cgs:
-            try:
-                cg.remove()
-            except cgroups.CgroupError:
-                pass
+        remove_cgroups(cgs)
     return {"figures": figures, "details": details, "notes": notes}
 
 
@@ -696,11 +692,7 @@ def scenario_11(ctx: Ctx) -> dict:
                  "settings decode different tokens"]
     finally:
         ctx.close_children()
-        for cg in cgs:
-            try:
-                cg.remove()
-            except cgroups.CgroupError:
-                pass
+        remove_cgroups(cgs)
     return {"figures": figures, "details": details, "notes": notes}
 
 
@@ -1171,11 +1163,7 @@ def scenario_7(ctx: Ctx) -> dict:
                               peer_value=_med(runs["fp32"]), ratio=_ratio(runs["int4"], runs["fp32"]), target=3.0))
     finally:
         ctx.close_children()
-        for cg in cgs:
-            try:
-                cg.remove()
-            except (OSError, cgroups.CgroupError):
-                pass
+        remove_cgroups(cgs)
     two = _s7_two_hosts(ctx, q)
     if "reason" in two:
         notes.append(f"two-host int4 row skipped: {two['reason']}")
