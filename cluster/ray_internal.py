@@ -96,3 +96,12 @@ def validate_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
     filled = prepare_config(copy.deepcopy(config))
     validate_config(filled)
     return filled
+
+
+def ensure_address_file_dir() -> None:
+    """Create the folder of Ray's default address file (``/tmp/ray``): ``ray.cluster_utils.Cluster``
+    writes ``ray_current_cluster`` there whatever temp dir its nodes use, and fails with
+    FileNotFoundError on a machine where no Ray has started with the default temp dir yet."""
+    import os
+
+    os.makedirs(os.path.dirname(ray._private.utils.get_ray_address_file(None)), exist_ok=True)

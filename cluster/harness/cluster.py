@@ -728,6 +728,8 @@ class LocalCluster:
         """
         from ray.cluster_utils import Cluster
 
+        from cluster import ray_internal
+
         self.temp_dir.mkdir(parents=True)
         self._write_state()
         self._write_token()
@@ -745,6 +747,7 @@ class LocalCluster:
                 "include_dashboard": self.dashboard if i == 0 else None,
             }
 
+        ray_internal.ensure_address_file_dir()
         self._loopback = Cluster(initialize_head=True, head_node_args=node_args(0), shutdown_at_exit=False)
         self.address = self._loopback.address
         self.driver_ip = _loopback_ip(0)  # drivers attach to the head's raylet
