@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.kernels import linear
+from workers.kernels import linear, rms_norm, rope
 
 from .config import RopeScaling, yarn_mscale
 
@@ -28,10 +28,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale after casting back, as the references do.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)      # normalised in float32, scaled after casting back
 
 
 class MLP(nn.Module):
@@ -124,18 +121,13 @@ class Rotary:
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Half-split layout (Llama style). x [B, h, T, D]; with partial RoPE (cos narrower than x)
     only the first cos.shape[-1] dims rotate and the rest pass through."""
     d = cos.shape[-1]
     if d < x.shape[-1]:
-        return torch.cat((x[..., :d] * cos + rotate_half(x[..., :d]) * sin, x[..., d:]), dim=-1)
-    return x * cos + rotate_half(x) * sin
+        return torch.cat((rope(x[..., :d], cos, sin), x[..., d:]), dim=-1)
+    return rope(x, cos, sin)
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

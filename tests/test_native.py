@@ -288,3 +288,62 @@ def test_attention_takes_the_native_kernel_for_decode_only(monkeypatch):
 def test_decode_attention_bad_input_is_a_clear_error(change, match):
     with pytest.raises(RuntimeError, match=match):
         native.ops().decode_attention(*change(*_attention_inputs(2, 8, 2, 20, 32)), 0.1)
+
+
+# ---- rms_norm and rope (rowops.cpp) -----------------------------------------------------------------
+
+def _torch_rms(x, w, eps):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def _torch_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (3, 2, 96), (5, 4, 64)])
+def test_rms_norm_equals_the_reference(dtype, shape):
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+    got, ref = native.ops().rms_norm(x, w, 1e-6), _torch_rms(x, w, 1e-6)
+    assert got.dtype == dtype and got.shape == ref.shape
+    if dtype == torch.float32:
+        assert _rel(got, ref) < 1e-6
+    else:   # the sum of squares' order may move h by one bfloat16 step, never more
+        assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-6).all()
+    for r in range(shape[0]):
+        assert torch.equal(native.ops().rms_norm(x[r:r + 1], w, 1e-6), got[r:r + 1]), "a row alone gives its bits"
+
+
+def test_rope_equals_the_reference():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 6, 64, generator=g).transpose(1, 2)                  # [2, 6, 5, 64], as q after its view
+    cos, sin = torch.randn(2, 1, 5, 64, generator=g), torch.randn(2, 1, 5, 64, generator=g)
+    got = native.ops().rope(x, cos, sin)
+    assert got.is_contiguous() and _rel(got, _torch_rope(x, cos, sin)) < 1e-6
+    assert torch.equal(native.ops().rope(x[1:], cos[1:], sin[1:]), got[1:]), "a sequence alone gives its bits"
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        native.ops().rope(x, cos[..., :32], sin[..., :32])
+    with pytest.raises(RuntimeError, match="float32"):
+        native.ops().rope(x.double(), cos, sin)
+
+
+def test_rms_norm_and_rope_take_the_native_path_for_decode_rows_only(monkeypatch):
+    from workers.kernels import rms_norm, rope
+    calls = []
+    real = native.ops()
+    monkeypatch.setattr(native, "ops", lambda: type("Ops", (), {
+        "rms_norm": lambda *a: calls.append("norm") or real.rms_norm(*a),
+        "rope": lambda *a: calls.append("rope") or real.rope(*a)}))
+    w, x2 = torch.rand(64) + 0.5, torch.randn(1, 2, 64)
+    assert _rel(rms_norm(x2, w, 1e-5), _torch_rms(x2, w, 1e-5)) < 1e-6
+    rms_norm(torch.randn(1, DECODE_ROWS + 1, 64), w, 1e-5)                     # a prefill: torch's
+    x, cs = torch.randn(1, 4, 1, 64), torch.randn(1, 1, 1, 64)
+    rope(x, cs, cs)
+    rope(torch.randn(1, 4, DECODE_ROWS + 1, 64), torch.randn(1, 1, DECODE_ROWS + 1, 64),
+         torch.randn(1, 1, DECODE_ROWS + 1, 64))                                 # a prefill: torch's
+    assert calls == ["norm", "rope"]

@@ -204,6 +204,30 @@ def _native_decode(x: Tensor, rows: int, ws: Sequence[Tensor]) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws))))
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim, normalised in float32 and scaled after casting back, as the
+    references do. Decode rows (up to DECODE_ROWS) in float32/bf16 on CPU take one native call;
+    the two paths differ by float rounding only (the sum of squares' order)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (native.ops() is not None and 0 < rows <= DECODE_ROWS and x.device.type == "cpu" and x.dtype in _NATIVE_DENSE
+            and weight.dtype == x.dtype and not (torch.is_grad_enabled() and x.requires_grad)):
+        return native.ops().rms_norm(x, weight, eps)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin (half-split layout, cos and sin as wide as x [B, h, T, D]).
+    A decode step's rows in float32 on CPU take one native call (the same math, float rounding apart)."""
+    if (native.ops() is not None and x.shape[2] * x.shape[0] <= DECODE_ROWS and x.device.type == "cpu"
+            and x.dtype == torch.float32 and cos.dtype == sin.dtype == torch.float32 and x.stride(3) == 1
+            and cos.stride(3) == 1 and sin.stride(3) == 1 and not (torch.is_grad_enabled() and x.requires_grad)):
+        return native.ops().rope(x, cos, sin)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None, gqa: bool) -> Tensor:
     """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa) for
     q [B, h, T, Dk], k [B, kv, S, Dk], v [B, kv, S, Dv], mask [B, 1, T, S] additive.

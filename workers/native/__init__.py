@@ -1,8 +1,8 @@
 """Native CPU kernels for batch-1 decode (lowbit.cpp: GEMVs and experts; attention.cpp: decode
-attention), built on first use with torch's extension builder.
+attention; rowops.cpp: RMSNorm and RoPE of a few rows), built on first use with torch's extension builder.
 
 `ops()` is `torch.ops.moeshard_lowbit` (int8/int4/dense `_linear` for one weight, `_expert` for a
-whole routed expert in one call; decode_attention) where they can run, else None and the callers
+whole routed expert in one call; decode_attention; rms_norm, rope) where they can run, else None and the callers
 use torch's own kernels:
 - MOESHARD_NATIVE=0 turns them off (to compare, or to rule them out);
 - they need x86-64 with AVX-512 (F, BW, VL, DQ) and VNNI;
@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(n) for n in ("lowbit.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("lowbit.cpp", "attention.cpp", "rowops.cpp")]
 HEADERS = [Path(__file__).with_name("pool.h")]
 ENV = "MOESHARD_NATIVE"
 DIR_ENV = "MOESHARD_NATIVE_DIR"
