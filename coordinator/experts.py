@@ -190,7 +190,10 @@ class RoutingStats:
 
     def observed(self, layer: int, ids: torch.Tensor, num_experts: int) -> None:
         counts = torch.bincount(ids.reshape(-1), minlength=num_experts)
-        self.activations[layer] = self.activations.get(layer, 0) + counts
+        if layer in self.activations:
+            self.activations[layer].add_(counts)
+        else:
+            self.activations[layer] = counts.clone()
         self.window.add(layer, counts)
         guess = self._pending.pop(layer, None)
         if guess is None:

@@ -121,33 +121,31 @@ def _int_keys(obj: Any, name: str, where: str) -> dict[int, Any]:
 
 
 class LoadWindow:
-    """The last `window` count vectors per layer and their running sum (see module doc). Per layer a
-    ring of [window, E] int32 counts (4 KB per 1000 passes per expert), allocated at its first pass."""
+    """The last `window` count vectors per layer (see module doc). Per layer a ring of [window, E]
+    int32 counts (4 KB per 1000 passes per expert), allocated at its first pass; summed per snapshot."""
 
     def __init__(self, window: int = DEFAULT_WINDOW):
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ValueError(f"load window must be a positive integer of forward passes, got {window!r}")
         self.window = window
         self._ring: dict[int, torch.Tensor] = {}      # layer -> [window, E] counts, oldest overwritten
-        self._sum: dict[int, torch.Tensor] = {}       # layer -> [E] int64 sum over the ring
         self._passes: dict[int, int] = {}
 
     def add(self, layer: int, counts: torch.Tensor) -> None:
-        counts = counts.detach().to(device="cpu", dtype=torch.int32)
+        """One pass's counts [E] of `layer`: a single copy into the ring (this runs every decode step;
+        the sums are made when a snapshot is taken)."""
         ring = self._ring.get(layer)
         if ring is None:
             ring = self._ring[layer] = torch.zeros(self.window, counts.numel(), dtype=torch.int32)
-            self._sum[layer] = torch.zeros(counts.numel(), dtype=torch.int64)
             self._passes[layer] = 0
-        slot = self._passes[layer] % self.window
-        self._sum[layer] += counts.to(torch.int64) - ring[slot].to(torch.int64)
-        ring[slot] = counts
+        ring[self._passes[layer] % self.window].copy_(counts.detach())
         self._passes[layer] += 1
 
     def snapshot(self, model: Mapping[str, Any]) -> LoadStats:
         return LoadStats(model=dict(model), window=self.window,
                          passes={l: min(n, self.window) for l, n in sorted(self._passes.items())},
-                         loads={l: tuple(float(v) for v in self._sum[l].tolist()) for l in sorted(self._sum)})
+                         loads={l: tuple(float(v) for v in self._ring[l].sum(0, dtype=torch.int64).tolist())
+                                for l in sorted(self._ring)})
 
     def load_map(self) -> dict[tuple[int, int], float]:
         """{(layer, expert): rows} over the window (`LoadStats.load_map` of a snapshot)."""
@@ -155,5 +153,4 @@ class LoadWindow:
 
     def clear(self) -> None:
         self._ring.clear()
-        self._sum.clear()
         self._passes.clear()
