@@ -16,7 +16,8 @@ setting, each from a cold expert cache:
 
 Figures: at the documented default setting, stepwise misses per token over exact (target <= 0.5) and
 stepwise perplexity over exact (target <= 1.03), both same-run ratios, at the 10% budget; the whole table
-is in details.rows (docs/routing.md).
+is in details.rows (docs/routing.md). Scenario 11 (these settings out of core on mix8x32) lives in
+bench/scenarios.py, next to scenario 2, whose cgroups, budget and rounds it shares.
 """
 from __future__ import annotations
 
