@@ -86,17 +86,24 @@ def replica_rows(c: Coordinator) -> int:
     return sum(a.get("replica_rows", 0) for a in c.experts.stats()["actors"])
 
 
+def gone(pid: int, timeout_s: float = 30) -> bool:
+    """Whether process `pid` exits (or is a zombie) within `timeout_s`, polled."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 def kill(c: Coordinator, i: int) -> int:
     p = c.experts.nodes[i]["pid"]
     os.kill(p, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(p).status() == psutil.STATUS_ZOMBIE:
-                break
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.1)
+    gone(p)
     return p
 
 
@@ -239,11 +246,7 @@ def test_replicas_serve_a_hung_actors_experts_after_the_timeout(coord, prompts, 
     events = [e for e in after["recovery_events"] if e["kind"] == "failover"]
     assert events and events[-1]["actor"] == victim and events[-1]["cause"] == "timeout"
     assert events[-1]["reloaded"] == []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and psutil.pid_exists(pid) and \
-            psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-        time.sleep(0.1)
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "the hung actor was killed"
+    assert gone(pid), "the hung actor was killed"
     static(coord)
     assert torch.equal(generate(coord, prompts), reference["tokens"])
     assert be.stats()["restarts"] == before["restarts"] + 1
