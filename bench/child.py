@@ -431,7 +431,7 @@ def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: 
               text: str | None = None, **_: Any) -> dict:
     ids = _prompt(batch, prompt_len, seed, text)
     c0 = _expert_counters()
-    r0 = S.obj.stats().get("routing") if S.system == "moeshard" else None
+    r0 = _reroute_stats() if S.system == "moeshard" else None
     if S.breakdown:
         S.breakdown.reset()
     t0 = time.perf_counter()
@@ -454,7 +454,7 @@ def op_decode(batch: int = 1, prompt_len: int = 32, new_tokens: int = 16, seed: 
             res["breakdown"] = S.breakdown.snapshot()
         res["distinct_tokens"] = int(torch.unique(out[:, prompt_len:]).numel())
         if r0 is not None:      # what cache-aware routing did in this call (prefill and decode)
-            res["routing"] = _routing_diff(r0, S.obj.stats()["routing"])
+            res["routing"] = _routing_diff(r0, _reroute_stats())
     return res
 
 
@@ -473,12 +473,12 @@ def op_routing_eval(text: str, prompt_len: int = 32, new_tokens: int = 32, promp
     ppl_counters = _diff(c0, _expert_counters())
     ids = S.obj.tokenizer.encode(text).ids
     S.obj.drop_resident()
-    c1, r1 = _expert_counters(), S.obj.stats()["routing"]
+    c1, r1 = _expert_counters(), _reroute_stats()
     t0 = time.perf_counter()
     step_ppl = S.obj.perplexity(ids[:stepwise_tokens], max_length=max_length, stepwise=True, progress=False)
     step_s = time.perf_counter() - t0
     step_counters = _diff(c1, _expert_counters())
-    step_routing = _routing_diff(r1, S.obj.stats()["routing"])
+    step_routing = _routing_diff(r1, _reroute_stats())
     starts = [len(ids) // 2 + i * (len(ids) // (2 * prompts)) for i in range(prompts)]
     tokens, seconds, steps, totals = [], 0.0, 0, {}
     for st in starts:
@@ -493,7 +493,13 @@ def op_routing_eval(text: str, prompt_len: int = 32, new_tokens: int = 32, promp
             "stepwise_misses": step_counters.get("misses"), "stepwise_loads": step_counters.get("loads"),
             "stepwise_routing": step_routing,
             "perplexity_loads": ppl_counters.get("loads"), "tokens": tokens, "tok_s": steps / seconds,
-            "decode_steps": steps, "experts": totals, "routing": S.obj.stats()["routing"]}
+            "decode_steps": steps, "experts": totals, "routing": _reroute_stats()}
+
+
+def _reroute_stats() -> Any:
+    """What cache-aware routing did so far (`RerouteStats`, cumulative): the coordinator's own counter,
+    without the actor round trips of a full `stats()`."""
+    return S.obj.model.rerouting.stats()
 
 
 def _routing_diff(a: Any, b: Any) -> dict:

@@ -108,6 +108,11 @@ def percentile(xs: Sequence[float], q: float) -> float | None:
     return xs[k]
 
 
+def ratio_or_none(a: float, b: float) -> float | None:
+    """a / b, or None where b is 0 (a figure with nothing to compare against)."""
+    return a / b if b else None
+
+
 def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Median of per-round ratios a[i]/b[i] (rounds interleaved A B A B), the figure we report."""
     rs = [x / y for x, y in zip(a, b) if x is not None and y]

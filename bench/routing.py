@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .common import ratio_or_none
 from .results import figure
 
 #: (label, routing keywords of Coordinator.from_pretrained)
@@ -38,10 +39,6 @@ SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 DEFAULT = "cache-prior 0.5"      # RoutingOptions' default; chosen from this table (docs/routing.md)
 BUDGETS = (0.1, 0.25, 0.5)
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
 
 
 def _expert_bytes_and_floor(path) -> tuple[int, int]:
@@ -112,7 +109,7 @@ def scenario_10(ctx: Any) -> dict:
         figures.append(figure(f"s10.misses.{tag}", f"misses per token (stepwise), {DEFAULT} vs exact, budget {tag}",
                               d["stepwise_misses_per_token"], "misses/token", peer="exact",
                               peer_value=ex["stepwise_misses_per_token"],
-                              ratio=_ratio(d["stepwise_misses_per_token"], ex["stepwise_misses_per_token"]),
+                              ratio=ratio_or_none(d["stepwise_misses_per_token"], ex["stepwise_misses_per_token"]),
                               target=0.5 if target else None, op="<="))
         figures.append(figure(f"s10.ppl.{tag}", f"stepwise perplexity, {DEFAULT} vs exact, budget {tag}",
                               d["stepwise_perplexity"], "ppl", peer="exact", peer_value=ex["stepwise_perplexity"],

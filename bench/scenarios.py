@@ -18,7 +18,7 @@ from workers.units import format_bytes
 from . import llama_cpp as llama
 from . import make_checkpoint as mk
 from .common import (ROOT, Child, ChildError, cgroups_usable, drop_caches, expert_ranges, median, memory_cgroup,
-                     paired_ratio, percentile, read_bandwidth, remove_cgroups, store_min_budget)
+                     paired_ratio, percentile, ratio_or_none, read_bandwidth, remove_cgroups, store_min_budget)
 from .results import figure
 from .placement import scenario_9
 from .routing import DEFAULT as ROUTING_DEFAULT, SETTINGS as ROUTING_SETTINGS, scenario_10
@@ -626,10 +626,6 @@ def scenario_2(ctx: Ctx) -> dict:
 OOC_ROUTING = ("exact", "cache-prior 0.25", ROUTING_DEFAULT, "max-rank 3")
 
 
-def _per(a: float, b: float) -> float | None:
-    return a / b if b else None
-
-
 def scenario_11(ctx: Ctx) -> dict:
     """mix8x32 out of core as in scenario 2 (0 workers, one 3 GB memory cgroup each, the same budget),
     exact routing against the cache-aware settings of the quality table (docs/routing.md), all loaded at
@@ -681,8 +677,8 @@ def scenario_11(ctx: Ctx) -> dict:
                     f"s11.misses.{state}.{label}", f"same, {state}, {label} vs exact: expert misses per token",
                     per_token[f"{state} {label}"]["misses_per_token"], "misses/token", peer="exact routing",
                     peer_value=per_token[f"{state} exact"]["misses_per_token"],
-                    ratio=_per(per_token[f"{state} {label}"]["misses_per_token"],
-                               per_token[f"{state} exact"]["misses_per_token"])))
+                    ratio=ratio_or_none(per_token[f"{state} {label}"]["misses_per_token"],
+                                        per_token[f"{state} exact"]["misses_per_token"])))
         details["per_token"] = per_token
         notes = [f"each setting in its own {format_bytes(ctx.ooc_memory)} memory cgroup with scenario 2's 0-worker "
                  f"budget ({format_bytes(budget)}), all loaded at once, {P.ooc_rounds} rounds of {P.ooc_tokens} "

@@ -207,8 +207,7 @@ def print_replica_plan(plan, cfg, stats, path: str, slots: int | None, replica_n
     from cluster.replicas import imbalance, plan_replicas, static_plan
 
     loads, n = stats.load_map(), len(plan.workers)
-    per = [slots] * n if slots is not None else [
-        len(cfg.moe_layer_ids) if w.spare_bytes is None else w.spare_bytes // replica_nbytes for w in plan.workers]
+    per = [slots] * n if slots is not None else plan.replica_slots(replica_nbytes, len(cfg.moe_layer_ids))
     before = static_plan(plan.owners(), n)
     after = plan_replicas(loads, plan.owners(), n, per)
     where = ("--replica-slots" if slots is not None else "unlimited worker_memory: one per MoE layer"

@@ -208,8 +208,7 @@ class RemoteExperts:
         """Replicas each actor can hold: as many of the largest expert as the budget its own slots leave
         (`WorkerPlan.spare_bytes`; 0 for an actor that pages), or one per MoE layer where the budget is
         unlimited."""
-        return [self._moe_layers if w.spare_bytes is None else w.spare_bytes // self._replica_nbytes
-                for w in self.plan.workers]
+        return self.plan.replica_slots(self._replica_nbytes, self._moe_layers)
 
     def plan_replicas(self, loads: dict[tuple[int, int], float],
                       slots: int | Sequence[int] | None = None) -> ReplicaPlan:

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Sequence
 from cluster.errors import ClusterError
 from coordinator.options import PlacementOptions, StoreOptions
 # expert_nbytes is re-exported: callers size experts through the planner's import
-from workers.budget import check_budget, expert_nbytes, min_budget, slot_bytes, spare_bytes
+from workers.budget import check_budget, expert_nbytes, min_budget, slot_bytes, slot_count, spare_bytes
 from workers.dtypes import COMPUTE_DTYPES
 from workers.errors import BudgetError
 from workers.spec import ExpertKey, ExpertSpec
@@ -74,6 +74,11 @@ class Plan:
     def owners(self) -> dict[ExpertKey, int]:
         """(layer, expert) -> index of the owning actor."""
         return {key: w.index for w in self.workers for key in w.experts}
+
+    def replica_slots(self, replica_nbytes: int, unlimited: int) -> list[int]:
+        """Replicas of `replica_nbytes` each actor's spare budget holds (`WorkerPlan.spare_bytes`; 0 for
+        an actor that pages), or `unlimited` where its budget is."""
+        return [unlimited if w.spare_bytes is None else w.spare_bytes // replica_nbytes for w in self.workers]
 
     @property
     def total_bytes(self) -> int:
@@ -177,7 +182,7 @@ def plan_placement(specs: Sequence[ExpertSpec], num_workers: int, *, dtype_bytes
     for i in range(num_workers):
         nbytes = total_bytes[i]
         slot = slot_bytes(mine[i], dtype_bytes)  # the store keeps whole experts in equal slots
-        slots = len(owned[i]) if worker_memory is None else min(len(owned[i]), worker_memory // slot)
+        slots = slot_count(len(owned[i]), slot, worker_memory)
         resident = min(nbytes, slots * slot)
         workers.append(WorkerPlan(
             index=i, experts=sorted(owned[i]), expert_bytes=nbytes, resident_bytes=resident,

@@ -44,6 +44,12 @@ def slot_bytes(specs: Iterable[ExpertSpec], itemsize: int) -> int:
     return max((expert_nbytes(s, itemsize) for s in specs), default=0)
 
 
+def slot_count(num_experts: int, slot: int, budget_bytes: int | None) -> int:
+    """Slots a budget gives a store of `num_experts` experts in slots of `slot` bytes: as many as fit,
+    never more than it owns (all of them when the budget is None)."""
+    return num_experts if budget_bytes is None else min(num_experts, budget_bytes // max(slot, 1))
+
+
 def min_slots(num_experts: int, num_pinned: int, min_resident: int) -> int:
     """Slots a store must have: its pinned experts plus `min_resident` (at least 1) more, capped at
     how many experts it owns."""
@@ -72,7 +78,7 @@ def check_budget(specs: Sequence[ExpertSpec], itemsize: int, budget_bytes: int |
     budget is for (e.g. " per actor (actor 1)"), so the one-line message says what to raise.
     """
     n, slot = len(specs), slot_bytes(specs, itemsize)
-    slots = n if budget_bytes is None else min(n, budget_bytes // max(slot, 1))
+    slots = slot_count(n, slot, budget_bytes)
     num_pinned = _pinned_among(specs, pinned)
     need = min_slots(n, num_pinned, min_resident)
     if slots >= need:
@@ -93,4 +99,4 @@ def spare_bytes(specs: Sequence[ExpertSpec], itemsize: int, budget_bytes: int | 
     if budget_bytes is None:
         return None
     slot = slot_bytes(specs, itemsize)
-    return budget_bytes - min(len(specs), budget_bytes // max(slot, 1)) * slot
+    return budget_bytes - slot_count(len(specs), slot, budget_bytes) * slot
